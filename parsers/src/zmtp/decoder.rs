@@ -1,0 +1,200 @@
+//! A sans-IO decoder for one direction of a ZMTP connection: feed it bytes as
+//! they arrive, take events out. It owns its buffer so that each message it
+//! yields is a zero-copy view of the bytes received.
+
+use bytes::{Buf, BytesMut};
+
+use super::greeting::{parse_greeting_prefix, GreetingProgress, GREETING_LEN};
+use super::{scan_unit, Command, Greeting, Limits, Unit, ZmtpError, ZmtpMessage};
+
+/// What the decoder found, in wire order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// The 10-byte signature is in: a peer may now send its major version byte.
+    Signature,
+    /// The major version byte is in: a peer may now send the rest of its greeting.
+    Major(u8),
+    /// The whole greeting.
+    Greeting(Greeting),
+    /// A command (the first one is READY under the NULL mechanism).
+    Command(Command),
+    /// A complete message.
+    Message(ZmtpMessage),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Inside the greeting; the last stage already reported.
+    Greeting(u8),
+    /// Greeting done, waiting for READY.
+    Handshake,
+    /// READY seen: messages flow.
+    Traffic,
+    /// An error was returned; the stream cannot be trusted any more.
+    Failed,
+}
+
+/// Decodes one direction of a ZMTP 3 connection.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    buf: BytesMut,
+    state: State,
+    limits: Limits,
+}
+
+impl StreamDecoder {
+    /// A decoder at the start of a connection.
+    pub fn new(limits: Limits) -> StreamDecoder {
+        StreamDecoder {
+            buf: BytesMut::new(),
+            state: State::Greeting(0),
+            limits,
+        }
+    }
+
+    /// Appends received bytes. Call [`StreamDecoder::next_event`] until it returns
+    /// `Ok(None)` after each call.
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received but not yet returned in an event.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The handshake (greeting and READY) is complete.
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Traffic
+    }
+
+    /// The next event, `Ok(None)` if more bytes are needed. After an error every
+    /// later call returns the same kind of error.
+    pub fn next_event(&mut self) -> Result<Option<StreamEvent>, ZmtpError> {
+        let result = self.step();
+        if result.is_err() {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    fn step(&mut self) -> Result<Option<StreamEvent>, ZmtpError> {
+        match self.state {
+            State::Failed => Err(ZmtpError::Unexpected("use of a failed stream")),
+            State::Greeting(reported) => {
+                let event = match parse_greeting_prefix(&self.buf)? {
+                    GreetingProgress::Partial => None,
+                    GreetingProgress::Signature if reported < 1 => {
+                        Some((1, StreamEvent::Signature))
+                    }
+                    GreetingProgress::Major(m) if reported < 2 => Some((2, StreamEvent::Major(m))),
+                    GreetingProgress::Complete(g) if reported < 2 => {
+                        // Report the stages in order even if they arrived together.
+                        let stage = reported + 1;
+                        Some((
+                            stage,
+                            if stage == 1 {
+                                StreamEvent::Signature
+                            } else {
+                                StreamEvent::Major(g.major)
+                            },
+                        ))
+                    }
+                    GreetingProgress::Complete(g) => {
+                        self.buf.advance(GREETING_LEN);
+                        self.state = State::Handshake;
+                        return Ok(Some(StreamEvent::Greeting(g)));
+                    }
+                    GreetingProgress::Signature | GreetingProgress::Major(_) => None,
+                };
+                Ok(event.map(|(stage, ev)| {
+                    self.state = State::Greeting(stage);
+                    ev
+                }))
+            }
+            State::Handshake | State::Traffic => {
+                let Some(scan) = scan_unit(&self.buf, &self.limits)? else {
+                    return Ok(None);
+                };
+                let bytes = self.buf.split_to(scan.consumed).freeze();
+                match scan.into_unit(&bytes)? {
+                    Unit::Command(cmd) => {
+                        if matches!(cmd, Command::Ready(_)) {
+                            self.state = State::Traffic;
+                        }
+                        Ok(Some(StreamEvent::Command(cmd)))
+                    }
+                    Unit::Message(_) if self.state == State::Handshake => {
+                        Err(ZmtpError::Unexpected("message before READY"))
+                    }
+                    Unit::Message(msg) => Ok(Some(StreamEvent::Message(msg))),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn handshake(identity: &[u8]) -> Vec<u8> {
+        let mut wire = Greeting::null(identity.len()).encode().to_vec();
+        wire.extend(Command::ready(&[("Socket-Type", b"DEALER"), ("Identity", identity)]).encode());
+        wire
+    }
+
+    #[test]
+    fn stages_then_ready_then_messages_byte_by_byte() {
+        let mut wire = handshake(b"ps9");
+        let msg = ZmtpMessage::from_bodies([Bytes::from_static(b"m"), Bytes::from(vec![1; 400])]);
+        wire.extend(msg.encode());
+        let mut dec = StreamDecoder::new(Limits::default());
+        let mut events = Vec::new();
+        for b in &wire {
+            dec.push(&[*b]);
+            while let Some(ev) = dec.next_event().unwrap() {
+                events.push(ev);
+            }
+        }
+        assert_eq!(events.len(), 5);
+        assert_eq!(events[0], StreamEvent::Signature);
+        assert_eq!(events[1], StreamEvent::Major(3));
+        assert_eq!(events[2], StreamEvent::Greeting(Greeting::null(3)));
+        assert!(
+            matches!(&events[3], StreamEvent::Command(c) if c.identity().unwrap() == &b"ps9"[..])
+        );
+        assert_eq!(events[4], StreamEvent::Message(msg));
+        assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn all_at_once_reports_every_stage() {
+        let mut dec = StreamDecoder::new(Limits::default());
+        dec.push(&handshake(b""));
+        let mut events = Vec::new();
+        while let Some(ev) = dec.next_event().unwrap() {
+            events.push(ev);
+        }
+        assert_eq!(events.len(), 4);
+        assert!(dec.is_ready());
+    }
+
+    #[test]
+    fn message_before_ready_is_refused() {
+        let mut wire = Greeting::null(0).encode().to_vec();
+        wire.extend([0x00, 0x01, 0x42]);
+        let mut dec = StreamDecoder::new(Limits::default());
+        dec.push(&wire);
+        let err = loop {
+            match dec.next_event() {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("wanted an error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, ZmtpError::Unexpected("message before READY"));
+        assert!(dec.next_event().is_err());
+    }
+}
