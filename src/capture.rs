@@ -57,15 +57,24 @@ pub struct Packet {
 /// Reads every packet of a pcap or pcapng file (gzipped if its name ends `.gz`).
 pub fn read_packets(path: &Path) -> Result<Vec<Packet>, CaptureError> {
     let name = path.display().to_string();
-    let io_err = |source| CaptureError::Io { path: name.clone(), source };
+    let io_err = |source| CaptureError::Io {
+        path: name.clone(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(io_err)?;
     let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)))
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        )))
     } else {
         Box::new(std::io::BufReader::new(file))
     };
-    let format_err = |reason: String| CaptureError::Format { path: name.clone(), reason };
-    let mut pcap = pcap_parser::create_reader(1 << 20, reader).map_err(|e| format_err(e.to_string()))?;
+    let format_err = |reason: String| CaptureError::Format {
+        path: name.clone(),
+        reason,
+    };
+    let mut pcap =
+        pcap_parser::create_reader(1 << 20, reader).map_err(|e| format_err(e.to_string()))?;
     let mut packets = Vec::new();
     let mut linktypes: Vec<Linktype> = Vec::new();
     let mut legacy_linktype = Linktype::ETHERNET;
@@ -79,30 +88,52 @@ pub fn read_packets(path: &Path) -> Result<Vec<Packet>, CaptureError> {
                         linktype: legacy_linktype,
                         data: b.data.to_vec(),
                     }),
-                    PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => linktypes.push(idb.linktype),
+                    PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
+                        linktypes.push(idb.linktype)
+                    }
                     PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
-                        let ts = ((u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low)) as f64 * 1e-6;
-                        let linktype = linktypes.get(epb.if_id as usize).copied().unwrap_or(Linktype::ETHERNET);
+                        let ts =
+                            ((u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low)) as f64 * 1e-6;
+                        let linktype = linktypes
+                            .get(epb.if_id as usize)
+                            .copied()
+                            .unwrap_or(Linktype::ETHERNET);
                         let len = (epb.caplen as usize).min(epb.data.len());
-                        packets.push(Packet { ts, linktype, data: epb.data[..len].to_vec() });
+                        packets.push(Packet {
+                            ts,
+                            linktype,
+                            data: epb.data[..len].to_vec(),
+                        });
                     }
                     PcapBlockOwned::NG(_) => {}
                 }
                 pcap.consume(offset);
             }
             Err(PcapError::Eof) => break,
-            Err(PcapError::Incomplete(_)) => pcap.refill().map_err(|e| format_err(e.to_string()))?,
+            Err(PcapError::Incomplete(_)) => {
+                pcap.refill().map_err(|e| format_err(e.to_string()))?
+            }
             Err(e) => return Err(format_err(e.to_string())),
         }
     }
     if let Some(p) = packets.iter().find(|p| !supported(p.linktype)) {
-        return Err(CaptureError::Linktype { path: name, linktype: p.linktype.0 });
+        return Err(CaptureError::Linktype {
+            path: name,
+            linktype: p.linktype.0,
+        });
     }
     Ok(packets)
 }
 
 fn supported(linktype: Linktype) -> bool {
-    [Linktype::ETHERNET, Linktype::LINUX_SLL, Linktype::RAW, Linktype::IPV4, Linktype::IPV6].contains(&linktype)
+    [
+        Linktype::ETHERNET,
+        Linktype::LINUX_SLL,
+        Linktype::RAW,
+        Linktype::IPV4,
+        Linktype::IPV6,
+    ]
+    .contains(&linktype)
 }
 
 /// A TCP segment cut out of a packet.
@@ -135,8 +166,14 @@ pub fn tcp_segment(packet: &Packet) -> Option<TcpSegment<'_>> {
     }
     .ok()?;
     let (src_ip, dst_ip) = match sliced.net? {
-        NetSlice::Ipv4(ip) => (IpAddr::V4(ip.header().source_addr()), IpAddr::V4(ip.header().destination_addr())),
-        NetSlice::Ipv6(ip) => (IpAddr::V6(ip.header().source_addr()), IpAddr::V6(ip.header().destination_addr())),
+        NetSlice::Ipv4(ip) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+        ),
+        NetSlice::Ipv6(ip) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+        ),
         NetSlice::Arp(_) => return None,
     };
     let TransportSlice::Tcp(tcp) = sliced.transport? else {
@@ -245,19 +282,29 @@ impl Default for Reassembler {
 impl Reassembler {
     /// Reassembly holding at most `max_out_of_order` early bytes per direction.
     pub fn new(max_out_of_order: usize) -> Reassembler {
-        Reassembler { conns: HashMap::new(), next_id: 0, max_out_of_order }
+        Reassembler {
+            conns: HashMap::new(),
+            next_id: 0,
+            max_out_of_order,
+        }
     }
 
     /// Feeds one segment; `on_event` sees what it completes.
     pub fn push(&mut self, seg: &TcpSegment<'_>, ts: f64, mut on_event: impl FnMut(TcpEvent<'_>)) {
-        let key = if seg.src <= seg.dst { (seg.src, seg.dst) } else { (seg.dst, seg.src) };
+        let key = if seg.src <= seg.dst {
+            (seg.src, seg.dst)
+        } else {
+            (seg.dst, seg.src)
+        };
         let fresh_syn = seg.syn && !seg.ack;
         if fresh_syn {
             // A SYN on a tuple we still track starts a new connection unless it
             // is a retransmission of the one we have.
             if let Some(c) = self.conns.get(&key) {
                 let h = &c.halves[0];
-                let retransmit = c.client == seg.src && h.delivered == 0 && h.next_seq == Some(seg.seq.wrapping_add(1));
+                let retransmit = c.client == seg.src
+                    && h.delivered == 0
+                    && h.next_seq == Some(seg.seq.wrapping_add(1));
                 if !retransmit {
                     let id = c.id;
                     self.conns.remove(&key);
@@ -274,8 +321,20 @@ impl Reassembler {
             // The SYN sender is the client; without a SYN (SYN-ACK or mid-stream) guess from the flags.
             let client = if seg.syn && seg.ack { seg.dst } else { seg.src };
             let server = if client == seg.src { seg.dst } else { seg.src };
-            self.conns.insert(key, Conn { id, client, halves: Default::default() });
-            on_event(TcpEvent::Open { conn: id, client, server, ts });
+            self.conns.insert(
+                key,
+                Conn {
+                    id,
+                    client,
+                    halves: Default::default(),
+                },
+            );
+            on_event(TcpEvent::Open {
+                conn: id,
+                client,
+                server,
+                ts,
+            });
         }
         let conn = self.conns.get_mut(&key).expect("inserted above");
         let id = conn.id;
@@ -284,15 +343,30 @@ impl Reassembler {
             on_event(TcpEvent::Close { conn: id, ts });
             return;
         }
-        let dir = if seg.src == conn.client { Direction::ClientToServer } else { Direction::ServerToClient };
+        let dir = if seg.src == conn.client {
+            Direction::ClientToServer
+        } else {
+            Direction::ServerToClient
+        };
         let half = &mut conn.halves[dir as usize];
         let max_ooo = self.max_out_of_order;
-        let data_seq = if seg.syn { seg.seq.wrapping_add(1) } else { seg.seq };
+        let data_seq = if seg.syn {
+            seg.seq.wrapping_add(1)
+        } else {
+            seg.seq
+        };
         if half.next_seq.is_none() {
             half.next_seq = Some(data_seq);
         }
         if !half.broken {
-            half.accept(data_seq, seg.payload, max_ooo, |bytes| on_event(TcpEvent::Data { conn: id, dir, bytes, ts }));
+            half.accept(data_seq, seg.payload, max_ooo, |bytes| {
+                on_event(TcpEvent::Data {
+                    conn: id,
+                    dir,
+                    bytes,
+                    ts,
+                })
+            });
             if half.broken {
                 on_event(TcpEvent::Gap { conn: id, dir });
             }
@@ -391,7 +465,12 @@ pub fn collect_connections(packets: &[Packet]) -> Vec<CollectedConnection> {
     let mut out: Vec<CollectedConnection> = Vec::new();
     let mut reassembler = Reassembler::default();
     let mut on_event = |ev: TcpEvent<'_>| match ev {
-        TcpEvent::Open { conn, client, server, ts } => out.push(CollectedConnection {
+        TcpEvent::Open {
+            conn,
+            client,
+            server,
+            ts,
+        } => out.push(CollectedConnection {
             conn,
             client,
             server,
@@ -400,7 +479,9 @@ pub fn collect_connections(packets: &[Packet]) -> Vec<CollectedConnection> {
             to_client: Vec::new(),
             gap: false,
         }),
-        TcpEvent::Data { conn, dir, bytes, .. } => {
+        TcpEvent::Data {
+            conn, dir, bytes, ..
+        } => {
             let c = &mut out[conn];
             match dir {
                 Direction::ClientToServer => c.to_server.extend_from_slice(bytes),
@@ -454,8 +535,19 @@ mod tests {
 
     #[test]
     fn reorders_trims_overlaps_and_drops_retransmits() {
-        let syn = TcpSegment { syn: true, ack: false, ..seg(u32::MAX - 2, b"") };
-        let segs = [syn, seg(u32::MAX - 1, b"ab"), seg(3, b"fg"), seg(0, b"cdef"), seg(u32::MAX - 1, b"ab"), seg(5, b"h")];
+        let syn = TcpSegment {
+            syn: true,
+            ack: false,
+            ..seg(u32::MAX - 2, b"")
+        };
+        let segs = [
+            syn,
+            seg(u32::MAX - 1, b"ab"),
+            seg(3, b"fg"),
+            seg(0, b"cdef"),
+            seg(u32::MAX - 1, b"ab"),
+            seg(5, b"h"),
+        ];
         assert_eq!(run(&segs, 1024), (b"abcdefgh".to_vec(), false));
     }
 

@@ -82,34 +82,28 @@ impl StreamDecoder {
         match self.state {
             State::Failed => Err(ZmtpError::Unexpected("use of a failed stream")),
             State::Greeting(reported) => {
-                let event = match parse_greeting_prefix(&self.buf)? {
-                    GreetingProgress::Partial => None,
-                    GreetingProgress::Signature if reported < 1 => {
-                        Some((1, StreamEvent::Signature))
-                    }
-                    GreetingProgress::Major(m) if reported < 2 => Some((2, StreamEvent::Major(m))),
-                    GreetingProgress::Complete(g) if reported < 2 => {
-                        // Report the stages in order even if they arrived together.
-                        let stage = reported + 1;
-                        Some((
-                            stage,
-                            if stage == 1 {
-                                StreamEvent::Signature
-                            } else {
-                                StreamEvent::Major(g.major)
-                            },
-                        ))
-                    }
-                    GreetingProgress::Complete(g) => {
+                let progress = parse_greeting_prefix(&self.buf)?;
+                let reached = match progress {
+                    GreetingProgress::Partial => 0,
+                    GreetingProgress::Signature => 1,
+                    GreetingProgress::Major(_) => 2,
+                    GreetingProgress::Complete(_) => 3,
+                };
+                if reached <= reported {
+                    return Ok(None);
+                }
+                // Report the stages one by one, in order, even if they arrived together.
+                let stage = reported + 1;
+                self.state = State::Greeting(stage);
+                Ok(Some(match (stage, progress) {
+                    (1, _) => StreamEvent::Signature,
+                    (2, _) => StreamEvent::Major(self.buf[10]),
+                    (_, GreetingProgress::Complete(g)) => {
                         self.buf.advance(GREETING_LEN);
                         self.state = State::Handshake;
-                        return Ok(Some(StreamEvent::Greeting(g)));
+                        StreamEvent::Greeting(g)
                     }
-                    GreetingProgress::Signature | GreetingProgress::Major(_) => None,
-                };
-                Ok(event.map(|(stage, ev)| {
-                    self.state = State::Greeting(stage);
-                    ev
+                    _ => unreachable!("stage 3 is only reached with a complete greeting"),
                 }))
             }
             State::Handshake | State::Traffic => {
@@ -167,6 +161,27 @@ mod tests {
         );
         assert_eq!(events[4], StreamEvent::Message(msg));
         assert_eq!(dec.buffered(), 0);
+    }
+
+    #[test]
+    fn every_split_of_the_greeting_reports_every_stage_once() {
+        let wire = handshake(b"ps9");
+        for cut in 0..wire.len() {
+            let mut dec = StreamDecoder::new(Limits::default());
+            let mut events = Vec::new();
+            for part in [&wire[..cut], &wire[cut..]] {
+                dec.push(part);
+                while let Some(ev) = dec.next_event().unwrap() {
+                    events.push(ev);
+                }
+            }
+            assert_eq!(
+                events[..2],
+                [StreamEvent::Signature, StreamEvent::Major(3)],
+                "cut {cut}"
+            );
+            assert_eq!(events.len(), 4, "cut {cut}");
+        }
     }
 
     #[test]

@@ -159,8 +159,8 @@ pub(crate) fn scan_unit(buf: &[u8], limits: &Limits) -> Result<Option<Scan>, Zmt
     let mut pos = 0usize;
     let mut total = 0u64;
     loop {
-        let max = limits.max_frame_len.max(limits.max_command_len);
-        let header = match parse_frame_header(&buf[pos..], max) {
+        // Each kind of frame has its own bound, checked just below.
+        let header = match parse_frame_header(&buf[pos..], u64::MAX) {
             Ok((_, header)) => header,
             Err(nom::Err::Incomplete(_)) => return Ok(None),
             Err(nom::Err::Error(e) | nom::Err::Failure(e)) => return Err(e),
