@@ -1,11 +1,16 @@
 //! p3proxy: a transparent sidecar that carries ps-lite traffic (MXNet `dist_sync`)
 //! between hosts and sends what the next forward pass needs first.
 //!
-//! The wire parsers live in the `p3proxy-parsers` crate (`parsers/`); this crate
-//! holds the decisions (`core`), the IO shell (`io`) and the tools around them.
+//! Dependencies point one way: `io -> core -> parsers`. The wire parsers live in
+//! the `p3proxy-parsers` crate (`parsers/`); `core` decides without IO; `io` moves
+//! bytes with tokio.
 
 #![warn(rust_2018_idioms, unreachable_pub, missing_docs)]
 
 pub mod capture;
+pub mod config;
+pub mod core;
+pub mod io;
+pub mod metrics;
 
 pub use p3proxy_parsers as parsers;

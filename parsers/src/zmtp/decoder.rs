@@ -52,6 +52,27 @@ impl StreamDecoder {
         }
     }
 
+    /// A decoder for a stream that is already past its handshake: frames only
+    /// (a tunnel between two proxies carries the frames of a terminated session).
+    pub fn after_handshake(limits: Limits) -> StreamDecoder {
+        StreamDecoder {
+            buf: BytesMut::new(),
+            state: State::Traffic,
+            limits,
+        }
+    }
+
+    /// Takes back the bytes buffered but not yet decoded (to relay them opaquely).
+    pub fn take_buffered(&mut self) -> BytesMut {
+        self.buf.split()
+    }
+
+    /// The receive buffer, for reading from a socket straight into it (no copy).
+    /// Call [`StreamDecoder::next_event`] after adding bytes.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
     /// Appends received bytes. Call [`StreamDecoder::next_event`] until it returns
     /// `Ok(None)` after each call.
     pub fn push(&mut self, data: &[u8]) {

@@ -1,0 +1,193 @@
+//! The proxy's configuration: a TOML file (`--config`), overridden by flags.
+//! Unknown fields are refused, and `validate` says which field is wrong and why.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::policy::Cidr;
+
+/// Default redirect listener (DESIGN.md §2: not 15001, Istio owns 15000-15090).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15301";
+/// Default tunnel listener.
+pub const DEFAULT_TUNNEL: &str = "0.0.0.0:15302";
+/// Default Prometheus endpoint.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+/// Default socket mark that exempts the proxy's own sockets from the redirect;
+/// clear of kube-proxy's 0x4000/0x8000, Istio's 1337 and Cilium's 0x0f00 mask.
+pub const DEFAULT_MARK: u32 = 0x1000;
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this structure (unknown field, wrong type).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the TOML reader said, naming the field.
+        message: String,
+    },
+    /// A field has a value that cannot work.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field, as written in the file.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the proxy's own sockets escape the redirect (must match `scripts/redirect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Exempt {
+    /// `SO_MARK` on every socket the proxy opens (needs CAP_NET_ADMIN).
+    Mark {
+        /// The mark value.
+        mark: u32,
+    },
+    /// Rules exempt the proxy's uid (`-m owner --uid-owner`); no capability needed.
+    Uid {
+        /// The uid the proxy runs as.
+        uid: u32,
+    },
+}
+
+/// Everything `p3proxy run` can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Redirect listener: connections captured by the iptables REDIRECT arrive here.
+    pub listen: SocketAddr,
+    /// Tunnel listener: peer proxies connect here. `None` disables it.
+    pub tunnel: Option<SocketAddr>,
+    /// Port of the peer proxies' tunnel listeners.
+    pub peer_tunnel_port: u16,
+    /// Prometheus endpoint. `None` disables it.
+    pub metrics: Option<SocketAddr>,
+    /// Addresses of the cluster: only peers from here may open tunnels.
+    pub cluster_cidr: Vec<Cidr>,
+    /// Exemption of the proxy's own sockets from the redirect.
+    pub exempt: Exempt,
+    /// Smallest destination port the redirect captures (documents the rules; see scripts/redirect).
+    pub min_port: u16,
+    /// The scheduler's port, if known in advance (else learned from its self connection).
+    pub scheduler_port: Option<u16>,
+    /// Connect timeout when probing a peer's tunnel port, in milliseconds.
+    pub probe_timeout_ms: u64,
+    /// Deadline for the upstream side of a ZMTP handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// A captured client silent this long is relayed opaquely, in milliseconds.
+    pub detect_timeout_ms: u64,
+    /// How long a host whose tunnel port did not answer is remembered as proxy-less, in seconds.
+    pub no_proxy_ttl_s: u64,
+    /// Static upstream (tests only): every captured connection goes here.
+    pub upstream: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid"),
+            tunnel: Some(DEFAULT_TUNNEL.parse().expect("valid")),
+            peer_tunnel_port: 15302,
+            metrics: Some(DEFAULT_METRICS.parse().expect("valid")),
+            cluster_cidr: vec![Cidr::ANY_V4],
+            exempt: Exempt::Mark { mark: DEFAULT_MARK },
+            min_port: 1024,
+            scheduler_port: None,
+            probe_timeout_ms: 1000,
+            handshake_timeout_ms: 5000,
+            detect_timeout_ms: 1000,
+            no_proxy_ttl_s: 60,
+            upstream: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: name,
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.cluster_cidr.is_empty() {
+            return invalid(
+                "cluster_cidr",
+                "list at least one CIDR (tunnel peers must come from it)",
+            );
+        }
+        if self.peer_tunnel_port == 0 {
+            return invalid("peer_tunnel_port", "must be a port number, not 0");
+        }
+        if self.min_port == 0 {
+            return invalid("min_port", "must be at least 1");
+        }
+        if let Exempt::Mark { mark: 0 } = self.exempt {
+            return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark");
+        }
+        for (field, ms) in [
+            ("probe_timeout_ms", self.probe_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("detect_timeout_ms", self.detect_timeout_ms),
+        ] {
+            if ms == 0 || ms > 600_000 {
+                return invalid(field, "must be between 1 and 600000 milliseconds");
+            }
+        }
+        if Some(self.listen) == self.tunnel {
+            return invalid("tunnel", "must differ from `listen`");
+        }
+        Ok(())
+    }
+
+    /// `probe_timeout_ms` as a duration.
+    pub fn probe_timeout(&self) -> Duration {
+        Duration::from_millis(self.probe_timeout_ms)
+    }
+    /// `handshake_timeout_ms` as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    /// `detect_timeout_ms` as a duration.
+    pub fn detect_timeout(&self) -> Duration {
+        Duration::from_millis(self.detect_timeout_ms)
+    }
+    /// The mark to put on the proxy's sockets, if exemption is by mark.
+    pub fn mark(&self) -> Option<u32> {
+        match self.exempt {
+            Exempt::Mark { mark } => Some(mark),
+            Exempt::Uid { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Everything that moves bytes (tokio): the listeners, original destinations, ZMTP
+//! sessions toward apps, tunnels toward peer proxies. Thin: it asks `core` what to
+//! do and does it, like quinn over quinn-proto.
+
+mod net;
+mod relay;
+mod server;
+mod session;
+
+pub use net::{Env, OrigDst};
+pub use server::{run, Bound, Shared};

@@ -1,0 +1,172 @@
+//! Relaying a terminated ZMTP session: each direction is decoded message by
+//! message, observed (node table, registrations, requests in flight), and
+//! forwarded unchanged.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use p3proxy_parsers::pslite::PsMessage;
+use p3proxy_parsers::zmtp::{Frame, FrameHeader, StreamDecoder, StreamEvent, ZmtpError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::server::Shared;
+use crate::core::topology::MessageContext;
+use crate::metrics;
+
+/// How one direction of a relay ended.
+#[derive(Debug)]
+pub(crate) enum PumpEnd {
+    /// The sender closed its side.
+    Closed,
+    /// Reading or writing failed.
+    Io(std::io::Error),
+    /// The sender broke ZMTP framing or a limit.
+    Parse(ZmtpError),
+}
+
+/// One end of a relay: a socket and the decoder holding what was read from it.
+pub(crate) struct End {
+    pub(crate) stream: TcpStream,
+    pub(crate) dec: StreamDecoder,
+}
+
+/// Who the relayed session is, for observation and logs.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionInfo {
+    /// Identity of the app that opened the session (the DEALER).
+    pub(crate) identity: Bytes,
+    /// The destination ROUTER.
+    pub(crate) dst: SocketAddr,
+}
+
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Writes one message: `first` and then `rest`, MORE on all but the last frame.
+async fn write_frames(
+    out: &mut BufWriter<OwnedWriteHalf>,
+    first: &Frame,
+    rest: &[Frame],
+) -> std::io::Result<usize> {
+    let last = rest.len();
+    let mut header = Vec::with_capacity(9);
+    let mut total = 0;
+    for (i, f) in std::iter::once(first).chain(rest).enumerate() {
+        header.clear();
+        FrameHeader {
+            more: i < last,
+            command: false,
+            long: f.long,
+            size: f.body.len() as u64,
+        }
+        .encode_into(&mut header);
+        out.write_all(&header).await?;
+        out.write_all(&f.body).await?;
+        total += header.len() + f.body.len();
+    }
+    Ok(total)
+}
+
+/// Moves messages from `rd` (already partly decoded in `dec`) to `wr`.
+/// `observe`: this direction goes from the session's DEALER to its ROUTER.
+async fn pump(
+    mut rd: OwnedReadHalf,
+    mut dec: StreamDecoder,
+    wr: OwnedWriteHalf,
+    direction: &'static str,
+    observe: Option<(&Shared, &SessionInfo)>,
+) -> PumpEnd {
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let mut seen = 0u64;
+    loop {
+        loop {
+            let event = match dec.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => return PumpEnd::Parse(e),
+            };
+            let written = match event {
+                StreamEvent::Message(msg) => match PsMessage::from_zmtp(msg) {
+                    Ok(ps) => {
+                        if let Some((shared, info)) = observe {
+                            let ctx = MessageContext {
+                                sender_identity: &info.identity,
+                                dst: info.dst,
+                                first_on_connection: seen == 0,
+                            };
+                            shared.observe(&ctx, &ps);
+                        }
+                        write_frames(&mut out, &ps.meta_frame, &ps.data).await
+                    }
+                    Err((reason, msg)) => {
+                        ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
+                        tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
+                        write_frames(&mut out, &msg.frames[0], &msg.frames[1..]).await
+                    }
+                },
+                StreamEvent::Command(cmd) => {
+                    let bytes = cmd.encode();
+                    out.write_all(&bytes).await.map(|()| bytes.len())
+                }
+                // Greeting events cannot occur after the handshake.
+                _ => Ok(0),
+            };
+            match written {
+                Ok(n) => {
+                    seen += 1;
+                    metrics::forwarded(direction, n);
+                }
+                Err(e) => return PumpEnd::Io(e),
+            }
+        }
+        if let Err(e) = out.flush().await {
+            return PumpEnd::Io(e);
+        }
+        match rd.read_buf(dec.buffer_mut()).await {
+            Ok(0) => {
+                let _ = out.shutdown().await;
+                return PumpEnd::Closed;
+            }
+            Ok(_) => {}
+            Err(e) => return PumpEnd::Io(e),
+        }
+    }
+}
+
+/// Relays until either side ends. `app` is the side the session's DEALER is on
+/// (the captured app, or the tunnel from its proxy); `far` is the ROUTER's side.
+/// `labels`: direction labels for (app -> far, far -> app).
+pub(crate) async fn relay(
+    shared: Arc<Shared>,
+    info: SessionInfo,
+    app: End,
+    far: End,
+    labels: (&'static str, &'static str),
+    count_losses: bool,
+) {
+    let (app_rd, app_wr) = app.stream.into_split();
+    let (far_rd, far_wr) = far.stream.into_split();
+    let to_far = pump(app_rd, app.dec, far_wr, labels.0, Some((&shared, &info)));
+    let to_app = pump(far_rd, far.dec, app_wr, labels.1, None);
+    tokio::select! {
+        end = to_far => match end {
+            PumpEnd::Closed => tracing::debug!(dst = %info.dst, "app closed its session"),
+            PumpEnd::Io(e) => tracing::debug!(dst = %info.dst, error = %e, "session ended"),
+            PumpEnd::Parse(e) => {
+                metrics::parse_error("zmtp_framing");
+                tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), error = %e, "closing session: ZMTP framing error from the sender");
+            }
+        },
+        end = to_app => {
+            if let PumpEnd::Parse(e) = &end {
+                metrics::parse_error("zmtp_framing");
+                tracing::warn!(dst = %info.dst, error = %e, "closing session: ZMTP framing error from the destination side");
+            }
+            if count_losses {
+                shared.upstream_died(&info, &end);
+            }
+        }
+    }
+}

@@ -1,0 +1,702 @@
+//! The listeners and per-connection handlers, shaped like mini-redis's server:
+//! `run(bound, shared, shutdown)` accepts until shutdown, with a connection limit.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use p3proxy_parsers::pslite::PsMessage;
+use p3proxy_parsers::zmtp::{Limits, StreamDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::net::{self, Env};
+use super::relay::{relay, End, PumpEnd, SessionInfo};
+use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
+use crate::config::Config;
+use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
+use crate::core::preamble::{
+    parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
+};
+use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
+use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
+
+/// Most connections handled at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 8192;
+
+/// State shared by every connection of one proxy.
+pub struct Shared {
+    config: Config,
+    env: Env,
+    limits: Limits,
+    policy: Mutex<Policy>,
+    topology: Mutex<Topology>,
+    next_session: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The listeners of one proxy, bound (port 0 allowed) before `run`.
+#[derive(Debug)]
+pub struct Bound {
+    /// Redirect listener.
+    pub redirect: TcpListener,
+    /// Tunnel listener, if any.
+    pub tunnel: Option<TcpListener>,
+}
+
+impl Bound {
+    /// Binds the listeners of `config`.
+    pub async fn bind(config: &Config) -> std::io::Result<Bound> {
+        let redirect = TcpListener::bind(config.listen).await?;
+        let tunnel = match config.tunnel {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Bound { redirect, tunnel })
+    }
+
+    /// The addresses actually bound.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut v = vec![self.redirect.local_addr().expect("bound")];
+        if let Some(t) = &self.tunnel {
+            v.push(t.local_addr().expect("bound"));
+        }
+        v
+    }
+}
+
+impl Shared {
+    /// Shared state for a proxy with these listeners (its own addresses are never relayed to).
+    pub fn new(config: Config, env: Env, bound: &Bound) -> Arc<Shared> {
+        let mut own = bound.addrs();
+        own.extend(config.metrics);
+        let policy = Policy::new(
+            own,
+            config.cluster_cidr.clone(),
+            config.scheduler_port,
+            std::time::Duration::from_secs(config.no_proxy_ttl_s),
+        );
+        Arc::new(Shared {
+            limits: Limits::default(),
+            config,
+            env,
+            policy: Mutex::new(policy),
+            topology: Mutex::new(Topology::default()),
+            next_session: AtomicU64::new(rand_seed()),
+        })
+    }
+
+    /// Looks at a message going from a session's DEALER to its ROUTER, before it
+    /// is forwarded, and acts on what it teaches.
+    pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage) {
+        let learned = self
+            .topology
+            .lock()
+            .expect("topology lock")
+            .observe(ctx, msg);
+        match learned {
+            Some(Learned::Registration { role, addr }) => {
+                let local = (self.env.is_local)(addr.ip()) && !(self.env.is_loopback)(addr.ip());
+                if !local {
+                    return; // Another host's node: its own proxy learns it.
+                }
+                if !(self.env.is_listening)(addr) {
+                    tracing::warn!(%addr, ?role, "registration ignored: nothing listens there");
+                    return;
+                }
+                match self.policy.lock().expect("policy lock").register(addr) {
+                    Ok(true) => {
+                        tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
+                    }
+                    Ok(false) => {}
+                    Err(r) => tracing::warn!(%addr, reason = %r, "registration ignored"),
+                }
+            }
+            Some(Learned::NodeTable) => {
+                let topo = self.topology.lock().expect("topology lock");
+                ::metrics::gauge!(metrics::NODES).set(topo.nodes().len() as f64);
+                let table: Vec<String> = topo
+                    .nodes()
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}={:?}@{}",
+                            n.id,
+                            n.role,
+                            n.addr.map(|a| a.to_string()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                tracing::info!(nodes = %table.join(" "), "node table from ADD_NODE");
+            }
+            Some(Learned::NodeExit(addr))
+                if self.policy.lock().expect("policy lock").forget(addr) =>
+            {
+                tracing::info!(%addr, "local node exited: its registration is forgotten");
+            }
+            Some(Learned::NodeExit(_)) => {}
+            None => {}
+        }
+    }
+
+    /// The upstream of a session died while its app lived: requests in flight are lost.
+    pub(crate) fn upstream_died(&self, info: &SessionInfo, end: &PumpEnd) {
+        let lost = self
+            .topology
+            .lock()
+            .expect("topology lock")
+            .take_lost(&info.identity, info.dst);
+        let topo = self.topology.lock().expect("topology lock");
+        let responder = topo.id_at(info.dst);
+        drop(topo);
+        if lost > 0 {
+            ::metrics::counter!(metrics::REQUESTS_LOST).increment(lost);
+            tracing::error!(
+                requester = %String::from_utf8_lossy(&info.identity),
+                responder = ?responder,
+                dst = %info.dst,
+                lost,
+                reason = ?end,
+                "upstream died with requests in flight: ps-lite will not resend them; the job may stall"
+            );
+        } else {
+            tracing::info!(dst = %info.dst, reason = ?end, "upstream closed; closing the app's connection");
+        }
+    }
+
+    fn session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn rand_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Accepts on every listener until `shutdown` completes.
+pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let redirect = accept_loop(
+        bound.redirect,
+        shared.clone(),
+        limit.clone(),
+        Kind::Redirect,
+    );
+    let tunnel = async {
+        match bound.tunnel {
+            Some(l) => accept_loop(l, shared.clone(), limit.clone(), Kind::Tunnel).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = redirect => {}
+        _ = tunnel => {}
+        _ = shutdown => tracing::info!("shutting down"),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Redirect,
+    Tunnel,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    kind: Kind,
+) {
+    loop {
+        let permit = limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            match kind {
+                Kind::Redirect => handle_captured(shared, stream, peer).await,
+                Kind::Tunnel => handle_tunnel(shared, stream, peer).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn refuse(reason: Refusal, what: &str, peer: SocketAddr, dst: Option<SocketAddr>) {
+    metrics::refused(reason.label());
+    match dst {
+        Some(dst) => tracing::warn!(%peer, %dst, reason = %reason, "{what} refused"),
+        None => tracing::warn!(%peer, reason = %reason, "{what} refused"),
+    }
+}
+
+/// A connection captured by the redirect.
+async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr) {
+    let dst = match (shared.env.orig_dst)(&app) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "SO_ORIGINAL_DST");
+            return refuse(Refusal::NoOriginalDst, "captured connection", peer, None);
+        }
+    };
+    let dst_local = (shared.env.is_local)(dst.ip());
+    let checked = shared
+        .policy
+        .lock()
+        .expect("policy lock")
+        .check_captured(dst, dst_local);
+    if let Err(r) = checked {
+        return refuse(r, "captured connection", peer, Some(dst));
+    }
+    // Detect ZMTP from the first byte; a silent client (server-speaks-first protocol) is opaque.
+    let mut first = vec![0u8; 64];
+    let n = match tokio::time::timeout(shared.config.detect_timeout(), app.read(&mut first)).await {
+        Ok(Ok(0)) => return,
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => return,
+        Err(_) => 0,
+    };
+    first.truncate(n);
+    if first.first() != Some(&0xFF) {
+        return opaque(shared, app, peer, dst, first).await;
+    }
+    let started = Instant::now();
+    let route = shared
+        .policy
+        .lock()
+        .expect("policy lock")
+        .route(dst, dst_local, started);
+    // Upstream first: no byte goes to the app before the upstream connection exists.
+    let (upstream, route) = match route {
+        Route::SameHost | Route::Direct => match connect_direct(&shared, dst).await {
+            Ok(s) => (s, route),
+            Err(_) => {
+                return refuse(
+                    Refusal::UpstreamFailed,
+                    "captured connection",
+                    peer,
+                    Some(dst),
+                )
+            }
+        },
+        Route::Tunnel => {
+            let tunnel_addr = SocketAddr::new(dst.ip(), shared.config.peer_tunnel_port);
+            match net::connect(
+                tunnel_addr,
+                shared.config.mark(),
+                None,
+                shared.config.probe_timeout(),
+            )
+            .await
+            {
+                Ok(s) => (s, Route::Tunnel),
+                Err(e) => {
+                    let fallback = shared
+                        .policy
+                        .lock()
+                        .expect("policy lock")
+                        .probe_failed(dst, Instant::now());
+                    tracing::info!(host = %dst.ip(), error = %e, ?fallback, "no proxy answered on the tunnel port");
+                    match fallback {
+                        ProbeFailed::Refuse => {
+                            return refuse(
+                                Refusal::ProxyNotBypassed,
+                                "captured connection",
+                                peer,
+                                Some(dst),
+                            )
+                        }
+                        ProbeFailed::Direct => match connect_direct(&shared, dst).await {
+                            Ok(s) => (s, Route::Direct),
+                            Err(_) => {
+                                return refuse(
+                                    Refusal::UpstreamFailed,
+                                    "captured connection",
+                                    peer,
+                                    Some(dst),
+                                )
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    };
+    let deadline = shared.config.handshake_timeout();
+    let opened = tokio::time::timeout(
+        deadline,
+        open_upstream(&shared, &mut app, &first, upstream, route, dst),
+    )
+    .await;
+    let (app_dec, app_info, far, far_info, route) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(r)) => return refuse(r, "captured ZMTP connection", peer, Some(dst)),
+        Err(_) => {
+            return refuse(
+                Refusal::HandshakeTimeout,
+                "captured ZMTP connection",
+                peer,
+                Some(dst),
+            )
+        }
+    };
+    // Only now, with the upstream handshake done end to end, the app gets our READY.
+    if app.write_all(&far_info.ready().encode()).await.is_err() {
+        return;
+    }
+    let label = match route {
+        Route::Tunnel => "tunnel",
+        Route::Direct => "direct",
+        Route::SameHost => "same_host",
+    };
+    let _open = OpenConnection::new(label);
+    tracing::debug!(%dst, route = label, identity = %String::from_utf8_lossy(&app_info.identity), "relaying");
+    let info = SessionInfo {
+        identity: app_info.identity,
+        dst,
+    };
+    relay(
+        shared,
+        info,
+        End {
+            stream: app,
+            dec: app_dec,
+        },
+        far,
+        (OUTBOUND, INBOUND),
+        true,
+    )
+    .await;
+}
+
+async fn connect_direct(shared: &Shared, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    net::connect(
+        dst,
+        shared.config.mark(),
+        None,
+        shared.config.handshake_timeout(),
+    )
+    .await
+}
+
+type Opened = (StreamDecoder, PeerInfo, End, PeerInfo, Route);
+
+/// The app's greeting and READY, then the upstream handshake (direct, or through the tunnel).
+async fn open_upstream(
+    shared: &Arc<Shared>,
+    app: &mut TcpStream,
+    prefix: &[u8],
+    mut upstream: TcpStream,
+    route: Route,
+    dst: SocketAddr,
+) -> Result<Opened, Refusal> {
+    let (app_info, app_dec) = accept_app(app, prefix, shared.limits)
+        .await
+        .map_err(|e| downstream_failed(&e))?;
+    if node_id_from_identity(&app_info.identity) == Some(1) && route == Route::SameHost {
+        // The scheduler's connection to itself tells us its port.
+        if shared
+            .policy
+            .lock()
+            .expect("policy lock")
+            .learn_scheduler(dst.port())
+        {
+            tracing::info!(
+                port = dst.port(),
+                "scheduler port learned from its self connection"
+            );
+        }
+    }
+    if route == Route::Tunnel {
+        let preamble = Preamble {
+            class: 0,
+            session: shared.session_id(),
+            target: dst,
+            socket_type: app_info.socket_type.clone(),
+            identity: app_info.identity.clone(),
+        };
+        upstream
+            .write_all(&preamble.encode())
+            .await
+            .map_err(|_| Refusal::UpstreamFailed)?;
+        let (answer, rest) = read_answer(&mut upstream).await?;
+        ::metrics::counter!(metrics::TUNNEL_ANSWERS, "outcome" => outcome_label(answer.outcome))
+            .increment(1);
+        match answer.outcome {
+            Outcome::Admitted => {
+                shared
+                    .policy
+                    .lock()
+                    .expect("policy lock")
+                    .proxy_answered(dst, answer.pinned);
+                let mut dec = StreamDecoder::after_handshake(shared.limits);
+                dec.push(&rest);
+                let far_info = PeerInfo {
+                    socket_type: answer.socket_type,
+                    identity: answer.identity,
+                };
+                return Ok((
+                    app_dec,
+                    app_info,
+                    End {
+                        stream: upstream,
+                        dec,
+                    },
+                    far_info,
+                    Route::Tunnel,
+                ));
+            }
+            Outcome::Unreachable => {
+                shared
+                    .policy
+                    .lock()
+                    .expect("policy lock")
+                    .proxy_answered(dst, answer.pinned);
+                return Err(Refusal::UpstreamFailed);
+            }
+            Outcome::RefusedByPolicy => {
+                // Normal (e.g. the scheduler's port before it is learned): go straight there.
+                shared
+                    .policy
+                    .lock()
+                    .expect("policy lock")
+                    .proxy_answered(dst, answer.pinned);
+                if answer.pinned {
+                    return Err(Refusal::ProxyNotBypassed);
+                }
+                tracing::debug!(%dst, "tunnel refused by policy: going direct");
+                upstream = connect_direct(shared, dst)
+                    .await
+                    .map_err(|_| Refusal::UpstreamFailed)?;
+                let (far_info, dec) = connect_as(&mut upstream, &app_info, shared.limits)
+                    .await
+                    .map_err(|e| upstream_failed(&e))?;
+                return Ok((
+                    app_dec,
+                    app_info,
+                    End {
+                        stream: upstream,
+                        dec,
+                    },
+                    far_info,
+                    Route::Direct,
+                ));
+            }
+        }
+    }
+    let (far_info, dec) = connect_as(&mut upstream, &app_info, shared.limits)
+        .await
+        .map_err(|e| upstream_failed(&e))?;
+    Ok((
+        app_dec,
+        app_info,
+        End {
+            stream: upstream,
+            dec,
+        },
+        far_info,
+        route,
+    ))
+}
+
+fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Admitted => "admitted",
+        Outcome::RefusedByPolicy => "refused_by_policy",
+        Outcome::Unreachable => "unreachable",
+    }
+}
+
+fn downstream_failed(e: &HandshakeError) -> Refusal {
+    if let Some(kind) = e.parse_kind() {
+        metrics::parse_error(kind);
+    }
+    Refusal::DownstreamHandshake
+}
+
+fn upstream_failed(e: &HandshakeError) -> Refusal {
+    if let Some(kind) = e.parse_kind() {
+        metrics::parse_error(kind);
+    }
+    tracing::debug!(error = %e, "upstream handshake failed");
+    Refusal::UpstreamFailed
+}
+
+async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refusal> {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        match parse_answer(&buf) {
+            Ok((rest, answer)) => return Ok((answer, rest.to_vec())),
+            Err(nom::Err::Incomplete(_)) if buf.len() < MAX_PREAMBLE_LEN => {}
+            Err(_) => return Err(Refusal::BadPreamble),
+        }
+        if upstream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|_| Refusal::UpstreamFailed)?
+            == 0
+        {
+            return Err(Refusal::UpstreamFailed);
+        }
+    }
+}
+
+/// A connection from a peer proxy.
+async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    // Read the preamble, bounded in size and time.
+    let mut buf = Vec::with_capacity(64);
+    let deadline = shared.config.handshake_timeout();
+    let parsed = tokio::time::timeout(deadline, async {
+        loop {
+            match parse_preamble(&buf) {
+                Ok((rest, p)) => return Ok((p, rest.to_vec())),
+                Err(nom::Err::Incomplete(_)) if buf.len() < MAX_PREAMBLE_LEN => {}
+                Err(_) => return Err(()),
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let (preamble, rest) = match parsed {
+        Ok(Ok(x)) => x,
+        _ => return refuse(Refusal::BadPreamble, "tunnel connection", peer, None),
+    };
+    let target = preamble.target;
+    let target_local = (shared.env.is_local)(target.ip());
+    let target_loopback = (shared.env.is_loopback)(target.ip());
+    let admitted = shared.policy.lock().expect("policy lock").admit(
+        peer.ip(),
+        target,
+        target_local,
+        target_loopback,
+    );
+    if let Err(r) = admitted {
+        refuse(r, "tunnel", peer, Some(target));
+        let _ = stream
+            .write_all(&Answer::refused(Outcome::RefusedByPolicy).encode())
+            .await;
+        return;
+    }
+    let app = PeerInfo {
+        socket_type: preamble.socket_type.clone(),
+        identity: preamble.identity.clone(),
+    };
+    let opened = tokio::time::timeout(deadline, async {
+        let mut dst = connect_direct(&shared, target)
+            .await
+            .map_err(|_| Refusal::UpstreamFailed)?;
+        let (info, dec) = connect_as(&mut dst, &app, shared.limits)
+            .await
+            .map_err(|e| upstream_failed(&e))?;
+        Ok::<_, Refusal>((dst, info, dec))
+    })
+    .await
+    .unwrap_or(Err(Refusal::HandshakeTimeout));
+    let (dst_stream, dst_info, dst_dec) = match opened {
+        Ok(x) => x,
+        Err(r) => {
+            refuse(r, "tunnel", peer, Some(target));
+            let _ = stream
+                .write_all(&Answer::refused(Outcome::Unreachable).encode())
+                .await;
+            return;
+        }
+    };
+    let answer = Answer {
+        outcome: Outcome::Admitted,
+        pinned: false,
+        socket_type: dst_info.socket_type,
+        identity: dst_info.identity,
+    };
+    if stream.write_all(&answer.encode()).await.is_err() {
+        return;
+    }
+    let _open = OpenConnection::new("tunnel_in");
+    let mut dec = StreamDecoder::after_handshake(shared.limits);
+    dec.push(&rest);
+    let info = SessionInfo {
+        identity: preamble.identity,
+        dst: target,
+    };
+    tracing::debug!(%peer, %target, session = preamble.session, "tunnel admitted");
+    relay(
+        shared,
+        info,
+        End { stream, dec },
+        End {
+            stream: dst_stream,
+            dec: dst_dec,
+        },
+        (INBOUND, OUTBOUND),
+        false,
+    )
+    .await;
+}
+
+/// A captured connection that is not ZMTP: relayed byte for byte, from the app's
+/// own source address, as the process would have reached it anyway.
+async fn opaque(
+    shared: Arc<Shared>,
+    mut app: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    first: Vec<u8>,
+) {
+    let source: Option<IpAddr> = Some(peer.ip()).filter(|ip| !(shared.env.is_loopback)(*ip));
+    let mut upstream = match net::connect(
+        dst,
+        shared.config.mark(),
+        source,
+        shared.config.handshake_timeout(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "opaque upstream");
+            return refuse(
+                Refusal::UpstreamFailed,
+                "opaque connection",
+                peer,
+                Some(dst),
+            );
+        }
+    };
+    let _open = OpenConnection::new("opaque");
+    if upstream.write_all(&first).await.is_err() {
+        return;
+    }
+    metrics::forwarded_opaque(OUTBOUND, first.len() as u64);
+    if let Ok((out, back)) = tokio::io::copy_bidirectional(&mut app, &mut upstream).await {
+        metrics::forwarded_opaque(OUTBOUND, out);
+        metrics::forwarded_opaque(INBOUND, back);
+    }
+}

@@ -1,0 +1,153 @@
+//! The `p3proxy` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use p3proxy::config::Config;
+use p3proxy::io::{run, Bound, Env, Shared};
+
+/// Transparent sidecar for ps-lite (MXNet dist_sync) jobs.
+///
+/// Exit codes: 0 success, 1 runtime failure (a listener could not bind, ...), 2 bad
+/// command line or configuration.
+#[derive(Debug, Parser)]
+#[command(name = "p3proxy", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the proxy (as root, next to the redirect installed by scripts/redirect).
+    Run(RunArgs),
+    /// Validate a configuration file and exit.
+    Check {
+        /// The TOML file.
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Configuration file (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Redirect listener [default: 127.0.0.1:15301].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Tunnel listener [default: 0.0.0.0:15302; in static mode none unless given].
+    #[arg(long)]
+    tunnel: Option<SocketAddr>,
+    /// Prometheus endpoint [default: 127.0.0.1:9464].
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Static mode, for tests only: relay every accepted connection to HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Option<SocketAddr>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Cmd::Version => {
+            println!("p3proxy {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run(args) => {
+            let config = match build_config(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.listen {
+        config.listen = a;
+    }
+    if let Some(a) = args.metrics {
+        config.metrics = Some(a);
+    }
+    if let Some(u) = args.upstream {
+        config.upstream = Some(u);
+        // Static mode binds no tunnel listener unless asked to.
+        config.tunnel = None;
+    }
+    if let Some(a) = args.tunnel {
+        config.tunnel = Some(a);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let bound = Bound::bind(&config).await.context("binding listeners")?;
+    if let Some(addr) = config.metrics {
+        p3proxy::metrics::install(addr).with_context(|| format!("metrics endpoint {addr}"))?;
+    }
+    let mut env = Env::system();
+    if let Some(up) = config.upstream {
+        env = env.with_static_upstream(up);
+    }
+    tracing::info!(listen = ?bound.addrs(), metrics = ?config.metrics, upstream = ?config.upstream, "p3proxy running");
+    let shared = Shared::new(config, env, &bound);
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    run(bound, shared, shutdown).await;
+    Ok(())
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("P3PROXY_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
