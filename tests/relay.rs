@@ -1,0 +1,645 @@
+//! In-process relay and tunnel tests with hand-made ZMTP peers on port 0.
+//! Two "hosts" share loopback: 127.0.0.1 and 127.0.0.2, each proxy told (through
+//! its `Env`) which address is its own.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use p3proxy::config::Config;
+use p3proxy::io::{run, Bound, Env, Shared};
+use p3proxy::parsers::pslite::{Control, Meta, Node, PsMessage, K_EMPTY};
+use p3proxy::parsers::zmtp::{Command, Greeting, Limits, StreamDecoder, StreamEvent, ZmtpMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(5);
+
+/// Metrics of every proxy in this process; tests run one at a time so that the
+/// counters they read are theirs (each snapshot resets them).
+static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().await;
+    SNAPSHOTTER
+        .get_or_init(|| {
+            let recorder = DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            recorder.install().expect("first recorder");
+            snapshotter
+        })
+        .snapshot();
+    guard
+}
+
+/// Counter values since the test began, as `name{label=value}`.
+fn counters() -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for (key, _, _, value) in SNAPSHOTTER.get().unwrap().snapshot().into_vec() {
+        if let DebugValue::Counter(v) = value {
+            let key = key.key();
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let name = if labels.is_empty() {
+                key.name().to_string()
+            } else {
+                format!("{}{{{}}}", key.name(), labels.join(","))
+            };
+            out.insert(name, v);
+        }
+    }
+    out
+}
+
+fn count(c: &HashMap<String, u64>, name: &str) -> u64 {
+    c.get(name).copied().unwrap_or(0)
+}
+
+fn host(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
+/// A proxy on "host" `me`: destinations on `me` are local, 127.0.0.1 is loopback.
+async fn proxy(
+    me: u8,
+    tunnel: bool,
+    peer_tunnel_port: u16,
+    orig_dst: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> (SocketAddr, Option<SocketAddr>) {
+    let mut config = Config {
+        listen: SocketAddr::new(host(me), 0),
+        tunnel: tunnel.then(|| SocketAddr::new(host(me), 0)),
+        metrics: None,
+        peer_tunnel_port,
+        cluster_cidr: vec!["127.0.0.0/8".parse().unwrap()],
+        probe_timeout_ms: 300,
+        handshake_timeout_ms: 2000,
+        detect_timeout_ms: 300,
+        ..Config::default()
+    };
+    config.exempt = p3proxy::config::Exempt::Uid { uid: 0 }; // no SO_MARK needed on loopback
+    tweak(&mut config);
+    let bound = Bound::bind(&config).await.unwrap();
+    let addrs = bound.addrs();
+    let env = Env {
+        orig_dst: Arc::new(move |_| Ok(orig_dst)),
+        is_local: Arc::new(move |ip| ip == host(me)),
+        is_listening: Arc::new(|_| true),
+        is_loopback: Arc::new(|ip| ip == host(1)),
+    };
+    let shared = Shared::new(config, env, &bound);
+    tokio::spawn(run(bound, shared, std::future::pending::<()>()));
+    (addrs[0], addrs.get(1).copied())
+}
+
+/// What a hand-made ROUTER saw on one connection.
+#[derive(Debug)]
+struct Seen {
+    identity: Bytes,
+    socket_type: Bytes,
+    /// Raw bytes after the handshake.
+    bytes: Vec<u8>,
+}
+
+/// A ROUTER on `ip`: greets, reads READY, records everything after it.
+/// `drop_first`: close the first N connections in the middle of the handshake.
+async fn router(ip: IpAddr, drop_first: usize) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            n += 1;
+            if n <= drop_first {
+                let mut b = [0u8; 10];
+                let _ = s.read_exact(&mut b).await;
+                continue; // dropped mid-handshake
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                s.write_all(&Greeting::null(0).encode()).await.unwrap();
+                s.write_all(
+                    &Command::ready(&[("Socket-Type", b"ROUTER"), ("Identity", b"")]).encode(),
+                )
+                .await
+                .unwrap();
+                let mut dec = StreamDecoder::new(Limits::default());
+                let mut ready = None;
+                while ready.is_none() {
+                    if s.read_buf(dec.buffer_mut()).await.unwrap() == 0 {
+                        return;
+                    }
+                    while let Some(ev) = dec.next_event().unwrap() {
+                        if let StreamEvent::Command(c) = ev {
+                            ready = Some(c);
+                            break;
+                        }
+                    }
+                }
+                let ready = ready.unwrap();
+                let mut bytes = dec.take_buffered().to_vec();
+                let _ = s.read_to_end(&mut bytes).await;
+                let _ = tx.send(Seen {
+                    identity: ready.identity().unwrap().clone(),
+                    socket_type: ready.socket_type().unwrap().clone(),
+                    bytes,
+                });
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A DEALER: greeting and READY at once, then reads the peer's greeting and READY.
+/// Returns the stream and the peer's READY, or what it received before EOF.
+async fn dealer(proxy: SocketAddr, identity: &[u8]) -> Result<(TcpStream, Command), Vec<u8>> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&Greeting::null(identity.len()).encode())
+        .await
+        .unwrap();
+    s.write_all(&Command::ready(&[("Socket-Type", b"DEALER"), ("Identity", identity)]).encode())
+        .await
+        .unwrap();
+    let mut dec = StreamDecoder::new(Limits::default());
+    let mut got = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        let n = timeout(T, s.read(&mut buf))
+            .await
+            .expect("no hang")
+            .unwrap_or(0);
+        if n == 0 {
+            return Err(got);
+        }
+        got.extend_from_slice(&buf[..n]);
+        dec.push(&buf[..n]);
+        while let Some(ev) = dec.next_event().unwrap() {
+            if let StreamEvent::Command(c) = ev {
+                return Ok((s, c));
+            }
+        }
+    }
+}
+
+fn data_message(ts: i32, vals: usize) -> Vec<u8> {
+    let meta = Meta {
+        head: Some(0),
+        request: Some(true),
+        push: Some(true),
+        simple_app: Some(false),
+        app_id: Some(0),
+        timestamp: Some(ts),
+        data_type: vec![8, 11, 3],
+        customer_id: Some(0),
+        pull: Some(false),
+        priority: Some(0),
+        ..Meta::default()
+    };
+    let vals: Vec<u8> = (0..vals).map(|i| (i * 7 + ts as usize) as u8).collect();
+    let msg = PsMessage::new(
+        meta,
+        vec![
+            Bytes::from(3u64.to_le_bytes().to_vec()),
+            Bytes::from(vals.clone()),
+            Bytes::from((vals.len() as i32).to_le_bytes().to_vec()),
+        ],
+    );
+    msg.to_zmtp().encode()
+}
+
+async fn send_and_close(mut s: TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    // Wait for the proxy to close its side: everything was relayed by then.
+    let mut rest = Vec::new();
+    let _ = timeout(T, s.read_to_end(&mut rest)).await;
+}
+
+fn payload() -> Vec<u8> {
+    let mut wire = data_message(1, 10);
+    wire.extend(data_message(2, 300_000));
+    // A message that is not ps-lite: forwarded unchanged as a fence.
+    wire.extend(ZmtpMessage::from_bodies([Bytes::from_static(b"\xff\xfe not a meta")]).encode());
+    wire.extend(data_message(3, 0));
+    wire
+}
+
+#[tokio::test]
+async fn same_host_relay_is_byte_exact() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let (s, ready) = dealer(redirect, b"ps9")
+        .await
+        .expect("READY from the proxy");
+    assert_eq!(ready.socket_type().unwrap(), &b"ROUTER"[..]);
+    let wire = payload();
+    send_and_close(s, &wire).await;
+    let got = timeout(T, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        got.identity,
+        &b"ps9"[..],
+        "the app's identity reaches the destination"
+    );
+    assert_eq!(got.socket_type, &b"DEALER"[..]);
+    assert_eq!(got.bytes, wire, "every byte after the handshake unchanged");
+    let c = counters();
+    assert_eq!(count(&c, "p3proxy_connections_total{route=same_host}"), 1);
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_messages_total{direction=outbound}"),
+        4
+    );
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_bytes_total{direction=outbound}"),
+        wire.len() as u64
+    );
+    assert_eq!(count(&c, "p3proxy_not_pslite_messages_total"), 1);
+}
+
+#[tokio::test]
+async fn tunnel_admitted_end_to_end() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    // Host 2's proxy admits the destination as the scheduler's port (configured).
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port())
+    })
+    .await;
+    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (s, ready) = dealer(redirect, b"ps11")
+        .await
+        .expect("READY only after the far handshake");
+    assert_eq!(ready.socket_type().unwrap(), &b"ROUTER"[..]);
+    let wire = payload();
+    send_and_close(s, &wire).await;
+    let got = timeout(T, seen.recv()).await.unwrap().unwrap();
+    assert_eq!(got.identity, &b"ps11"[..]);
+    assert_eq!(got.bytes, wire);
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_connections_total{route=tunnel}"),
+        1,
+        "{c:?}"
+    );
+    assert_eq!(count(&c, "p3proxy_connections_total{route=tunnel_in}"), 1);
+    assert_eq!(
+        count(&c, "p3proxy_tunnel_answers_total{outcome=admitted}"),
+        1
+    );
+    // Host 1 sent 4 messages out, host 2 delivered 4 to its app.
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_messages_total{direction=outbound}"),
+        4
+    );
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_messages_total{direction=inbound}"),
+        4
+    );
+}
+
+#[tokio::test]
+async fn tunnel_to_a_registered_node() {
+    let _serial = serial().await;
+    // A node on host 2 registers (ADD_NODE through host 2's proxy); then host 1
+    // may tunnel to the address it registered.
+    let (node, mut node_seen) = router(host(2), 0).await;
+    let (scheduler, mut sched_seen) = router(host(2), 0).await;
+    let (redirect2, tunnel) = proxy(2, true, 1, scheduler, |_| {}).await;
+    let registration = Meta {
+        head: Some(K_EMPTY),
+        control: Some(Control {
+            cmd: Some(2),
+            node: vec![Node {
+                role: Some(0),
+                id: Some(K_EMPTY),
+                hostname: Some(Bytes::from(host(2).to_string())),
+                port: Some(i32::from(node.port())),
+                is_recovery: Some(false),
+                customer_id: Some(0),
+                ..Node::default()
+            }],
+            ..Control::default()
+        }),
+        request: Some(false),
+        timestamp: Some(0),
+        customer_id: Some(K_EMPTY),
+        ..Meta::default()
+    };
+    let reg_wire = PsMessage::new(registration, vec![]).to_zmtp().encode();
+    let (s, _) = dealer(redirect2, b"").await.unwrap();
+    send_and_close(s, &reg_wire).await;
+    assert_eq!(
+        timeout(T, sched_seen.recv()).await.unwrap().unwrap().bytes,
+        reg_wire
+    );
+
+    let (redirect1, _) = proxy(1, false, tunnel.unwrap().port(), node, |_| {}).await;
+    let (s, _) = dealer(redirect1, b"ps9").await.expect("admitted");
+    let wire = payload();
+    send_and_close(s, &wire).await;
+    let got = timeout(T, node_seen.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        (got.identity, got.bytes),
+        (Bytes::from_static(b"ps9"), wire)
+    );
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_tunnel_answers_total{outcome=admitted}"),
+        1,
+        "{c:?}"
+    );
+    // The registration went to the scheduler on host 2 itself: same host.
+    assert_eq!(count(&c, "p3proxy_connections_total{route=same_host}"), 1);
+}
+
+#[tokio::test]
+async fn tunnel_refused_by_policy_goes_direct() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    // Host 2's proxy knows nothing of this port: refused by policy.
+    let (_, tunnel) = proxy(2, true, 1, server, |_| {}).await;
+    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (s, _) = dealer(redirect, b"ps9")
+        .await
+        .expect("direct after the refusal");
+    let wire = payload();
+    send_and_close(s, &wire).await;
+    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, wire);
+    let c = counters();
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_tunnel_answers_total{outcome=refused_by_policy}"
+        ),
+        1,
+        "{c:?}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_connections_refused_total{reason=unregistered_target}"
+        ),
+        1
+    );
+    assert_eq!(count(&c, "p3proxy_connections_total{route=direct}"), 1);
+}
+
+#[tokio::test]
+async fn tunnel_unreachable_closes_without_ready() {
+    let _serial = serial().await;
+    // Admitted port, but nothing listens there.
+    let dead = TcpListener::bind((host(2), 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_, tunnel) = proxy(2, true, 1, dead, |c| c.scheduler_port = Some(dead.port())).await;
+    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), dead, |_| {}).await;
+    let got = dealer(redirect, b"ps9").await.expect_err("no READY");
+    assert!(
+        got.len() <= 64,
+        "at most our greeting, never a READY: {} bytes",
+        got.len()
+    );
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_tunnel_answers_total{outcome=unreachable}"),
+        1,
+        "{c:?}"
+    );
+}
+
+#[tokio::test]
+async fn host_without_proxy_gets_direct_connections() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    // Nothing listens on the peer tunnel port: no proxy on host 2.
+    let closed = TcpListener::bind((host(2), 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (redirect, _) = proxy(1, false, closed, server, |_| {}).await;
+    let (s, _) = dealer(redirect, b"ps9").await.expect("direct");
+    let wire = payload();
+    send_and_close(s, &wire).await;
+    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, wire);
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_connections_total{route=direct}"),
+        1,
+        "{c:?}"
+    );
+    assert_eq!(count(&c, "p3proxy_connections_total{route=tunnel}"), 0);
+}
+
+#[tokio::test]
+async fn upstream_refusing_means_no_byte_to_the_app_then_delivery_after_reconnect() {
+    let _serial = serial().await;
+    // Reserve a port, then free it: the first attempt finds nothing listening.
+    let probe = TcpListener::bind((host(1), 0)).await.unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let (redirect, _) = proxy(1, false, 1, addr, |_| {}).await;
+    let got = dealer(redirect, b"ps9").await.expect_err("closed");
+    assert!(
+        got.is_empty(),
+        "not a single byte before the upstream exists"
+    );
+    // Now the destination comes up; libzmq would reconnect like this.
+    let listener = TcpListener::bind(addr).await.unwrap();
+    drop(listener);
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let (s, _) = dealer(redirect, b"ps9").await.unwrap();
+    let wire = data_message(5, 100);
+    send_and_close(s, &wire).await;
+    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, wire);
+}
+
+#[tokio::test]
+async fn upstream_dying_in_its_handshake_means_no_ready_then_delivery_after_reconnect() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 1).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let got = dealer(redirect, b"ps9")
+        .await
+        .expect_err("upstream died: no READY");
+    assert!(got.len() <= 64, "greeting at most, {} bytes", got.len());
+    let (s, _) = dealer(redirect, b"ps9").await.expect("second attempt");
+    let wire = data_message(7, 1000);
+    send_and_close(s, &wire).await;
+    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, wire);
+}
+
+#[tokio::test]
+async fn loops_are_refused() {
+    let _serial = serial().await;
+    let listener = TcpListener::bind((host(1), 0)).await.unwrap();
+    let own = listener.local_addr().unwrap();
+    drop(listener);
+    // The original destination is the proxy's own redirect listener.
+    let (redirect, _) = proxy(1, false, 1, own, |c| c.listen = own).await;
+    assert_eq!(redirect, own);
+    let got = dealer(redirect, b"ps9").await.expect_err("refused");
+    assert!(got.is_empty());
+    assert_eq!(
+        count(
+            &counters(),
+            "p3proxy_connections_refused_total{reason=loop}"
+        ),
+        1
+    );
+}
+
+async fn tunnel_answer(tunnel: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(tunnel).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("closed by the proxy");
+    out
+}
+
+#[tokio::test]
+async fn bad_input_at_the_tunnel_port_is_refused_and_others_keep_working() {
+    let _serial = serial().await;
+    use p3proxy::core::preamble::{parse_answer, Outcome, Preamble};
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port())
+    })
+    .await;
+    let tunnel = tunnel.unwrap();
+    // A session that stays open across the bad input.
+    let (redirect, _) = proxy(1, false, tunnel.port(), server, |_| {}).await;
+    let (mut good, _) = dealer(redirect, b"ps9").await.unwrap();
+    good.write_all(&data_message(1, 64)).await.unwrap();
+
+    assert_eq!(
+        tunnel_answer(tunnel, b"GET / HTTP/1.1\r\n\r\n").await,
+        b"",
+        "garbage: closed"
+    );
+    assert_eq!(
+        tunnel_answer(tunnel, &Greeting::null(0).encode()[..20]).await,
+        b"",
+        "a greeting is not a preamble"
+    );
+    let ask = |target: SocketAddr| Preamble {
+        class: 0,
+        session: 1,
+        target,
+        socket_type: Bytes::from_static(b"DEALER"),
+        identity: Bytes::from_static(b"ps9"),
+    };
+    for target in [
+        SocketAddr::new(host(2), 1),             // unregistered
+        tunnel,                                  // the proxy's own port
+        SocketAddr::new(host(1), server.port()), // loopback
+    ] {
+        let answer = tunnel_answer(tunnel, &ask(target).encode()).await;
+        assert_eq!(
+            parse_answer(&answer).unwrap().1.outcome,
+            Outcome::RefusedByPolicy,
+            "{target}"
+        );
+    }
+    let truncated = ask(server).encode();
+    assert_eq!(
+        tunnel_answer(tunnel, &truncated[..truncated.len() - 2]).await,
+        b"",
+        "truncated preamble times out"
+    );
+
+    let more = data_message(2, 64);
+    good.write_all(&more).await.unwrap();
+    send_and_close(good, &[]).await;
+    let got = timeout(T, seen.recv()).await.unwrap().unwrap();
+    let mut want = data_message(1, 64);
+    want.extend(more);
+    assert_eq!(got.bytes, want, "the good session was untouched");
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_connections_refused_total{reason=bad_preamble}"),
+        3,
+        "{c:?}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_connections_refused_total{reason=unregistered_target}"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&c, "p3proxy_connections_refused_total{reason=own_port}"),
+        1
+    );
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_connections_refused_total{reason=loopback_target}"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn non_zmtp_is_relayed_opaquely() {
+    let _serial = serial().await;
+    let listener = TcpListener::bind((host(1), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"echo:").await.unwrap();
+        s.write_all(&buf).await.unwrap();
+    });
+    let (redirect, _) = proxy(1, false, 1, addr, |_| {}).await;
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut out = Vec::new();
+    timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert_eq!(out, b"echo:hello");
+}
+
+#[tokio::test]
+async fn server_speaks_first_protocols_are_relayed_after_the_detect_timeout() {
+    let _serial = serial().await;
+    let listener = TcpListener::bind((host(1), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"220 banner\r\n").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(&buf).await.unwrap();
+    });
+    let (redirect, _) = proxy(1, false, 1, addr, |_| {}).await;
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    let mut banner = [0u8; 12];
+    timeout(T, s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&banner, b"220 banner\r\n");
+    s.write_all(b"QUIT").await.unwrap();
+    let mut out = Vec::new();
+    timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert_eq!(out, b"QUIT");
+}
