@@ -1,0 +1,165 @@
+"""Runs real MXNet 1.9.1 jobs on the namespace testbed (scripts/testbed), with or
+without p3proxy + scripts/redirect on chosen hosts, and collects what they printed
+and what the proxies counted."""
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TESTBED = os.path.join(ROOT, "scripts", "testbed")
+REDIRECT = os.path.join(ROOT, "scripts", "redirect")
+PROXY = os.environ.get("P3PROXY_BIN", os.path.join(ROOT, "target", "release", "p3proxy"))
+PYTHON = os.environ.get("P3_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
+WORKLOADS = os.path.join(os.path.dirname(__file__), "workloads")
+PREFIX = os.environ.get("P3TB_PREFIX", "p3tb")
+NET = os.environ.get("P3TB_NET", "10.77.0")
+CIDR = f"{NET}.0/24"
+SCHED_PORT = 9091
+LOGS = os.environ.get("P3_E2E_LOGS", "/tmp/p3proxy-e2e")
+
+
+def ip(host):
+    return f"{NET}.{10 + int(host[1:])}"
+
+
+def netns(host):
+    return ["ip", "netns", "exec", f"{PREFIX}-{host}"]
+
+
+def sh(*cmd, check=True, **kw):
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+
+
+def testbed_up(hosts, rate="1gbit"):
+    sh(TESTBED, "up", "--hosts", str(hosts), "--rate", rate)
+
+
+def testbed_down():
+    sh(TESTBED, "down", check=False)
+
+
+@dataclass
+class Topology:
+    """Which host runs what. Host names are h1, h2, ..."""
+
+    scheduler: str
+    servers: list
+    workers: list
+
+    def hosts(self):
+        return sorted({self.scheduler, *self.servers, *self.workers}, key=lambda h: int(h[1:]))
+
+
+def scrape(host, port=9464):
+    """The proxy's Prometheus text, fetched inside the host's namespace."""
+    out = sh(*netns(host), PYTHON, "-c", f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
+    return out.stdout
+
+
+def metric(text, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z0-9_:]+)(\{([^}]*)\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+class Proxies:
+    """p3proxy and its redirect on some hosts; stopped and removed on exit."""
+
+    def __init__(self, hosts, tag):
+        self.hosts = list(hosts)
+        self.procs = {}
+        self.tag = tag
+
+    def __enter__(self):
+        os.makedirs(LOGS, exist_ok=True)
+        for h in self.hosts:
+            log = open(os.path.join(LOGS, f"{self.tag}-proxy-{h}.log"), "w")
+            env = dict(os.environ, P3PROXY_LOG=os.environ.get("P3PROXY_LOG", "info"))
+            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        for h in self.hosts:
+            deadline = time.time() + 10
+            while sh(*netns(h), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":
+                if self.procs[h].poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"p3proxy on {h} did not start; see {LOGS}/{self.tag}-proxy-{h}.log")
+                time.sleep(0.05)
+            sh(*netns(h), REDIRECT, "install", "--proxy-port", "15301", "--cidr", CIDR)
+        return self
+
+    def metrics(self):
+        return {h: scrape(h) for h in self.hosts}
+
+    def __exit__(self, *exc):
+        for h in self.hosts:
+            sh(*netns(h), REDIRECT, "remove", check=False)
+        for h, p in self.procs.items():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@dataclass
+class JobResult:
+    results: dict = field(default_factory=dict)  # worker rank -> RESULT line
+    logs: dict = field(default_factory=dict)
+
+
+def run_job(topo, workload, tag, env=None, timeout=120):
+    """Runs one dist_sync job; returns the workers' RESULT lines by rank."""
+    os.makedirs(LOGS, exist_ok=True)
+    base = {
+        "DMLC_PS_ROOT_URI": ip(topo.scheduler),
+        "DMLC_PS_ROOT_PORT": str(SCHED_PORT),
+        "DMLC_NUM_SERVER": str(len(topo.servers)),
+        "DMLC_NUM_WORKER": str(len(topo.workers)),
+        "OMP_NUM_THREADS": "1",
+        "MXNET_ENGINE_TYPE": "ThreadedEnginePerDevice",
+        "PYTHONUNBUFFERED": "1",
+    }
+    base.update(env or {})
+    script = os.path.join(WORKLOADS, workload)
+    procs = []
+
+    def start(role, host, i):
+        e = dict(os.environ, **base, DMLC_ROLE=role, DMLC_NODE_HOST=ip(host))
+        path = os.path.join(LOGS, f"{tag}-{role}{i}-{host}.log")
+        p = subprocess.Popen(netns(host) + ["timeout", str(timeout), PYTHON, script], env=e, stdout=open(path, "w"), stderr=subprocess.STDOUT)
+        procs.append((role, i, path, p))
+
+    start("scheduler", topo.scheduler, 0)
+    for i, h in enumerate(topo.servers):
+        start("server", h, i)
+    for i, h in enumerate(topo.workers):
+        start("worker", h, i)
+    result = JobResult()
+    failed = []
+    for role, i, path, p in procs:
+        rc = p.wait()
+        text = open(path).read()
+        result.logs[f"{role}{i}"] = text
+        if rc != 0:
+            failed.append(f"{role}{i} exited {rc}: {path}\n{text[-2000:]}")
+        for line in text.splitlines():
+            m = re.match(r"RESULT rank=(\d+) (.*)", line)
+            if m:
+                result.results[int(m.group(1))] = m.group(2)
+    if failed:
+        raise RuntimeError("job failed:\n" + "\n".join(failed))
+    return result
