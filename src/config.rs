@@ -49,20 +49,28 @@ pub enum ConfigError {
     },
 }
 
-/// How the proxy's own sockets escape the redirect (must match `scripts/redirect`).
+/// How the proxy's own sockets escape the redirect (must match `scripts/redirect`):
+/// exactly one of `mark` (`SO_MARK`, needs CAP_NET_ADMIN) or `uid` (the rules exempt
+/// the proxy's uid with `-m owner --uid-owner`; no capability needed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub enum Exempt {
-    /// `SO_MARK` on every socket the proxy opens (needs CAP_NET_ADMIN).
-    Mark {
-        /// The mark value.
-        mark: u32,
-    },
-    /// Rules exempt the proxy's uid (`-m owner --uid-owner`); no capability needed.
-    Uid {
-        /// The uid the proxy runs as.
-        uid: u32,
-    },
+#[serde(deny_unknown_fields)]
+pub struct Exempt {
+    /// Mark put on every socket the proxy opens.
+    pub mark: Option<u32>,
+    /// The uid the proxy runs as, exempted by the rules.
+    pub uid: Option<u32>,
+}
+
+impl Exempt {
+    /// Exemption by socket mark.
+    pub fn by_mark(mark: u32) -> Exempt {
+        Exempt { mark: Some(mark), uid: None }
+    }
+
+    /// Exemption by owner uid.
+    pub fn by_uid(uid: u32) -> Exempt {
+        Exempt { mark: None, uid: Some(uid) }
+    }
 }
 
 /// Everything `p3proxy run` can be told.
@@ -105,7 +113,7 @@ impl Default for Config {
             peer_tunnel_port: 15302,
             metrics: Some(DEFAULT_METRICS.parse().expect("valid")),
             cluster_cidr: vec![Cidr::ANY_V4],
-            exempt: Exempt::Mark { mark: DEFAULT_MARK },
+            exempt: Exempt::by_mark(DEFAULT_MARK),
             min_port: 1024,
             scheduler_port: None,
             probe_timeout_ms: 1000,
@@ -153,8 +161,11 @@ impl Config {
         if self.min_port == 0 {
             return invalid("min_port", "must be at least 1");
         }
-        if let Exempt::Mark { mark: 0 } = self.exempt {
-            return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark");
+        match (self.exempt.mark, self.exempt.uid) {
+            (Some(_), Some(_)) => return invalid("exempt", "set `mark` or `uid`, not both"),
+            (None, None) => return invalid("exempt", "set `mark` or `uid`: the proxy's own sockets must escape the redirect"),
+            (Some(0), None) => return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark"),
+            _ => {}
         }
         for (field, ms) in [
             ("probe_timeout_ms", self.probe_timeout_ms),
@@ -185,9 +196,43 @@ impl Config {
     }
     /// The mark to put on the proxy's sockets, if exemption is by mark.
     pub fn mark(&self) -> Option<u32> {
-        match self.exempt {
-            Exempt::Mark { mark } => Some(mark),
-            Exempt::Uid { .. } => None,
+        self.exempt.mark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
         }
+        assert!(n >= 3, "configs/ holds the examples");
+    }
+
+    #[test]
+    fn every_invalid_config_fails_with_its_message() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/invalid");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let want = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).expect("first line: # expect: MESSAGE");
+            let err = Config::load(&path).expect_err("invalid").to_string();
+            assert!(err.contains(want), "{}: {err:?} lacks {want:?}", path.display());
+            n += 1;
+        }
+        assert!(n >= 5);
     }
 }

@@ -86,7 +86,7 @@ async fn proxy(
         detect_timeout_ms: 300,
         ..Config::default()
     };
-    config.exempt = p3proxy::config::Exempt::Uid { uid: 0 }; // no SO_MARK needed on loopback
+    config.exempt = p3proxy::config::Exempt::by_uid(0); // no SO_MARK needed on loopback
     tweak(&mut config);
     let bound = Bound::bind(&config).await.unwrap();
     let addrs = bound.addrs();
@@ -642,4 +642,40 @@ async fn server_speaks_first_protocols_are_relayed_after_the_detect_timeout() {
     let mut out = Vec::new();
     timeout(T, s.read_to_end(&mut out)).await.unwrap().unwrap();
     assert_eq!(out, b"QUIT");
+}
+
+#[tokio::test]
+async fn bad_input_at_the_redirect_listener_is_refused_and_others_keep_working() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let (mut good, _) = dealer(redirect, b"ps9").await.unwrap();
+    good.write_all(&data_message(1, 64)).await.unwrap();
+
+    // A truncated greeting: our greeting comes back, then the connection is closed
+    // at the handshake deadline, without READY.
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    s.write_all(&Greeting::null(3).encode()[..30]).await.unwrap();
+    let mut got = Vec::new();
+    timeout(T, s.read_to_end(&mut got)).await.expect("closed at the deadline").unwrap();
+    assert_eq!(got, Greeting::null(0).encode(), "our greeting, never a READY");
+    // A greeting followed by garbage instead of READY.
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    let mut bad = Greeting::null(3).encode().to_vec();
+    bad.extend([0x08, 0x01, 0x00]);
+    s.write_all(&bad).await.unwrap();
+    let mut got = Vec::new();
+    timeout(T, s.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got.len(), 64, "closed after the greeting");
+
+    let more = data_message(2, 64);
+    good.write_all(&more).await.unwrap();
+    send_and_close(good, &[]).await;
+    let mut want = data_message(1, 64);
+    want.extend(more);
+    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, want, "the good session was untouched");
+    let c = counters();
+    assert_eq!(count(&c, "p3proxy_connections_refused_total{reason=handshake_timeout}"), 1, "{c:?}");
+    assert_eq!(count(&c, "p3proxy_connections_refused_total{reason=downstream_handshake}"), 1);
+    assert_eq!(count(&c, "p3proxy_parse_errors_total{kind=zmtp_handshake}"), 1);
 }

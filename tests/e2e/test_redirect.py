@@ -1,0 +1,87 @@
+"""scripts/redirect in a namespace of its own: install twice is harmless, remove
+restores the nat table exactly, install refuses while nothing listens, and the
+rules capture only what they should."""
+import os
+import subprocess
+
+import pytest
+
+import cluster
+
+NS = "p3rd-test"
+
+
+def ns(*cmd, check=True):
+    return subprocess.run(["ip", "netns", "exec", NS, *cmd], check=check, capture_output=True, text=True)
+
+
+def nat_rules():
+    # Rules only (no counters, no comments/timestamps).
+    return [l for l in ns("iptables-save", "-t", "nat").stdout.splitlines() if not l.startswith("#")]
+
+
+@pytest.fixture()
+def netns():
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    ns("ip", "link", "set", "lo", "up")
+    # A rule of the user's own that must survive install and remove.
+    ns("iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-j", "RETURN")
+    yield
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+def test_install_twice_then_remove_restores_the_table(netns):
+    before = nat_rules()
+    listener = subprocess.Popen(["ip", "netns", "exec", NS, cluster.PYTHON, "-c",
+                                 "import socket,time;s=socket.socket();s.bind(('127.0.0.1',15301));s.listen();time.sleep(30)"])
+    try:
+        for _ in range(50):
+            if ns("ss", "-Hltn", "sport = :15301").stdout.strip():
+                break
+            import time
+            time.sleep(0.1)
+        for _ in range(2):
+            out = ns(cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", "10.77.0.0/24")
+            assert "redirect installed" in out.stdout
+        rules = nat_rules()
+        assert rules.count("-A OUTPUT -p tcp -j P3PROXY_OUTPUT") == 1, rules
+        assert "-A P3PROXY_OUTPUT -m mark --mark 0x1000/0x1000 -j RETURN" in rules
+        assert "-A P3PROXY_OUTPUT -p tcp -m multiport --dports 15301,15302,9464 -j RETURN" in rules
+        assert "-A P3PROXY_OUTPUT -d 10.77.0.0/24 -p tcp -m tcp --sport 1024:65535 --dport 1024:65535 -j REDIRECT --to-ports 15301" in rules
+        assert ns(cluster.REDIRECT, "status").returncode == 0
+        ns(cluster.REDIRECT, "remove")
+        assert nat_rules() == before
+        assert ns(cluster.REDIRECT, "status", check=False).returncode == 3
+        ns(cluster.REDIRECT, "remove")  # removing twice is harmless too
+        assert nat_rules() == before
+    finally:
+        listener.kill()
+
+
+def test_install_refuses_while_nothing_listens(netns):
+    before = nat_rules()
+    out = ns(cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", "10.77.0.0/24", check=False)
+    assert out.returncode == 2
+    assert "nothing listens on port 15301: start p3proxy first" in out.stderr
+    assert nat_rules() == before
+
+
+def test_bad_arguments_are_refused(netns):
+    for args, msg in [
+        ([], "--proxy-port PORT is required"),
+        (["--proxy-port", "15301"], "--cidr CIDR is required"),
+        (["--proxy-port", "15301", "--cidr", "10.0.0.0"], "bad CIDR '10.0.0.0'"),
+        (["--proxy-port", "99999", "--cidr", "10.0.0.0/8"], "--proxy-port PORT is required (1-65535)"),
+        (["--proxy-port", "15301", "--cidr", "10.0.0.0/8", "--bogus"], "unknown option --bogus"),
+    ]:
+        out = ns(cluster.REDIRECT, "install", *args, check=False)
+        assert out.returncode == 2 and msg in out.stderr, (args, out.stderr)
+
+
+def test_uid_exemption(netns):
+    ns(cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", "10.77.0.0/24", "--uid", "1000", "--force")
+    rules = nat_rules()
+    assert "-A P3PROXY_OUTPUT -m owner --uid-owner 1000 -j RETURN" in rules
+    assert not any("--mark" in r for r in rules)
+    ns(cluster.REDIRECT, "remove")
