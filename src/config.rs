@@ -64,12 +64,18 @@ pub struct Exempt {
 impl Exempt {
     /// Exemption by socket mark.
     pub fn by_mark(mark: u32) -> Exempt {
-        Exempt { mark: Some(mark), uid: None }
+        Exempt {
+            mark: Some(mark),
+            uid: None,
+        }
     }
 
     /// Exemption by owner uid.
     pub fn by_uid(uid: u32) -> Exempt {
-        Exempt { mark: None, uid: Some(uid) }
+        Exempt {
+            mark: None,
+            uid: Some(uid),
+        }
     }
 }
 
@@ -163,8 +169,15 @@ impl Config {
         }
         match (self.exempt.mark, self.exempt.uid) {
             (Some(_), Some(_)) => return invalid("exempt", "set `mark` or `uid`, not both"),
-            (None, None) => return invalid("exempt", "set `mark` or `uid`: the proxy's own sockets must escape the redirect"),
-            (Some(0), None) => return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark"),
+            (None, None) => {
+                return invalid(
+                    "exempt",
+                    "set `mark` or `uid`: the proxy's own sockets must escape the redirect",
+                )
+            }
+            (Some(0), None) => {
+                return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark")
+            }
             _ => {}
         }
         for (field, ms) in [
@@ -228,9 +241,17 @@ mod tests {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            let want = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).expect("first line: # expect: MESSAGE");
+            let want = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# expect: "))
+                .expect("first line: # expect: MESSAGE");
             let err = Config::load(&path).expect_err("invalid").to_string();
-            assert!(err.contains(want), "{}: {err:?} lacks {want:?}", path.display());
+            assert!(
+                err.contains(want),
+                "{}: {err:?} lacks {want:?}",
+                path.display()
+            );
             n += 1;
         }
         assert!(n >= 5);

@@ -655,10 +655,19 @@ async fn bad_input_at_the_redirect_listener_is_refused_and_others_keep_working()
     // A truncated greeting: our greeting comes back, then the connection is closed
     // at the handshake deadline, without READY.
     let mut s = TcpStream::connect(redirect).await.unwrap();
-    s.write_all(&Greeting::null(3).encode()[..30]).await.unwrap();
+    s.write_all(&Greeting::null(3).encode()[..30])
+        .await
+        .unwrap();
     let mut got = Vec::new();
-    timeout(T, s.read_to_end(&mut got)).await.expect("closed at the deadline").unwrap();
-    assert_eq!(got, Greeting::null(0).encode(), "our greeting, never a READY");
+    timeout(T, s.read_to_end(&mut got))
+        .await
+        .expect("closed at the deadline")
+        .unwrap();
+    assert_eq!(
+        got,
+        Greeting::null(0).encode(),
+        "our greeting, never a READY"
+    );
     // A greeting followed by garbage instead of READY.
     let mut s = TcpStream::connect(redirect).await.unwrap();
     let mut bad = Greeting::null(3).encode().to_vec();
@@ -673,9 +682,29 @@ async fn bad_input_at_the_redirect_listener_is_refused_and_others_keep_working()
     send_and_close(good, &[]).await;
     let mut want = data_message(1, 64);
     want.extend(more);
-    assert_eq!(timeout(T, seen.recv()).await.unwrap().unwrap().bytes, want, "the good session was untouched");
+    assert_eq!(
+        timeout(T, seen.recv()).await.unwrap().unwrap().bytes,
+        want,
+        "the good session was untouched"
+    );
     let c = counters();
-    assert_eq!(count(&c, "p3proxy_connections_refused_total{reason=handshake_timeout}"), 1, "{c:?}");
-    assert_eq!(count(&c, "p3proxy_connections_refused_total{reason=downstream_handshake}"), 1);
-    assert_eq!(count(&c, "p3proxy_parse_errors_total{kind=zmtp_handshake}"), 1);
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_connections_refused_total{reason=handshake_timeout}"
+        ),
+        1,
+        "{c:?}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "p3proxy_connections_refused_total{reason=downstream_handshake}"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&c, "p3proxy_parse_errors_total{kind=zmtp_handshake}"),
+        1
+    );
 }

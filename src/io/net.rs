@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::core::dscp::Dscp;
+
 /// Reads a redirected connection's original destination.
 pub type OrigDst = Arc<dyn Fn(&TcpStream) -> io::Result<SocketAddr> + Send + Sync>;
 
@@ -106,11 +108,13 @@ fn listening_in(text: &str, addr: SocketAddr) -> bool {
 }
 
 /// Opens a TCP connection from the proxy: marked so the redirect lets it pass,
-/// optionally from `source` (opaque relays keep the app's source address).
+/// optionally from `source` (opaque relays keep the app's source address), with a
+/// fixed DSCP for the whole connection if `dscp` is given.
 pub(crate) async fn connect(
     dst: SocketAddr,
     mark: Option<u32>,
     source: Option<IpAddr>,
+    dscp: Option<Dscp>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = if dst.is_ipv4() {
@@ -120,6 +124,9 @@ pub(crate) async fn connect(
     };
     if let Some(mark) = mark {
         socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    if let Some(dscp) = dscp {
+        set_dscp(&socket2::SockRef::from(&socket), dst.is_ipv4(), dscp)?;
     }
     if let Some(src) = source {
         socket.bind(SocketAddr::new(src, 0))?;
@@ -134,6 +141,16 @@ pub(crate) async fn connect(
         })??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Sets the DSCP of every packet a socket sends (never changed afterwards: one
+/// connection, one class).
+pub(crate) fn set_dscp(sock: &socket2::SockRef<'_>, ipv4: bool, dscp: Dscp) -> io::Result<()> {
+    if ipv4 {
+        sock.set_tos_v4(dscp.tos())
+    } else {
+        sock.set_tclass_v6(dscp.tos())
+    }
 }
 
 #[cfg(test)]

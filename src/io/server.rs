@@ -17,6 +17,7 @@ use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
 use crate::config::Config;
+use crate::core::dscp::Dscp;
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
 use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
@@ -306,10 +307,12 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         },
         Route::Tunnel => {
             let tunnel_addr = SocketAddr::new(dst.ip(), shared.config.peer_tunnel_port);
+            // Probes and tunnel main streams travel in the top class.
             match net::connect(
                 tunnel_addr,
                 shared.config.mark(),
                 None,
+                Some(Dscp::CS6),
                 shared.config.probe_timeout(),
             )
             .await
@@ -398,6 +401,7 @@ async fn connect_direct(shared: &Shared, dst: SocketAddr) -> std::io::Result<Tcp
     net::connect(
         dst,
         shared.config.mark(),
+        None,
         None,
         shared.config.handshake_timeout(),
     )
@@ -568,6 +572,8 @@ async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refu
 
 /// A connection from a peer proxy.
 async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    // What goes back to the peer proxy travels in the top class too.
+    let _ = net::set_dscp(&socket2::SockRef::from(&stream), peer.is_ipv4(), Dscp::CS6);
     // Read the preamble, bounded in size and time.
     let mut buf = Vec::with_capacity(64);
     let deadline = shared.config.handshake_timeout();
@@ -675,6 +681,7 @@ async fn opaque(
         dst,
         shared.config.mark(),
         source,
+        None,
         shared.config.handshake_timeout(),
     )
     .await

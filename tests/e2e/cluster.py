@@ -163,3 +163,10 @@ def run_job(topo, workload, tag, env=None, timeout=120):
     if failed:
         raise RuntimeError("job failed:\n" + "\n".join(failed))
     return result
+
+
+def band_bytes(host, band="1:10"):
+    """Bytes the switch port toward `host` sent in a priority band (1:10 = precedence 6-7)."""
+    out = sh("tc", "-s", "class", "show", "dev", f"{PREFIX}-{host}").stdout
+    m = re.search(rf"class htb {band} .*?\n\s*Sent (\d+) bytes", out)
+    return int(m.group(1)) if m else 0

@@ -33,6 +33,7 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
     direct = run_job(topo, workload, f"{tag}-direct", env)
     assert len(direct.results) == len(topo.workers), direct.logs
     hosts = topo.hosts() if proxied_hosts is None else proxied_hosts
+    bands_before = {h: (cluster.band_bytes(h, "1:10"), cluster.band_bytes(h, "1:40")) for h in topo.servers}
     with Proxies(hosts, tag) as proxies:
         proxied = run_job(topo, workload, f"{tag}-proxied", env)
         metrics = proxies.metrics()
@@ -48,6 +49,10 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
         for s in topo.servers:
             if s in hosts and any(w in hosts and w != s for w in topo.workers):
                 assert metric(metrics[s], "p3proxy_connections_total", route="tunnel_in") > 0, f"{s} accepted tunnels"
+                # Tunnel main streams carry DSCP CS6: the switch queued them in the top band.
+                top = cluster.band_bytes(s, "1:10") - bands_before[s][0]
+                best_effort = cluster.band_bytes(s, "1:40") - bands_before[s][1]
+                assert top > 10 * best_effort, f"{s}: tunnel traffic in the CS6 band ({top} vs {best_effort} bytes)"
     return direct, metrics
 
 
