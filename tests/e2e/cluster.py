@@ -121,8 +121,9 @@ class JobResult:
     logs: dict = field(default_factory=dict)
 
 
-def run_job(topo, workload, tag, env=None, timeout=120):
-    """Runs one dist_sync job; returns the workers' RESULT lines by rank."""
+def run_job(topo, workload, tag, env=None, timeout=120, args=()):
+    """Runs one dist_sync job (`workload`: a script of workloads/, or a path, run with
+    `args` on every node); returns the workers' RESULT lines by rank."""
     os.makedirs(LOGS, exist_ok=True)
     base = {
         "DMLC_PS_ROOT_URI": ip(topo.scheduler),
@@ -134,13 +135,14 @@ def run_job(topo, workload, tag, env=None, timeout=120):
         "PYTHONUNBUFFERED": "1",
     }
     base.update(env or {})
-    script = os.path.join(WORKLOADS, workload)
+    script = workload if os.path.isabs(workload) else os.path.join(WORKLOADS, workload)
     procs = []
 
     def start(role, host, i):
         e = dict(os.environ, **base, DMLC_ROLE=role, DMLC_NODE_HOST=ip(host))
         path = os.path.join(LOGS, f"{tag}-{role}{i}-{host}.log")
-        p = subprocess.Popen(netns(host) + ["timeout", str(timeout), PYTHON, script], env=e, stdout=open(path, "w"), stderr=subprocess.STDOUT)
+        cmd = netns(host) + ["timeout", str(timeout), PYTHON, script, *args]
+        p = subprocess.Popen(cmd, env=e, stdout=open(path, "w"), stderr=subprocess.STDOUT)
         procs.append((role, i, path, p))
 
     start("scheduler", topo.scheduler, 0)

@@ -52,7 +52,8 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
                 # Tunnel main streams carry DSCP CS6: the switch queued them in the top band.
                 top = cluster.band_bytes(s, "1:10") - bands_before[s][0]
                 best_effort = cluster.band_bytes(s, "1:40") - bands_before[s][1]
-                assert top > 10 * best_effort, f"{s}: tunnel traffic in the CS6 band ({top} vs {best_effort} bytes)"
+                # (ARP and other non-IP frames fall in the best-effort band: a few hundred bytes.)
+                assert top > 10 * max(best_effort - 2000, 0) and top > best_effort, f"{s}: tunnel traffic in the CS6 band ({top} vs {best_effort} bytes)"
     return direct, metrics
 
 

@@ -1,0 +1,259 @@
+"""The training benchmark (scripts/bench): real MXNet 1.9.1 dist_sync jobs on the shaped
+namespace testbed, each system run side by side in one invocation:
+
+  direct    the job with no proxy (what every user has today)
+  mxnet-p3  MXNet's own P3 (dist_p3_sync, DMLC_PS_VAN_TYPE=p3, MXNET_UPDATE_ON_KVSTORE=0:
+            P3 cannot run the optimizer on the servers, so the workers do)
+  p3proxy   the job unchanged, p3proxy and its redirect on every host
+
+Reports the median iteration time (min and max across runs), throughput, the ratio to
+direct, and each time as a multiple of the ideal bound. Checks that direct and p3proxy
+computed bitwise the same weights, and mxnet-p3 the same as a direct run with
+worker-side updates; fails loudly otherwise.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
+sys.path.insert(0, HERE)
+import cluster  # noqa: E402
+import models  # noqa: E402
+from cluster import Proxies, Topology, run_job  # noqa: E402
+
+JOB = os.path.join(HERE, "emulated_job.py")
+BATCH = 32
+DEFAULT_SCALE = {"vgg19": 0.1, "resnet50_v1": 0.5, "tiny": 1.0}
+SYSTEM_ENV = {
+    "direct": {},
+    "mxnet-p3": {"DMLC_PS_VAN_TYPE": "p3", "P3_KVSTORE": "dist_p3_sync", "MXNET_UPDATE_ON_KVSTORE": "0"},
+    "p3proxy": {},
+}
+
+
+def rate_bps(rate):
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for u, f in units.items():
+        if rate.endswith(u):
+            return float(rate[: -len(u)]) * f
+    raise ValueError(f"rate {rate!r}: use NNNmbit or Ngbit")
+
+
+def topologies(name, servers, workers, hosts):
+    if name == "a":
+        n = 1 + servers + workers
+        return Topology("h1", [f"h{2 + i}" for i in range(servers)], [f"h{2 + servers + i}" for i in range(workers)]), n
+    if name == "b":
+        hs = [f"h{1 + i}" for i in range(hosts)]
+        return Topology("h1", hs, hs), hosts
+    raise ValueError(name)
+
+
+def ideal_seconds(topo_name, topo, pushed_bytes, rate, compute_s):
+    """max(compute, bytes the busiest link direction carries per iteration / rate)."""
+    bps = rate_bps(rate) / 8
+    if topo_name == "a":
+        per_server = len(topo.workers) * pushed_bytes / len(topo.servers)
+        busiest = max(per_server, pushed_bytes)
+    else:
+        h = len(topo.servers)
+        # Pushes to remote servers and responses to remote workers; the local share stays home.
+        busiest = 2 * pushed_bytes * (h - 1) / h
+    return max(compute_s, busiest / bps), busiest
+
+
+def parse(result):
+    out = {"sha": {}, "times": {}, "timeline": None}
+    for name, text in result.logs.items():
+        if not name.startswith("worker"):
+            continue
+        for line in text.splitlines():
+            if line.startswith("TIMES "):
+                out["times"][name] = json.loads(line[6:])
+            elif line.startswith("TIMELINE "):
+                out["timeline"] = json.loads(line[9:])
+    out["sha"] = dict(result.results)
+    return out
+
+
+def progress(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_system(system, topo, job_args, tag, timeout):
+    env = dict(SYSTEM_ENV[system])
+    if system == "p3proxy":
+        with Proxies(topo.hosts(), tag):
+            return parse(run_job(topo, JOB, tag, env, timeout, job_args))
+    return parse(run_job(topo, JOB, tag, env, timeout, job_args))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vgg19,resnet50_v1")
+    ap.add_argument("--scale", type=float, help="tensor scale for every model (default: vgg19 0.1, resnet50_v1 0.5)")
+    ap.add_argument("--rates", default="1gbit")
+    ap.add_argument("--topologies", default="a,b", help="a: separate hosts; b: each host a server and a worker")
+    ap.add_argument("--servers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--hosts", type=int, default=2, help="hosts of topology b")
+    ap.add_argument("--systems", default="direct,mxnet-p3,p3proxy")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compute-ms", type=float, default=300.0, help="emulated compute per iteration")
+    ap.add_argument("--api", choices=["gluon", "raw"], default="gluon")
+    ap.add_argument("--timeline", action="store_true", help="also record one iteration's per-layer timeline")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--smoke", action="store_true", help="tiny model, one rate, few iterations: checks the plumbing")
+    a = ap.parse_args()
+    if a.smoke:
+        a.models, a.rates, a.topologies, a.runs, a.iters, a.warmup, a.compute_ms = "tiny", "1gbit", "a", 1, 3, 1, 50.0
+    systems = a.systems.split(",")
+    for s in systems:
+        if s not in SYSTEM_ENV:
+            ap.error(f"unknown system {s!r}: direct, mxnet-p3, p3proxy")
+    os.makedirs(a.out, exist_ok=True)
+    rows, failures, timelines = [], [], {}
+    timeout = 900
+    try:
+        for rate in a.rates.split(","):
+            plans = [(t, *topologies(t, a.servers, a.workers, a.hosts)) for t in a.topologies.split(",")]
+            cluster.testbed_up(max(n for _, _, n in plans), rate)
+            progress(f"testbed up at {rate}")
+            for model in a.models.split(","):
+                scale = a.scale or DEFAULT_SCALE.get(model, 1.0)
+                _, params = models.layers(model, scale)
+                pushed = sum(p.numel for p in params if p.pushed) * 4
+                job_args = ["--model", model, "--scale", str(scale), "--iters", str(a.iters), "--warmup", str(a.warmup),
+                            "--compute-ms", str(a.compute_ms), "--api", a.api]
+                for tname, topo, _ in plans:
+                    label = f"{model} x{scale} topology {tname} {rate}"
+                    per_system = {s: [] for s in systems}
+                    shas = {s: [] for s in systems}
+                    for run in range(a.runs):
+                        for s in systems:
+                            progress(f"{label}: {s} run {run + 1}/{a.runs}")
+                            r = run_system(s, topo, job_args, f"bench-{s}", timeout)
+                            it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
+                            per_system[s].append(statistics.median(it_times))
+                            shas[s].append(r["sha"])
+                    # Bitwise checks.
+                    if "direct" in systems and "p3proxy" in systems:
+                        for d, p in zip(shas["direct"], shas["p3proxy"]):
+                            if d != p:
+                                failures.append(f"{label}: p3proxy weights differ from direct: {p} vs {d}")
+                    if "mxnet-p3" in systems and a.api == "gluon":
+                        progress(f"{label}: direct with worker-side updates (reference for mxnet-p3)")
+                        ref = parse(run_job(topo, JOB, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args))
+                        for p in shas["mxnet-p3"]:
+                            if p != ref["sha"]:
+                                failures.append(f"{label}: mxnet-p3 weights differ from direct with worker-side updates")
+                    if a.timeline and "direct" in systems and "p3proxy" in systems:
+                        for s in ("direct", "p3proxy"):
+                            progress(f"{label}: {s} timeline")
+                            timelines[f"{label} {s}"] = run_system(s, topo, job_args + ["--timeline"], f"bench-{s}-tl", timeout)["timeline"]
+                    ideal, busiest = ideal_seconds(tname, topo, pushed, rate, a.compute_ms / 1000)
+                    base = statistics.median(per_system["direct"]) if "direct" in systems else None
+                    for s in systems:
+                        med = statistics.median(per_system[s])
+                        rows.append({
+                            "model": model, "scale": scale, "topology": tname, "rate": rate, "system": s,
+                            "runs": a.runs, "iters": a.iters, "median_s": med, "min_s": min(per_system[s]),
+                            "max_s": max(per_system[s]), "samples_per_s": BATCH * len(topo.workers) / med,
+                            "speedup_vs_direct": (base / med) if base else None, "ideal_s": ideal,
+                            "x_ideal": med / ideal, "pushed_mb": pushed / 1e6, "busiest_link_mb": busiest / 1e6,
+                        })
+                    progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
+            cluster.testbed_down()
+    except KeyboardInterrupt:
+        progress("interrupted: cleaning up")
+        raise
+    finally:
+        cluster.testbed_down()
+    report(rows, timelines, a, failures)
+    if failures:
+        print("\nBENCHMARK FAILED: results differ\n" + "\n".join(failures), file=sys.stderr)
+        sys.exit(1)
+
+
+def report(rows, timelines, a, failures):
+    meta = {"compute_ms": a.compute_ms, "api": a.api, "iters": a.iters, "warmup": a.warmup, "runs": a.runs,
+            "workers": a.workers, "servers": a.servers, "hosts_b": a.hosts, "batch": BATCH,
+            "command": "scripts/bench " + " ".join(sys.argv[1:]), "bitwise_checks": "failed" if failures else "passed"}
+    with open(os.path.join(a.out, "bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "timelines": timelines}, f, indent=1)
+    lines = [
+        f"`{meta['command']}`: {a.runs} runs x {a.iters} iterations after {a.warmup} warm-up, emulated compute "
+        f"{a.compute_ms:.0f} ms/iteration, API {a.api}, {a.workers} workers; tensors scaled as shown. "
+        f"Bitwise checks: {meta['bitwise_checks']}.",
+        "",
+        "| model | topology | rate | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs = f"{r['speedup_vs_direct']:.2f}x" if r["speedup_vs_direct"] else "-"
+        lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r['system']} | "
+                     f"{r['median_s']:.3f} [{r['min_s']:.3f}, {r['max_s']:.3f}] | {r['samples_per_s']:.1f} | {vs} | "
+                     f"{r['x_ideal']:.2f} |")
+    ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"]) for r in rows})
+    lines.append("")
+    for m, s, t, rate, ideal, mb in ideals:
+        lines.append(f"Ideal bound {m} x{s} topology {t} at {rate}: {ideal:.3f} s "
+                     f"(max of compute and {mb:.1f} MB on the busiest link direction per iteration).")
+    text = "\n".join(lines)
+    with open(os.path.join(a.out, "bench.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    chart(rows, timelines, a.out)
+
+
+def chart(rows, timelines, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no chart)")
+        return
+    groups = sorted({(r["model"], r["scale"], r["topology"], r["rate"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        rs = [r for r in rows if (r["model"], r["scale"], r["topology"], r["rate"]) == g]
+        names = [r["system"] for r in rs]
+        med = [r["median_s"] for r in rs]
+        err = [[r["median_s"] - r["min_s"] for r in rs], [r["max_s"] - r["median_s"] for r in rs]]
+        ax.bar(names, med, yerr=err, capsize=4, color=["#888", "#c83", "#38c", "#3a3"][: len(rs)])
+        ax.axhline(rs[0]["ideal_s"], color="k", linestyle="--", label="ideal")
+        ax.set_title(f"{g[0]} x{g[1]}, topo {g[2]}, {g[3]}", fontsize=9)
+        ax.set_ylabel("iteration time (s)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "bench.png")
+    fig.savefig(path, dpi=90)
+    print(f"chart: {path}")
+    if timelines:
+        fig, axes = plt.subplots(len(timelines), 1, figsize=(9, 2.8 * len(timelines)), squeeze=False)
+        for ax, (name, tl) in zip(axes[:, 0], sorted(timelines.items())):
+            if not tl:
+                continue
+            order = tl["keys_forward_order"]
+            for y, k in enumerate(order):
+                s, e = tl["spans"][str(k)]
+                ax.plot([s, e], [y, y], lw=3, color="#38c")
+            ax.set_title(name + ": pushpull issue -> completion per key (top: first layer)", fontsize=9)
+            ax.invert_yaxis()
+            ax.set_xlabel("seconds since iteration start")
+        fig.tight_layout()
+        path = os.path.join(out, "timeline.png")
+        fig.savefig(path, dpi=90)
+        print(f"timeline: {path}")
+
+
+if __name__ == "__main__":
+    main()
