@@ -14,6 +14,7 @@ worker-side updates; fails loudly otherwise.
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -66,8 +67,11 @@ def ideal_seconds(topo_name, topo, pushed_bytes, rate, compute_s):
     return max(compute_s, busiest / bps), busiest
 
 
+EXIT_GRACE = 20
+
+
 def parse(result):
-    out = {"sha": {}, "times": {}, "timeline": None}
+    out = {"sha": {}, "times": {}, "timeline": None, "hung": list(result.hung)}
     for name, text in result.logs.items():
         if not name.startswith("worker"):
             continue
@@ -88,11 +92,17 @@ def run_system(system, topo, job_args, tag, timeout):
     env = dict(SYSTEM_ENV[system])
     if system == "p3proxy":
         with Proxies(topo.hosts(), tag):
-            return parse(run_job(topo, JOB, tag, env, timeout, job_args))
-    return parse(run_job(topo, JOB, tag, env, timeout, job_args))
+            return parse(run_job(topo, JOB, tag, env, timeout, job_args, EXIT_GRACE))
+    return parse(run_job(topo, JOB, tag, env, timeout, job_args, EXIT_GRACE))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main():
+    # SIGTERM cleans up like Ctrl-C: namespaces, qdiscs, redirects, proxies.
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="vgg19,resnet50_v1")
     ap.add_argument("--scale", type=float, help="tensor scale for every model (default: vgg19 0.1, resnet50_v1 0.5)")
@@ -110,7 +120,13 @@ def main():
     ap.add_argument("--timeline", action="store_true", help="also record one iteration's per-layer timeline")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny model, one rate, few iterations: checks the plumbing")
+    ap.add_argument("--proxy-cost", action="store_true", help="measure the relay's own cost instead (bench/proxy_cost.py)")
     a = ap.parse_args()
+    if a.proxy_cost:
+        import proxy_cost
+
+        proxy_cost.main(2e8 if a.smoke else 1e9)
+        return
     if a.smoke:
         a.models, a.rates, a.topologies, a.runs, a.iters, a.warmup, a.compute_ms = "tiny", "1gbit", "a", 1, 3, 1, 50.0
     systems = a.systems.split(",")
@@ -135,6 +151,7 @@ def main():
                     label = f"{model} x{scale} topology {tname} {rate}"
                     per_system = {s: [] for s in systems}
                     shas = {s: [] for s in systems}
+                    hung = {s: 0 for s in systems}
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
@@ -142,6 +159,9 @@ def main():
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             shas[s].append(r["sha"])
+                            if r["hung"]:
+                                hung[s] += 1
+                                progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
                     # Bitwise checks.
                     if "direct" in systems and "p3proxy" in systems:
                         for d, p in zip(shas["direct"], shas["p3proxy"]):
@@ -149,7 +169,7 @@ def main():
                                 failures.append(f"{label}: p3proxy weights differ from direct: {p} vs {d}")
                     if "mxnet-p3" in systems and a.api == "gluon":
                         progress(f"{label}: direct with worker-side updates (reference for mxnet-p3)")
-                        ref = parse(run_job(topo, JOB, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args))
+                        ref = parse(run_job(topo, JOB, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args, EXIT_GRACE))
                         for p in shas["mxnet-p3"]:
                             if p != ref["sha"]:
                                 failures.append(f"{label}: mxnet-p3 weights differ from direct with worker-side updates")
@@ -167,6 +187,7 @@ def main():
                             "max_s": max(per_system[s]), "samples_per_s": BATCH * len(topo.workers) / med,
                             "speedup_vs_direct": (base / med) if base else None, "ideal_s": ideal,
                             "x_ideal": med / ideal, "pushed_mb": pushed / 1e6, "busiest_link_mb": busiest / 1e6,
+                            "runs_hung_at_exit": hung[s],
                         })
                     progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
             cluster.testbed_down()
@@ -202,6 +223,10 @@ def report(rows, timelines, a, failures):
                      f"{r['x_ideal']:.2f} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"]) for r in rows})
     lines.append("")
+    for r in rows:
+        if r["runs_hung_at_exit"]:
+            lines.append(f"{r['system']} ({r['model']}, topology {r['topology']}): {r['runs_hung_at_exit']} run(s) hung at exit "
+                         "after printing their results (killed after 20 s; the timings are unaffected).")
     for m, s, t, rate, ideal, mb in ideals:
         lines.append(f"Ideal bound {m} x{s} topology {t} at {rate}: {ideal:.3f} s "
                      f"(max of compute and {mb:.1f} MB on the busiest link direction per iteration).")

@@ -4,4 +4,6 @@
 pub mod dscp;
 pub mod policy;
 pub mod preamble;
+pub mod priority;
+pub mod scheduler;
 pub mod topology;

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TESTBED = os.path.join(ROOT, "scripts", "testbed")
 REDIRECT = os.path.join(ROOT, "scripts", "redirect")
-PROXY = os.environ.get("P3PROXY_BIN", os.path.join(ROOT, "target", "release", "p3proxy"))
+PROXY = os.path.abspath(os.environ.get("P3PROXY_BIN", os.path.join(ROOT, "target", "release", "p3proxy")))
 PYTHON = os.environ.get("P3_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
 WORKLOADS = os.path.join(os.path.dirname(__file__), "workloads")
 PREFIX = os.environ.get("P3TB_PREFIX", "p3tb")
@@ -119,9 +119,15 @@ class Proxies:
 class JobResult:
     results: dict = field(default_factory=dict)  # worker rank -> RESULT line
     logs: dict = field(default_factory=dict)
+    hung: list = field(default_factory=list)  # processes killed after the results were in
 
 
-def run_job(topo, workload, tag, env=None, timeout=120, args=()):
+def netns_pids_kill(pid):
+    """The command that kills a process's children (`timeout` wraps the job's python)."""
+    return ["pkill", "-KILL", "-P", str(pid)]
+
+
+def run_job(topo, workload, tag, env=None, timeout=120, args=(), exit_grace=None):
     """Runs one dist_sync job (`workload`: a script of workloads/, or a path, run with
     `args` on every node); returns the workers' RESULT lines by rank."""
     os.makedirs(LOGS, exist_ok=True)
@@ -152,11 +158,28 @@ def run_job(topo, workload, tag, env=None, timeout=120, args=()):
         start("worker", h, i)
     result = JobResult()
     failed = []
+    if exit_grace is not None:
+        # Wait for every worker's RESULT, then give the processes `exit_grace` seconds to
+        # exit; stragglers (MXNet's P3 van sometimes hangs at shutdown) are killed and noted.
+        deadline = time.time() + timeout
+        workers = [(i, path) for role, i, path, _ in procs if role == "worker"]
+        while time.time() < deadline and not all(p.poll() is not None for *_, p in procs):
+            if all("RESULT" in open(path).read() for _, path in workers):
+                grace_end = time.time() + exit_grace
+                while time.time() < grace_end and not all(p.poll() is not None for *_, p in procs):
+                    time.sleep(0.2)
+                for role, i, _, p in procs:
+                    if p.poll() is None:
+                        subprocess.run(netns_pids_kill(p.pid), check=False)
+                        p.kill()
+                        result.hung.append(f"{role}{i}")
+                break
+            time.sleep(0.2)
     for role, i, path, p in procs:
         rc = p.wait()
         text = open(path).read()
         result.logs[f"{role}{i}"] = text
-        if rc != 0:
+        if rc != 0 and f"{role}{i}" not in result.hung:
             failed.append(f"{role}{i} exited {rc}: {path}\n{text[-2000:]}")
         for line in text.splitlines():
             m = re.match(r"RESULT rank=(\d+) (.*)", line)
