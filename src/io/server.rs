@@ -416,7 +416,7 @@ async fn open_upstream(
     app: &mut TcpStream,
     prefix: &[u8],
     mut upstream: TcpStream,
-    route: Route,
+    mut route: Route,
     dst: SocketAddr,
 ) -> Result<Opened, Refusal> {
     let (app_info, app_dec) = accept_app(app, prefix, shared.limits)
@@ -451,65 +451,34 @@ async fn open_upstream(
         let (answer, rest) = read_answer(&mut upstream).await?;
         ::metrics::counter!(metrics::TUNNEL_ANSWERS, "outcome" => outcome_label(answer.outcome))
             .increment(1);
+        shared
+            .policy
+            .lock()
+            .expect("policy lock")
+            .proxy_answered(dst, answer.pinned);
         match answer.outcome {
             Outcome::Admitted => {
-                shared
-                    .policy
-                    .lock()
-                    .expect("policy lock")
-                    .proxy_answered(dst, answer.pinned);
                 let mut dec = StreamDecoder::after_handshake(shared.limits);
                 dec.push(&rest);
                 let far_info = PeerInfo {
                     socket_type: answer.socket_type,
                     identity: answer.identity,
                 };
-                return Ok((
-                    app_dec,
-                    app_info,
-                    End {
-                        stream: upstream,
-                        dec,
-                    },
-                    far_info,
-                    Route::Tunnel,
-                ));
+                let far = End {
+                    stream: upstream,
+                    dec,
+                };
+                return Ok((app_dec, app_info, far, far_info, Route::Tunnel));
             }
-            Outcome::Unreachable => {
-                shared
-                    .policy
-                    .lock()
-                    .expect("policy lock")
-                    .proxy_answered(dst, answer.pinned);
-                return Err(Refusal::UpstreamFailed);
-            }
+            Outcome::Unreachable => return Err(Refusal::UpstreamFailed),
+            Outcome::RefusedByPolicy if answer.pinned => return Err(Refusal::ProxyNotBypassed),
             Outcome::RefusedByPolicy => {
                 // Normal (e.g. the scheduler's port before it is learned): go straight there.
-                shared
-                    .policy
-                    .lock()
-                    .expect("policy lock")
-                    .proxy_answered(dst, answer.pinned);
-                if answer.pinned {
-                    return Err(Refusal::ProxyNotBypassed);
-                }
                 tracing::debug!(%dst, "tunnel refused by policy: going direct");
                 upstream = connect_direct(shared, dst)
                     .await
                     .map_err(|_| Refusal::UpstreamFailed)?;
-                let (far_info, dec) = connect_as(&mut upstream, &app_info, shared.limits)
-                    .await
-                    .map_err(|e| upstream_failed(&e))?;
-                return Ok((
-                    app_dec,
-                    app_info,
-                    End {
-                        stream: upstream,
-                        dec,
-                    },
-                    far_info,
-                    Route::Direct,
-                ));
+                route = Route::Direct;
             }
         }
     }
