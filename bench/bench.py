@@ -27,6 +27,7 @@ import models  # noqa: E402
 from cluster import Proxies, Topology, run_job  # noqa: E402
 
 JOB = os.path.join(HERE, "emulated_job.py")
+REAL_JOB = os.path.join(HERE, "real_job.py")
 BATCH = 32
 DEFAULT_SCALE = {"vgg19": 0.1, "resnet50_v1": 0.5, "tiny": 1.0}
 SYSTEM_ENV = {
@@ -88,12 +89,12 @@ def progress(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_system(system, topo, job_args, tag, timeout):
+def run_system(system, topo, job_args, tag, timeout, job=JOB):
     env = dict(SYSTEM_ENV[system])
     if system == "p3proxy":
         with Proxies(topo.hosts(), tag):
-            return parse(run_job(topo, JOB, tag, env, timeout, job_args, EXIT_GRACE))
-    return parse(run_job(topo, JOB, tag, env, timeout, job_args, EXIT_GRACE))
+            return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
+    return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
 
 
 def _interrupt(signum, frame):
@@ -121,12 +122,18 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny model, one rate, few iterations: checks the plumbing")
     ap.add_argument("--proxy-cost", action="store_true", help="measure the relay's own cost instead (bench/proxy_cost.py)")
+    ap.add_argument("--real", action="store_true",
+                    help="a tiny real Gluon model with real forward/backward and gluon.Trainer (bench/real_job.py) "
+                         "instead of the emulated loop; compute is real, so the ideal bound counts the network only")
     a = ap.parse_args()
     if a.proxy_cost:
         import proxy_cost
 
         proxy_cost.main(2e8 if a.smoke else 1e9)
         return
+    job = REAL_JOB if a.real else JOB
+    if a.real:
+        a.models, a.compute_ms = "tiny", 0.0
     if a.smoke:
         a.models, a.rates, a.topologies, a.runs, a.iters, a.warmup, a.compute_ms = "tiny", "1gbit", "a", 1, 3, 1, 50.0
     systems = a.systems.split(",")
@@ -155,7 +162,7 @@ def main():
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
-                            r = run_system(s, topo, job_args, f"bench-{s}", timeout)
+                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             shas[s].append(r["sha"])
@@ -169,11 +176,11 @@ def main():
                                 failures.append(f"{label}: p3proxy weights differ from direct: {p} vs {d}")
                     if "mxnet-p3" in systems and a.api == "gluon":
                         progress(f"{label}: direct with worker-side updates (reference for mxnet-p3)")
-                        ref = parse(run_job(topo, JOB, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args, EXIT_GRACE))
+                        ref = parse(run_job(topo, job, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args, EXIT_GRACE))
                         for p in shas["mxnet-p3"]:
                             if p != ref["sha"]:
                                 failures.append(f"{label}: mxnet-p3 weights differ from direct with worker-side updates")
-                    if a.timeline and "direct" in systems and "p3proxy" in systems:
+                    if a.timeline and not a.real and "direct" in systems and "p3proxy" in systems:
                         for s in ("direct", "p3proxy"):
                             progress(f"{label}: {s} timeline")
                             timelines[f"{label} {s}"] = run_system(s, topo, job_args + ["--timeline"], f"bench-{s}-tl", timeout)["timeline"]
@@ -203,14 +210,14 @@ def main():
 
 
 def report(rows, timelines, a, failures):
-    meta = {"compute_ms": a.compute_ms, "api": a.api, "iters": a.iters, "warmup": a.warmup, "runs": a.runs,
+    meta = {"compute_ms": a.compute_ms, "api": "real gluon.Trainer" if a.real else a.api, "iters": a.iters, "warmup": a.warmup, "runs": a.runs,
             "workers": a.workers, "servers": a.servers, "hosts_b": a.hosts, "batch": BATCH,
             "command": "scripts/bench " + " ".join(sys.argv[1:]), "bitwise_checks": "failed" if failures else "passed"}
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "timelines": timelines}, f, indent=1)
     lines = [
         f"`{meta['command']}`: {a.runs} runs x {a.iters} iterations after {a.warmup} warm-up, emulated compute "
-        f"{a.compute_ms:.0f} ms/iteration, API {a.api}, {a.workers} workers; tensors scaled as shown. "
+        f"{a.compute_ms:.0f} ms/iteration, API {meta['api']}, {a.workers} workers; tensors scaled as shown. "
         f"Bitwise checks: {meta['bitwise_checks']}.",
         "",
         "| model | topology | rate | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal |",

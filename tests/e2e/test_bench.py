@@ -23,3 +23,12 @@ def test_bench_smoke(tmp_path):
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["pgrep", "-f", cluster.PROXY + " run"], capture_output=True).returncode == 1
+
+
+def test_bench_real_model_smoke(tmp_path):
+    """The real-model mode: gluon.Trainer itself, real forward/backward."""
+    out = subprocess.run([cluster.PYTHON, BENCH, "--smoke", "--real", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "API real gluon.Trainer" in out.stdout and "Bitwise checks: passed." in out.stdout
+    data = json.load(open(tmp_path / "bench.json"))
+    assert [r["system"] for r in data["rows"]] == ["direct", "mxnet-p3", "p3proxy"]
