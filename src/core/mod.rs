@@ -6,4 +6,5 @@ pub mod policy;
 pub mod preamble;
 pub mod priority;
 pub mod scheduler;
+pub mod slice;
 pub mod topology;

@@ -1,0 +1,456 @@
+//! Slices between two proxies (DESIGN.md §6), sans-IO: the frames a tunnel session's
+//! class connections carry, and the receiving side's reassembly and in-order delivery.
+//!
+//! ```text
+//! announce (class 0 connection, in session order, before any slice of the message):
+//!   0x41 seq:u64 total:u64 priority:u32 fence:u8 nkeys:u16 keys:u64*nkeys
+//! slice (the message's class connection, in offset order):
+//!   0x53 seq:u64 offset:u64 len:u32 payload
+//! ```
+//! `seq` numbers the messages of one session in the order the app sent them. Because a
+//! message travels on its class's connection and the announcements on the top one, a
+//! message can be complete before an earlier one is; the [`Reassembler`] delivers a
+//! complete message only when every earlier message of its session is announced, and
+//! each one still undelivered is neither a fence nor shares a key with it (§4).
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use nom::number::streaming::{be_u16, be_u32, be_u64, be_u8};
+use nom::{IResult, Parser};
+
+/// Most keys an announcement lists; a message with more travels as a fence.
+pub const MAX_ANNOUNCED_KEYS: usize = 4096;
+/// Largest slice payload accepted.
+pub const MAX_SLICE_LEN: u32 = 16 << 20;
+const TAG_ANNOUNCE: u8 = 0x41;
+const TAG_SLICE: u8 = 0x53;
+
+/// What a message is, told before its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// Position in the session.
+    pub seq: u64,
+    /// Bytes of the whole message.
+    pub total: u64,
+    /// The priority the sender used (the server side needs no guess).
+    pub priority: u32,
+    /// Nothing passes it, it passes nothing.
+    pub fence: bool,
+    /// Its keys (empty for fences).
+    pub keys: Vec<u64>,
+}
+
+/// A frame on a tunnel class connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceFrame {
+    /// A message's announcement.
+    Announce(Announce),
+    /// Bytes `offset..offset+payload.len()` of message `seq`.
+    Slice {
+        /// The message.
+        seq: u64,
+        /// Where the payload goes.
+        offset: u64,
+        /// The bytes.
+        payload: Bytes,
+    },
+}
+
+/// Why tunnel bytes or a peer's behaviour are refused; the session is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SliceError {
+    /// Not a frame this proxy knows.
+    #[error("unknown tunnel frame tag {0:#04x}")]
+    Tag(u8),
+    /// A length over its limit.
+    #[error("{what} of {len} exceeds the limit of {max}")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Claimed.
+        len: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// A slice for a message never announced.
+    #[error("slice of unannounced message {0}")]
+    Unannounced(u64),
+    /// A slice that does not continue its message, or runs past its end.
+    #[error("slice of message {seq} at {offset} does not continue its {have} bytes of {total}")]
+    BadOffset {
+        /// The message.
+        seq: u64,
+        /// Where the slice claimed to go.
+        offset: u64,
+        /// Bytes already in.
+        have: u64,
+        /// The message's size.
+        total: u64,
+    },
+    /// Announcements out of session order.
+    #[error("announcement {got} where {want} was due")]
+    Sequence {
+        /// Expected.
+        want: u64,
+        /// Received.
+        got: u64,
+    },
+    /// The peer holds more unfinished bytes than the memory bound.
+    #[error("reassembly would hold {wanted} bytes, over the bound of {bound}")]
+    Memory {
+        /// Bytes that would be held.
+        wanted: u64,
+        /// The bound.
+        bound: u64,
+    },
+}
+
+impl<I> nom::error::ParseError<I> for SliceError {
+    fn from_error_kind(_: I, _: nom::error::ErrorKind) -> Self {
+        SliceError::Tag(0)
+    }
+    fn append(_: I, _: nom::error::ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+impl SliceFrame {
+    /// Appends the frame's header (and for an announcement, all of it) to `out`;
+    /// a slice's payload is written by the caller after it (no copy).
+    pub fn encode_header(&self, out: &mut Vec<u8>) {
+        match self {
+            SliceFrame::Announce(a) => {
+                out.push(TAG_ANNOUNCE);
+                out.extend_from_slice(&a.seq.to_be_bytes());
+                out.extend_from_slice(&a.total.to_be_bytes());
+                out.extend_from_slice(&a.priority.to_be_bytes());
+                out.push(u8::from(a.fence));
+                let keys = &a.keys[..a.keys.len().min(MAX_ANNOUNCED_KEYS)];
+                out.extend_from_slice(&(keys.len() as u16).to_be_bytes());
+                for k in keys {
+                    out.extend_from_slice(&k.to_be_bytes());
+                }
+            }
+            SliceFrame::Slice {
+                seq,
+                offset,
+                payload,
+            } => {
+                out.push(TAG_SLICE);
+                out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            }
+        }
+    }
+
+    /// The whole frame (tests, small frames).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_header(&mut out);
+        if let SliceFrame::Slice { payload, .. } = self {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+}
+
+/// Parses one frame from the front of `buf` (streaming: `Incomplete` until it is in);
+/// payloads are zero-copy slices of `buf`. Lengths are checked before waiting for them.
+pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
+    let input: &[u8] = buf;
+    let (rest, tag) = be_u8(input)?;
+    match tag {
+        TAG_ANNOUNCE => {
+            let (rest, (seq, total, priority, fence, n)) =
+                (be_u64, be_u64, be_u32, be_u8, be_u16).parse(rest)?;
+            if usize::from(n) > MAX_ANNOUNCED_KEYS {
+                let e = SliceError::TooLarge {
+                    what: "announced keys",
+                    len: n.into(),
+                    max: MAX_ANNOUNCED_KEYS as u64,
+                };
+                return Err(nom::Err::Failure(e));
+            }
+            let (rest, keys) = nom::multi::count(be_u64, usize::from(n)).parse(rest)?;
+            Ok((
+                rest,
+                SliceFrame::Announce(Announce {
+                    seq,
+                    total,
+                    priority,
+                    fence: fence != 0,
+                    keys,
+                }),
+            ))
+        }
+        TAG_SLICE => {
+            let (rest, (seq, offset, len)) = (be_u64, be_u64, be_u32).parse(rest)?;
+            if len > MAX_SLICE_LEN {
+                let e = SliceError::TooLarge {
+                    what: "slice",
+                    len: len.into(),
+                    max: MAX_SLICE_LEN.into(),
+                };
+                return Err(nom::Err::Failure(e));
+            }
+            let (rest, payload) = nom::bytes::streaming::take(len).parse(rest)?;
+            Ok((
+                rest,
+                SliceFrame::Slice {
+                    seq,
+                    offset,
+                    payload: buf.slice_ref(payload),
+                },
+            ))
+        }
+        t => Err(nom::Err::Failure(SliceError::Tag(t))),
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    announce: Announce,
+    bytes: BytesMut,
+}
+
+/// Reassembly and delivery for one tunnel session, with bounded memory.
+#[derive(Debug)]
+pub struct Reassembler {
+    bound: u64,
+    held: u64,
+    next_announce: u64,
+    /// Announced and not yet delivered, by seq.
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl Reassembler {
+    /// A reassembler holding at most `bound` unfinished bytes.
+    pub fn new(bound: u64) -> Reassembler {
+        Reassembler {
+            bound,
+            held: 0,
+            next_announce: 0,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Takes one frame; returns the messages that may now go to the app, in order.
+    pub fn on_frame(&mut self, frame: SliceFrame) -> Result<Vec<Bytes>, SliceError> {
+        match frame {
+            SliceFrame::Announce(a) => {
+                if a.seq != self.next_announce {
+                    return Err(SliceError::Sequence {
+                        want: self.next_announce,
+                        got: a.seq,
+                    });
+                }
+                self.next_announce += 1;
+                let wanted = self.held + a.total;
+                if wanted > self.bound && self.held > 0 {
+                    return Err(SliceError::Memory {
+                        wanted,
+                        bound: self.bound,
+                    });
+                }
+                self.held = wanted;
+                let cap = usize::try_from(a.total.min(1 << 20)).unwrap_or(0);
+                self.pending.insert(
+                    a.seq,
+                    Pending {
+                        announce: a,
+                        bytes: BytesMut::with_capacity(cap),
+                    },
+                );
+            }
+            SliceFrame::Slice {
+                seq,
+                offset,
+                payload,
+            } => {
+                let p = self
+                    .pending
+                    .get_mut(&seq)
+                    .ok_or(SliceError::Unannounced(seq))?;
+                let have = p.bytes.len() as u64;
+                let total = p.announce.total;
+                if offset != have || have + payload.len() as u64 > total {
+                    return Err(SliceError::BadOffset {
+                        seq,
+                        offset,
+                        have,
+                        total,
+                    });
+                }
+                p.bytes.extend_from_slice(&payload);
+            }
+        }
+        Ok(self.deliverable())
+    }
+
+    fn complete(p: &Pending) -> bool {
+        p.bytes.len() as u64 == p.announce.total
+    }
+
+    fn deliverable(&mut self) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        loop {
+            let mut pick = None;
+            for (&seq, p) in &self.pending {
+                if !Self::complete(p) {
+                    continue;
+                }
+                let blocked = self.pending.range(..seq).any(|(_, e)| {
+                    e.announce.fence
+                        || p.announce.fence
+                        || e.announce.keys.iter().any(|k| p.announce.keys.contains(k))
+                });
+                if !blocked {
+                    pick = Some(seq);
+                    break;
+                }
+            }
+            let Some(seq) = pick else { return out };
+            let p = self.pending.remove(&seq).expect("picked");
+            self.held -= p.announce.total;
+            out.push(p.bytes.freeze());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(seq: u64, total: u64, fence: bool, keys: &[u64]) -> SliceFrame {
+        SliceFrame::Announce(Announce {
+            seq,
+            total,
+            priority: 1,
+            fence,
+            keys: keys.to_vec(),
+        })
+    }
+
+    fn slice(seq: u64, offset: u64, data: &[u8]) -> SliceFrame {
+        SliceFrame::Slice {
+            seq,
+            offset,
+            payload: Bytes::copy_from_slice(data),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_every_prefix_is_incomplete() {
+        for f in [
+            announce(3, 99, false, &[1, 2, 0x8000_0000_0000_0000]),
+            slice(7, 160_000, b"abc"),
+        ] {
+            let wire = Bytes::from(f.encode());
+            assert_eq!(parse_frame(&wire).unwrap().1, f);
+            for cut in 0..wire.len() {
+                assert!(matches!(
+                    parse_frame(&wire.slice(..cut)),
+                    Err(nom::Err::Incomplete(_))
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_frames() {
+        let mut big = vec![TAG_SLICE];
+        big.extend([0u8; 16]);
+        big.extend(u32::MAX.to_be_bytes());
+        assert!(matches!(
+            parse_frame(&Bytes::from(big)),
+            Err(nom::Err::Failure(SliceError::TooLarge {
+                what: "slice",
+                ..
+            }))
+        ));
+        assert_eq!(
+            parse_frame(&Bytes::from_static(b"X")),
+            Err(nom::Err::Failure(SliceError::Tag(b'X')))
+        );
+        let mut r = Reassembler::new(1000);
+        assert_eq!(
+            r.on_frame(slice(0, 0, b"x")),
+            Err(SliceError::Unannounced(0))
+        );
+        r.on_frame(announce(0, 4, false, &[1])).unwrap();
+        assert_eq!(
+            r.on_frame(slice(0, 2, b"x")),
+            Err(SliceError::BadOffset {
+                seq: 0,
+                offset: 2,
+                have: 0,
+                total: 4
+            }),
+            "a slice pointing past what is in"
+        );
+        assert_eq!(
+            r.on_frame(slice(0, 0, b"12345")),
+            Err(SliceError::BadOffset {
+                seq: 0,
+                offset: 0,
+                have: 0,
+                total: 4
+            }),
+            "a slice running past the message"
+        );
+        assert_eq!(
+            r.on_frame(announce(5, 4, false, &[])),
+            Err(SliceError::Sequence { want: 1, got: 5 })
+        );
+        assert_eq!(
+            r.on_frame(announce(1, 2000, false, &[2])),
+            Err(SliceError::Memory {
+                wanted: 2004,
+                bound: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn disjoint_messages_overtake_fences_and_shared_keys_do_not() {
+        let mut r = Reassembler::new(1 << 20);
+        // 0: big, key 30 (low class); 1: small, key 0 (high class); 2: fence; 3: key 0 again.
+        r.on_frame(announce(0, 6, false, &[30])).unwrap();
+        r.on_frame(announce(1, 2, false, &[0])).unwrap();
+        r.on_frame(announce(2, 1, true, &[])).unwrap();
+        r.on_frame(announce(3, 1, false, &[0])).unwrap();
+        r.on_frame(slice(0, 0, b"big")).unwrap();
+        assert_eq!(
+            r.on_frame(slice(1, 0, b"hi")).unwrap(),
+            vec![Bytes::from_static(b"hi")],
+            "overtakes the big one"
+        );
+        assert_eq!(
+            r.on_frame(slice(3, 0, b"z")).unwrap(),
+            Vec::<Bytes>::new(),
+            "behind the fence"
+        );
+        assert_eq!(
+            r.on_frame(slice(2, 0, b"F")).unwrap(),
+            Vec::<Bytes>::new(),
+            "the fence waits for 0"
+        );
+        assert_eq!(
+            r.on_frame(slice(0, 3, b"msg")).unwrap(),
+            vec![
+                Bytes::from_static(b"bigmsg"),
+                Bytes::from_static(b"F"),
+                Bytes::from_static(b"z")
+            ]
+        );
+        assert_eq!(r.held(), 0);
+    }
+}
