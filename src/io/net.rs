@@ -107,6 +107,11 @@ fn listening_in(text: &str, addr: SocketAddr) -> bool {
     })
 }
 
+/// Unsent bytes a proxy socket may queue in the kernel before it stops reporting
+/// writable (`TCP_NOTSENT_LOWAT`): a bit under one 160 KB slice, so that what the
+/// scheduler picks next is never stuck behind a deep kernel queue.
+pub(crate) const NOTSENT_LOWAT: u32 = 128 * 1024;
+
 /// Opens a TCP connection from the proxy: marked so the redirect lets it pass,
 /// optionally from `source` (opaque relays keep the app's source address), with a
 /// fixed DSCP for the whole connection if `dscp` is given.
@@ -131,6 +136,8 @@ pub(crate) async fn connect(
     if let Some(src) = source {
         socket.bind(SocketAddr::new(src, 0))?;
     }
+    // The scheduler, not the kernel's send queue, must decide what goes next.
+    socket2::SockRef::from(&socket).set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     let stream = tokio::time::timeout(timeout, socket.connect(dst))
         .await
         .map_err(|_| {
@@ -171,6 +178,18 @@ mod tests {
             !listening_in(PROC, "127.0.0.1:40000".parse().unwrap()),
             "established, not listening"
         );
+    }
+
+    #[tokio::test]
+    async fn proxy_sockets_keep_a_short_kernel_queue() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = connect(addr, None, None, Some(Dscp::CS6), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), NOTSENT_LOWAT);
+        assert_eq!(sock.tos_v4().unwrap(), 0xc0);
     }
 
     #[test]

@@ -542,7 +542,9 @@ async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refu
 /// A connection from a peer proxy.
 async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // What goes back to the peer proxy travels in the top class too.
-    let _ = net::set_dscp(&socket2::SockRef::from(&stream), peer.is_ipv4(), Dscp::CS6);
+    let sock = socket2::SockRef::from(&stream);
+    let _ = net::set_dscp(&sock, peer.is_ipv4(), Dscp::CS6);
+    let _ = sock.set_tcp_notsent_lowat(net::NOTSENT_LOWAT);
     // Read the preamble, bounded in size and time.
     let mut buf = Vec::with_capacity(64);
     let deadline = shared.config.handshake_timeout();
