@@ -117,6 +117,21 @@ proptest! {
         prop_assert_eq!(parse_greeting(&wire).unwrap().1, g);
     }
 
+    /// Any cut of a message into slices reassembles to its exact wire bytes.
+    #[test]
+    fn wire_ranges_reassemble(bodies in proptest::collection::vec(bytes(700), 1..5), cuts in proptest::collection::vec(1usize..400, 1..20)) {
+        let msg = ZmtpMessage::from_bodies(bodies);
+        let wire = msg.encode();
+        let mut joined = Vec::new();
+        let mut off = 0;
+        for step in cuts.iter().cycle() {
+            if off >= wire.len() { break; }
+            for piece in msg.wire_range(off, *step) { joined.extend_from_slice(&piece); }
+            off += step;
+        }
+        prop_assert_eq!(joined, wire);
+    }
+
     /// Arbitrary bytes never panic the decoders.
     #[test]
     fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -97,6 +97,38 @@ impl ZmtpMessage {
         }
     }
 
+    /// Bytes `offset..offset + len` of the message's wire encoding, as zero-copy
+    /// pieces (frame headers are small fresh buffers, bodies are slices of the frames):
+    /// what a slice of this message carries, ready for a vectored write.
+    pub fn wire_range(&self, offset: usize, len: usize) -> Vec<Bytes> {
+        let end = offset.saturating_add(len).min(self.encoded_len());
+        let mut out = Vec::new();
+        let mut pos = 0usize;
+        let last = self.frames.len().saturating_sub(1);
+        for (i, frame) in self.frames.iter().enumerate() {
+            if pos >= end {
+                break;
+            }
+            let mut header = Vec::with_capacity(9);
+            FrameHeader {
+                more: i < last,
+                command: false,
+                long: frame.long,
+                size: frame.body.len() as u64,
+            }
+            .encode_into(&mut header);
+            for piece in [Bytes::from(header), frame.body.clone()] {
+                let (start, stop) = (pos, pos + piece.len());
+                pos = stop;
+                let (a, b) = (offset.max(start), end.min(stop));
+                if a < b {
+                    out.push(piece.slice(a - start..b - start));
+                }
+            }
+        }
+        out
+    }
+
     /// The wire bytes of the message.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
@@ -267,6 +299,29 @@ mod tests {
             parse_unit(&wire, &Limits::default()),
             Ok(Some((Unit::Message(msg), wire.len())))
         );
+    }
+
+    #[test]
+    fn wire_ranges_cover_the_encoding_exactly() {
+        let msg = ZmtpMessage::from_bodies([
+            Bytes::from_static(b"meta"),
+            Bytes::from(vec![7u8; 300]),
+            Bytes::new(),
+            Bytes::from_static(b"xyz"),
+        ]);
+        let wire = msg.encode();
+        for step in [1, 2, 5, 9, 100, 1000] {
+            let mut joined = Vec::new();
+            let mut off = 0;
+            while off < wire.len() {
+                for piece in msg.wire_range(off, step) {
+                    joined.extend_from_slice(&piece);
+                }
+                off += step;
+            }
+            assert_eq!(joined, wire, "slices of {step} bytes");
+        }
+        assert!(msg.wire_range(wire.len(), 10).is_empty());
     }
 
     #[test]
