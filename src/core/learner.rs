@@ -1,0 +1,275 @@
+//! Learning each key's true layer priority from the traffic (DESIGN.md §5, the
+//! `learned` source), sans-IO: time is passed in.
+//!
+//! Backward produces the last layer's gradient first, so the order in which keys'
+//! pushpulls first appear in a round is reverse layer order: the last key to appear is
+//! the first weight the next forward pass needs. Keys that arrive in one burst (gaps
+//! under `burst_gap`) are ties. The order is trusted only once the same grouping came
+//! out of `stable_rounds` consecutive rounds, and only if it says more than "everything
+//! at once" or "in key order": a CPU job sends every pushpull after backward, in key
+//! order, in one burst, and that teaches nothing. A round whose grouping differs from the trusted one starts
+//! the count again (the model changed: relearn).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Defaults: a gap this small is a tie (one burst from one engine loop).
+pub const DEFAULT_BURST_GAP: Duration = Duration::from_millis(2);
+/// Defaults: rounds that must agree before the order is trusted.
+pub const DEFAULT_STABLE_ROUNDS: usize = 3;
+
+/// Keys grouped into ties, in order of arrival within a round.
+type Grouping = Vec<Vec<u64>>;
+
+/// What a finished round did to the learner's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoundOutcome {
+    /// Not enough agreeing rounds yet.
+    Learning {
+        /// Consecutive agreeing rounds so far.
+        agreeing: usize,
+    },
+    /// The order became trusted with this round.
+    Trusted,
+    /// The trusted order still holds.
+    Unchanged,
+    /// The round teaches nothing beyond the app's loop order (one burst).
+    Uninformative,
+    /// A trusted order stopped holding: back to key order until relearned.
+    Distrusted,
+}
+
+/// The learner of one proxy (one job).
+#[derive(Debug)]
+pub struct Learner {
+    burst_gap: Duration,
+    stable_rounds: usize,
+    /// Arrivals of the round in progress.
+    current: Vec<(Instant, u64)>,
+    seen: HashSet<u64>,
+    /// The grouping the last rounds agreed on, and how many did.
+    candidate: Option<(Grouping, usize)>,
+    /// Priority by key once trusted (1 = most urgent).
+    trusted: Option<HashMap<u64, u32>>,
+}
+
+impl Default for Learner {
+    fn default() -> Self {
+        Learner::new(DEFAULT_BURST_GAP, DEFAULT_STABLE_ROUNDS)
+    }
+}
+
+impl Learner {
+    /// A learner treating gaps under `burst_gap` as ties, trusting after `stable_rounds`.
+    pub fn new(burst_gap: Duration, stable_rounds: usize) -> Learner {
+        Learner {
+            burst_gap,
+            stable_rounds: stable_rounds.max(1),
+            current: Vec::new(),
+            seen: HashSet::new(),
+            candidate: None,
+            trusted: None,
+        }
+    }
+
+    /// Whether the learned order is in use.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted.is_some()
+    }
+
+    /// The learned priority of `key` (1 = most urgent), if trusted and known.
+    pub fn priority(&self, key: u64) -> Option<u32> {
+        self.trusted.as_ref()?.get(&key).copied()
+    }
+
+    /// A key's pushpull (after init) appeared at `now`. A key seen again closes the
+    /// round in progress; the outcome of that round is returned.
+    #[must_use]
+    pub fn observe(&mut self, key: u64, now: Instant) -> Option<RoundOutcome> {
+        let outcome = if self.seen.contains(&key) {
+            Some(self.finish_round())
+        } else {
+            None
+        };
+        self.seen.insert(key);
+        self.current.push((now, key));
+        outcome
+    }
+
+    fn finish_round(&mut self) -> RoundOutcome {
+        let mut arrivals = std::mem::take(&mut self.current);
+        self.seen.clear();
+        arrivals.sort();
+        let mut groups: Grouping = Vec::new();
+        let mut last: Option<Instant> = None;
+        for (t, k) in arrivals {
+            match last {
+                Some(prev) if t.saturating_duration_since(prev) < self.burst_gap => {
+                    groups.last_mut().expect("a group is open").push(k)
+                }
+                _ => groups.push(vec![k]),
+            }
+            last = Some(t);
+        }
+        for g in &mut groups {
+            g.sort_unstable();
+        }
+        let flat: Vec<u64> = groups.iter().flatten().copied().collect();
+        if groups.len() < 2 || flat.windows(2).all(|w| w[0] < w[1]) {
+            // One burst, or ascending key order: the app's loop order (Trainer's loop
+            // over its keys), nothing about layers.
+            self.candidate = None;
+            return if self.trusted.take().is_some() {
+                RoundOutcome::Distrusted
+            } else {
+                RoundOutcome::Uninformative
+            };
+        }
+        let agreeing = match &mut self.candidate {
+            Some((g, n)) if *g == groups => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                self.candidate = Some((groups.clone(), 1));
+                1
+            }
+        };
+        if let Some(trusted) = &self.trusted {
+            if agreeing > 1 && Self::ranks(&groups) == *trusted {
+                return RoundOutcome::Unchanged;
+            }
+            self.trusted = None;
+            return RoundOutcome::Distrusted;
+        }
+        if agreeing >= self.stable_rounds {
+            self.trusted = Some(Self::ranks(&groups));
+            return RoundOutcome::Trusted;
+        }
+        RoundOutcome::Learning { agreeing }
+    }
+
+    /// Last group to arrive = rank 1.
+    fn ranks(groups: &Grouping) -> HashMap<u64, u32> {
+        let n = groups.len();
+        let mut by_rank = BTreeMap::new();
+        for (i, g) in groups.iter().enumerate() {
+            by_rank.insert((n - i) as u32, g);
+        }
+        by_rank
+            .into_iter()
+            .flat_map(|(rank, g)| g.iter().map(move |&k| (k, rank)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `rounds` rounds where key `k` arrives at `at(round, k)` milliseconds.
+    fn feed(
+        l: &mut Learner,
+        t0: Instant,
+        rounds: usize,
+        keys: &[u64],
+        at: impl Fn(usize, u64) -> f64,
+    ) -> Vec<RoundOutcome> {
+        let mut outcomes = Vec::new();
+        for r in 0..rounds {
+            let base = r as f64 * 1000.0;
+            let mut arrivals: Vec<(f64, u64)> =
+                keys.iter().map(|&k| (base + at(r, k), k)).collect();
+            arrivals.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            for (ms, k) in arrivals {
+                outcomes.extend(l.observe(k, t0 + Duration::from_micros((ms * 1000.0) as u64)));
+            }
+        }
+        outcomes
+    }
+
+    #[test]
+    fn reverse_layer_order_with_jitter_and_ties_is_learned() {
+        let t0 = Instant::now();
+        let mut l = Learner::default();
+        // Layers 0..6 (keys named out of layer order, as Gluon's name sort does); layer 6
+        // is produced first. Each layer 20 ms of backward, weight and bias of one layer
+        // tie (0.1 ms apart), jitter under a millisecond.
+        let layer_of = |k: u64| [3u64, 3, 0, 0, 5, 5, 1, 1, 6, 6, 2, 2, 4, 4][k as usize];
+        let keys: Vec<u64> = (0..14).collect();
+        let jitter = |r: usize, k: u64| ((r as u64 * 7 + k * 13) % 9) as f64 / 10.0;
+        let at = |r: usize, k: u64| {
+            (6 - layer_of(k)) as f64 * 20.0 + (k % 2) as f64 * 0.1 + jitter(r, k)
+        };
+        let outcomes = feed(&mut l, t0, 5, &keys, at);
+        assert_eq!(
+            outcomes[..3],
+            [
+                RoundOutcome::Learning { agreeing: 1 },
+                RoundOutcome::Learning { agreeing: 2 },
+                RoundOutcome::Trusted
+            ]
+        );
+        assert!(l.is_trusted());
+        // Layer 0 (keys 2, 3) arrives last: the first weights needed.
+        assert_eq!(l.priority(2), Some(1));
+        assert_eq!(l.priority(3), Some(1));
+        assert_eq!(l.priority(6), Some(2), "layer 1");
+        assert_eq!(l.priority(8), Some(7), "layer 6, produced first");
+    }
+
+    #[test]
+    fn ascending_key_order_in_one_burst_is_not_learned() {
+        let t0 = Instant::now();
+        let mut l = Learner::default();
+        let keys: Vec<u64> = (0..40).collect();
+        // A CPU job: every pushpull after backward, in key order, microseconds apart.
+        let outcomes = feed(&mut l, t0, 6, &keys, |_, k| 300.0 + k as f64 * 0.02);
+        assert!(
+            outcomes.iter().all(|o| *o == RoundOutcome::Uninformative),
+            "{outcomes:?}"
+        );
+        assert!(!l.is_trusted());
+        assert_eq!(l.priority(0), None, "key order stays in use");
+    }
+
+    #[test]
+    fn ascending_key_order_with_gaps_is_not_learned_either() {
+        let t0 = Instant::now();
+        let mut l = Learner::default();
+        let keys: Vec<u64> = (0..10).collect();
+        let outcomes = feed(&mut l, t0, 5, &keys, |_, k| 300.0 + k as f64 * 5.0);
+        assert!(
+            outcomes.iter().all(|o| *o == RoundOutcome::Uninformative),
+            "{outcomes:?}"
+        );
+        assert!(!l.is_trusted());
+    }
+
+    #[test]
+    fn a_changed_order_is_relearned() {
+        let t0 = Instant::now();
+        let mut l = Learner::new(DEFAULT_BURST_GAP, 2);
+        let keys: Vec<u64> = (0..4).collect();
+        let outcomes = feed(&mut l, t0, 3, &keys, |_, k| (3 - k) as f64 * 10.0);
+        assert!(outcomes.contains(&RoundOutcome::Trusted));
+        assert_eq!(l.priority(0), Some(1));
+        // The model changes: now the keys arrive 1, 3, 0, 2.
+        let pos = |k: u64| [2.0, 0.0, 3.0, 1.0][k as usize] * 10.0;
+        let outcomes = feed(&mut l, t0 + Duration::from_secs(10), 4, &keys, |_, k| {
+            pos(k)
+        });
+        assert_eq!(
+            outcomes[0],
+            RoundOutcome::Unchanged,
+            "the last round of the old order closes first"
+        );
+        assert_eq!(outcomes[1], RoundOutcome::Distrusted);
+        assert!(
+            outcomes[2..].contains(&RoundOutcome::Trusted),
+            "{outcomes:?}"
+        );
+        assert_eq!(l.priority(2), Some(1));
+        assert_eq!(l.priority(1), Some(4));
+    }
+}
