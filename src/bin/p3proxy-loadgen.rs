@@ -119,17 +119,8 @@ async fn main() -> anyhow::Result<()> {
                 let lens = Bytes::copy_from_slice(&(size as i32).to_le_bytes());
                 let msg = PsMessage::new(meta, vec![keys, vals.clone(), lens]).to_zmtp();
                 // Headers and small frames copied, the value frame written as is.
-                for (i, f) in msg.frames.iter().enumerate() {
-                    let mut header = Vec::with_capacity(9);
-                    p3proxy::parsers::zmtp::FrameHeader {
-                        more: i + 1 < msg.frames.len(),
-                        command: false,
-                        long: f.long,
-                        size: f.body.len() as u64,
-                    }
-                    .encode_into(&mut header);
-                    s.write_all(&header).await?;
-                    s.write_all(&f.body).await?;
+                for piece in msg.wire_pieces() {
+                    s.write_all(&piece).await?;
                 }
                 bytes += msg.encoded_len() as u64;
             }

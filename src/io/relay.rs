@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::PsMessage;
-use p3proxy_parsers::zmtp::{Frame, FrameHeader, StreamDecoder, StreamEvent, ZmtpError};
+use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpError, ZmtpMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -44,27 +44,15 @@ pub(crate) struct SessionInfo {
 
 const WRITE_BUFFER: usize = 64 * 1024;
 
-/// Writes one message: `first` and then `rest`, MORE on all but the last frame.
-async fn write_frames(
+/// Writes one message's wire bytes (bodies are not copied before the buffer).
+async fn write_message(
     out: &mut BufWriter<OwnedWriteHalf>,
-    first: &Frame,
-    rest: &[Frame],
+    msg: &ZmtpMessage,
 ) -> std::io::Result<usize> {
-    let last = rest.len();
-    let mut header = Vec::with_capacity(9);
     let mut total = 0;
-    for (i, f) in std::iter::once(first).chain(rest).enumerate() {
-        header.clear();
-        FrameHeader {
-            more: i < last,
-            command: false,
-            long: f.long,
-            size: f.body.len() as u64,
-        }
-        .encode_into(&mut header);
-        out.write_all(&header).await?;
-        out.write_all(&f.body).await?;
-        total += header.len() + f.body.len();
+    for piece in msg.wire_pieces() {
+        out.write_all(&piece).await?;
+        total += piece.len();
     }
     Ok(total)
 }
@@ -98,12 +86,12 @@ async fn pump(
                             };
                             shared.observe(&ctx, &ps);
                         }
-                        write_frames(&mut out, &ps.meta_frame, &ps.data).await
+                        write_message(&mut out, &ps.to_zmtp()).await
                     }
                     Err((reason, msg)) => {
                         ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
                         tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
-                        write_frames(&mut out, &msg.frames[0], &msg.frames[1..]).await
+                        write_message(&mut out, &msg).await
                     }
                 },
                 StreamEvent::Command(cmd) => {

@@ -152,14 +152,13 @@ impl Shared {
 
     /// The upstream of a session died while its app lived: requests in flight are lost.
     pub(crate) fn upstream_died(&self, info: &SessionInfo, end: &PumpEnd) {
-        let lost = self
-            .topology
-            .lock()
-            .expect("topology lock")
-            .take_lost(&info.identity, info.dst);
-        let topo = self.topology.lock().expect("topology lock");
-        let responder = topo.id_at(info.dst);
-        drop(topo);
+        let (lost, responder) = {
+            let mut topo = self.topology.lock().expect("topology lock");
+            (
+                topo.take_lost(&info.identity, info.dst),
+                topo.id_at(info.dst),
+            )
+        };
         if lost > 0 {
             ::metrics::counter!(metrics::REQUESTS_LOST).increment(lost);
             tracing::error!(

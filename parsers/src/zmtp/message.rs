@@ -82,19 +82,29 @@ impl ZmtpMessage {
             .sum()
     }
 
+    /// The header of frame `i`: MORE on every frame but the last, its own size form.
+    fn frame_header(&self, i: usize) -> FrameHeader {
+        let frame = &self.frames[i];
+        FrameHeader {
+            more: i + 1 < self.frames.len(),
+            command: false,
+            long: frame.long,
+            size: frame.body.len() as u64,
+        }
+    }
+
     /// Appends the frame headers and bodies to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let last = self.frames.len().saturating_sub(1);
         for (i, frame) in self.frames.iter().enumerate() {
-            FrameHeader {
-                more: i < last,
-                command: false,
-                long: frame.long,
-                size: frame.body.len() as u64,
-            }
-            .encode_into(out);
+            self.frame_header(i).encode_into(out);
             out.extend_from_slice(&frame.body);
         }
+    }
+
+    /// The whole wire encoding as zero-copy pieces (headers, then bodies as they are):
+    /// what a writer sends without copying the bodies.
+    pub fn wire_pieces(&self) -> Vec<Bytes> {
+        self.wire_range(0, usize::MAX)
     }
 
     /// Bytes `offset..offset + len` of the message's wire encoding, as zero-copy
@@ -104,19 +114,12 @@ impl ZmtpMessage {
         let end = offset.saturating_add(len).min(self.encoded_len());
         let mut out = Vec::new();
         let mut pos = 0usize;
-        let last = self.frames.len().saturating_sub(1);
         for (i, frame) in self.frames.iter().enumerate() {
             if pos >= end {
                 break;
             }
             let mut header = Vec::with_capacity(9);
-            FrameHeader {
-                more: i < last,
-                command: false,
-                long: frame.long,
-                size: frame.body.len() as u64,
-            }
-            .encode_into(&mut header);
+            self.frame_header(i).encode_into(&mut header);
             for piece in [Bytes::from(header), frame.body.clone()] {
                 let (start, stop) = (pos, pos + piece.len());
                 pos = stop;
