@@ -18,6 +18,8 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 /// Default socket mark that exempts the proxy's own sockets from the redirect;
 /// clear of kube-proxy's 0x4000/0x8000, Istio's 1337 and Cilium's 0x0f00 mask.
 pub const DEFAULT_MARK: u32 = 0x1000;
+/// Default slice: 40,000 float32 parameters (P3's default).
+pub const DEFAULT_SLICE_BYTES: u64 = 160_000;
 
 /// Why a configuration is refused.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,17 @@ pub struct Config {
     pub no_proxy_ttl_s: u64,
     /// Static upstream (tests only): every captured connection goes here.
     pub upstream: Option<SocketAddr>,
+    /// Priority scheduling (DESIGN.md §5-6): per-class tunnel connections carrying
+    /// slices, whole messages in priority order on direct hops. `false`: plain relay.
+    pub schedule: bool,
+    /// Slice payload between proxies, in bytes (P3's 40,000 float32 parameters).
+    pub slice_bytes: u64,
+    /// Most bytes the egress scheduler holds before it stops reading from apps.
+    pub memory_budget_bytes: u64,
+    /// Most unfinished bytes one tunnel session may make the receiving proxy hold.
+    pub reassembly_bytes: u64,
+    /// DSCP of each priority class (top class first: control, commands, probes).
+    pub class_dscp: [u8; 4],
 }
 
 impl Default for Config {
@@ -127,6 +140,11 @@ impl Default for Config {
             detect_timeout_ms: 1000,
             no_proxy_ttl_s: 60,
             upstream: None,
+            schedule: true,
+            slice_bytes: DEFAULT_SLICE_BYTES,
+            memory_budget_bytes: 1 << 30,
+            reassembly_bytes: 1 << 30,
+            class_dscp: [48, 32, 16, 0],
         }
     }
 }
@@ -192,6 +210,25 @@ impl Config {
         if Some(self.listen) == self.tunnel {
             return invalid("tunnel", "must differ from `listen`");
         }
+        let max_slice = u64::from(crate::core::slice::MAX_SLICE_LEN);
+        if !(1024..=max_slice).contains(&self.slice_bytes) {
+            return invalid(
+                "slice_bytes",
+                &format!("must be between 1024 and {max_slice} bytes"),
+            );
+        }
+        if self.memory_budget_bytes < self.slice_bytes {
+            return invalid("memory_budget_bytes", "must hold at least one slice");
+        }
+        if self.reassembly_bytes < self.slice_bytes {
+            return invalid("reassembly_bytes", "must hold at least one slice");
+        }
+        if let Some(v) = self.class_dscp.iter().find(|&&v| v > 63) {
+            return invalid(
+                "class_dscp",
+                &format!("{v} is not a DSCP value (0-63: six bits)"),
+            );
+        }
         Ok(())
     }
 
@@ -206,6 +243,11 @@ impl Config {
     /// `detect_timeout_ms` as a duration.
     pub fn detect_timeout(&self) -> Duration {
         Duration::from_millis(self.detect_timeout_ms)
+    }
+    /// The DSCP of each priority class.
+    pub fn class_dscp(&self) -> [crate::core::dscp::Dscp; 4] {
+        self.class_dscp
+            .map(|v| crate::core::dscp::Dscp::new(v).expect("validated: at most 63"))
     }
     /// The mark to put on the proxy's sockets, if exemption is by mark.
     pub fn mark(&self) -> Option<u32> {

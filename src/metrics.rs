@@ -4,7 +4,11 @@
 
 use std::net::SocketAddr;
 
-use metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+use std::time::Duration;
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
 /// Bytes relayed, by `direction` (`outbound`: from a local app; `inbound`: to a local app).
 pub const FORWARDED_BYTES: &str = "p3proxy_forwarded_bytes_total";
@@ -26,6 +30,32 @@ pub const NOT_PSLITE: &str = "p3proxy_not_pslite_messages_total";
 pub const TUNNEL_ANSWERS: &str = "p3proxy_tunnel_answers_total";
 /// Nodes in the node table learned from ADD_NODE.
 pub const NODES: &str = "p3proxy_nodes";
+
+/// Bytes handed to output connections by the egress scheduler, by priority `class`.
+pub const CLASS_BYTES: &str = "p3proxy_class_bytes_total";
+/// Messages whose first byte the egress scheduler handed out, by `class`.
+pub const CLASS_MESSAGES: &str = "p3proxy_class_messages_total";
+/// Time from a message's arrival to its first byte handed out, by `class`.
+pub const QUEUE_DELAY: &str = "p3proxy_queue_delay_seconds";
+/// Slices of a message that interrupted a less urgent unfinished one on its connection.
+pub const PREEMPTIONS: &str = "p3proxy_preemptions_total";
+/// Slices sent to peer proxies.
+pub const SLICES_SENT: &str = "p3proxy_slices_sent_total";
+/// Slices received from peer proxies and reassembled.
+pub const SLICES_REASSEMBLED: &str = "p3proxy_slices_reassembled_total";
+/// Bytes held for reassembly now, over every tunnel session.
+pub const REASSEMBLY_BYTES: &str = "p3proxy_reassembly_bytes";
+/// Bytes queued in the egress scheduler now.
+pub const SCHEDULER_QUEUED_BYTES: &str = "p3proxy_scheduler_queued_bytes";
+/// 1 for the key-priority source in use, by `source`.
+pub const PRIORITY_SOURCE: &str = "p3proxy_priority_source";
+
+/// Class labels (no allocation per sample).
+const CLASS_LABELS: [&str; 4] = ["0", "1", "2", "3"];
+/// Queue delay buckets, seconds: from a slice time at 10 Gbit/s to seconds.
+const QUEUE_DELAY_BUCKETS: [f64; 12] = [
+    0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+];
 
 /// Direction label: bytes from a local app, leaving through this proxy.
 pub const OUTBOUND: &str = "outbound";
@@ -63,6 +93,43 @@ pub fn describe() {
         NODES,
         "Nodes in the job's node table, from the scheduler's ADD_NODE broadcast."
     );
+    describe_counter!(
+        CLASS_BYTES,
+        Unit::Bytes,
+        "Bytes handed to output connections by the egress scheduler, by priority class (0 = top)."
+    );
+    describe_counter!(
+        CLASS_MESSAGES,
+        "Messages started by the egress scheduler, by priority class."
+    );
+    describe_histogram!(
+        QUEUE_DELAY,
+        Unit::Seconds,
+        "Time from a message's arrival to its first byte handed out, by priority class."
+    );
+    describe_counter!(
+        PREEMPTIONS,
+        "Slices that interrupted a less urgent unfinished message on the same connection."
+    );
+    describe_counter!(SLICES_SENT, "Slices sent to peer proxies.");
+    describe_counter!(
+        SLICES_REASSEMBLED,
+        "Slices received from peer proxies and reassembled."
+    );
+    describe_gauge!(
+        REASSEMBLY_BYTES,
+        Unit::Bytes,
+        "Bytes held for reassembly now, over every tunnel session."
+    );
+    describe_gauge!(
+        SCHEDULER_QUEUED_BYTES,
+        Unit::Bytes,
+        "Bytes queued in the egress scheduler now."
+    );
+    describe_gauge!(
+        PRIORITY_SOURCE,
+        "1 for the key-priority source in use (key, learned, map), by source."
+    );
     // Make the fixed series exist from the start, so that a scrape before any
     // traffic already shows them at zero.
     for d in [OUTBOUND, INBOUND] {
@@ -70,6 +137,10 @@ pub fn describe() {
         counter!(FORWARDED_MESSAGES, "direction" => d).increment(0);
     }
     counter!(REQUESTS_LOST).increment(0);
+    counter!(PREEMPTIONS).increment(0);
+    counter!(SLICES_SENT).increment(0);
+    counter!(SLICES_REASSEMBLED).increment(0);
+    gauge!(REASSEMBLY_BYTES).set(0.0);
     gauge!(CONNECTIONS_OPEN).set(0.0);
 }
 
@@ -77,6 +148,10 @@ pub fn describe() {
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(QUEUE_DELAY.into()),
+            &QUEUE_DELAY_BUCKETS,
+        )?
         .install()?;
     describe();
     Ok(())
@@ -96,6 +171,49 @@ pub fn forwarded(direction: &'static str, bytes: usize) {
 /// Counts bytes relayed opaquely (not ZMTP).
 pub fn forwarded_opaque(direction: &'static str, bytes: u64) {
     counter!(FORWARDED_BYTES, "direction" => direction).increment(bytes);
+}
+
+/// Records what the egress scheduler handed to a connection: `len` bytes of a
+/// message of `class`; a slice to a peer proxy if `sliced`; its queue delay on its
+/// first bytes; whether it preempted a less urgent message.
+pub fn transmitted(
+    class: usize,
+    len: u64,
+    sliced: bool,
+    queue_delay: Option<Duration>,
+    preempted: bool,
+) {
+    let class = CLASS_LABELS[class.min(CLASS_LABELS.len() - 1)];
+    counter!(CLASS_BYTES, "class" => class).increment(len);
+    if let Some(d) = queue_delay {
+        counter!(CLASS_MESSAGES, "class" => class).increment(1);
+        histogram!(QUEUE_DELAY, "class" => class).record(d.as_secs_f64());
+    }
+    if sliced {
+        counter!(SLICES_SENT).increment(1);
+    }
+    if preempted {
+        counter!(PREEMPTIONS).increment(1);
+    }
+}
+
+/// Sets the bytes queued in the egress scheduler.
+pub fn scheduler_queued(bytes: u64) {
+    gauge!(SCHEDULER_QUEUED_BYTES).set(bytes as f64);
+}
+
+/// Moves the reassembly gauge from one session's `before` to its `now`.
+pub fn reassembly_held(before: u64, now: u64) {
+    if before != now {
+        gauge!(REASSEMBLY_BYTES).increment(now as f64 - before as f64);
+    }
+}
+
+/// Says which key-priority source is in use.
+pub fn priority_source(source: &'static str) {
+    for s in ["key", "learned", "map"] {
+        gauge!(PRIORITY_SOURCE, "source" => s).set(if s == source { 1.0 } else { 0.0 });
+    }
 }
 
 /// Counts a stream closed on a parse error.

@@ -193,6 +193,11 @@ async fn dealer(proxy: SocketAddr, identity: &[u8]) -> Result<(TcpStream, Comman
 }
 
 fn data_message(ts: i32, vals: usize) -> Vec<u8> {
+    keyed_message(ts, 3, vals)
+}
+
+/// A push request of `vals` value bytes for one MXNet key (one server).
+fn keyed_message(ts: i32, key: u64, vals: usize) -> Vec<u8> {
     let meta = Meta {
         head: Some(0),
         request: Some(true),
@@ -210,12 +215,30 @@ fn data_message(ts: i32, vals: usize) -> Vec<u8> {
     let msg = PsMessage::new(
         meta,
         vec![
-            Bytes::from(3u64.to_le_bytes().to_vec()),
+            Bytes::from(key.to_le_bytes().to_vec()),
             Bytes::from(vals.clone()),
             Bytes::from((vals.len() as i32).to_le_bytes().to_vec()),
         ],
     );
     msg.to_zmtp().encode()
+}
+
+/// Timestamps of the messages in a relayed stream (-1: not ps-lite).
+fn timestamps(bytes: &[u8]) -> Vec<i32> {
+    let mut dec = StreamDecoder::after_handshake(Limits::default());
+    dec.push(bytes);
+    let mut out = Vec::new();
+    while let Some(ev) = dec.next_event().unwrap() {
+        if let StreamEvent::Message(m) = ev {
+            out.push(
+                PsMessage::from_zmtp(m)
+                    .ok()
+                    .and_then(|p| p.meta.timestamp)
+                    .unwrap_or(-1),
+            );
+        }
+    }
+    out
 }
 
 async fn send_and_close(mut s: TcpStream, bytes: &[u8]) {
@@ -306,6 +329,80 @@ async fn tunnel_admitted_end_to_end() {
         count(&c, "p3proxy_forwarded_messages_total{direction=inbound}"),
         4
     );
+    // Scheduling is on by default: the session got its class connections, and the
+    // 300 KB message went as two slices, every other message as one.
+    assert_eq!(
+        count(&c, "p3proxy_connections_total{route=tunnel_class_in}"),
+        3
+    );
+    assert_eq!(count(&c, "p3proxy_slices_sent_total"), 5, "{c:?}");
+    assert_eq!(count(&c, "p3proxy_slices_reassembled_total"), 5);
+}
+
+#[tokio::test]
+async fn urgent_message_overtakes_a_big_one_through_the_tunnel() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port())
+    })
+    .await;
+    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (s, _) = dealer(redirect, b"ps9").await.expect("READY");
+    // A 40 MB push of the last layer's key, then a small push of the first layer's.
+    let big = keyed_message(1, 29, 40_000_000);
+    let small = keyed_message(2, 0, 1000);
+    let mut wire = big.clone();
+    wire.extend(&small);
+    send_and_close(s, &wire).await;
+    let got = timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.bytes.len(), wire.len());
+    assert!(
+        got.bytes[..small.len()] == small[..] && got.bytes[small.len()..] == big[..],
+        "the first layer's push reaches the app before the 40 MB one (keys disjoint)"
+    );
+    let c = counters();
+    assert!(count(&c, "p3proxy_class_bytes_total{class=1}") >= small.len() as u64);
+    assert_eq!(
+        count(&c, "p3proxy_class_bytes_total{class=3}"),
+        big.len() as u64,
+        "{c:?}"
+    );
+    assert!(count(&c, "p3proxy_slices_sent_total") >= 40_000_000 / 160_000);
+}
+
+#[tokio::test]
+async fn same_key_and_fences_keep_their_order_through_the_tunnel() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port())
+    })
+    .await;
+    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (s, _) = dealer(redirect, b"ps9").await.expect("READY");
+    // Same key twice (big then small): never reordered. Then a fence, then an urgent key.
+    let mut wire = keyed_message(1, 29, 4_000_000);
+    wire.extend(keyed_message(2, 0, 10));
+    wire.extend(keyed_message(3, 0, 4_000_000));
+    wire.extend(keyed_message(4, 0, 10));
+    wire.extend(ZmtpMessage::from_bodies([Bytes::from_static(b"\xff not a meta")]).encode());
+    wire.extend(keyed_message(5, 1, 10));
+    send_and_close(s, &wire).await;
+    let got = timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // Key 0's messages may overtake key 29's, never each other; nothing passes the fence.
+    let order = timestamps(&got.bytes);
+    assert_eq!(order.len(), 6, "{order:?}");
+    let pos = |ts: i32| order.iter().position(|&t| t == ts).unwrap();
+    assert!(pos(2) < pos(3) && pos(3) < pos(4), "{order:?}");
+    assert_eq!(&order[4..], &[-1, 5], "the fence, then what followed it");
+    assert_eq!(got.bytes.len(), wire.len());
 }
 
 #[tokio::test]
@@ -541,6 +638,7 @@ async fn bad_input_at_the_tunnel_port_is_refused_and_others_keep_working() {
     );
     let ask = |target: SocketAddr| Preamble {
         class: 0,
+        sliced: false,
         session: 1,
         target,
         socket_type: Bytes::from_static(b"DEALER"),

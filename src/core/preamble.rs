@@ -1,14 +1,17 @@
 //! The tunnel preamble between two proxies and the peer's answer (DESIGN.md §2).
 //!
 //! ```text
-//! preamble: "P3PX" version:u8 class:u8 session:u64 family:u8(4|6) ip:4|16 port:u16
+//! preamble: "P3PX" version:u8 sliced:1bit|class:7bits session:u64 family:u8(4|6) ip:4|16 port:u16
 //!           socket_type:len8+bytes identity:len8+bytes
 //! answer:   "P3PA" outcome:u8 flags:u8 socket_type:len8+bytes identity:len8+bytes
 //! ```
 //! The preamble carries what the terminated ZMTP session needs (the app's socket
 //! type and Identity); the answer carries the destination app's, so that the
 //! originating proxy greets its app as the destination would have. After an
-//! admitted answer, both directions carry ZMTP frames (no greeting, no READY).
+//! admitted answer, the peer-to-origin direction carries ZMTP frames (no greeting,
+//! no READY); the origin-to-peer direction carries ZMTP frames too, unless `sliced`:
+//! then every connection of the session (the main one, class 0, and one per other
+//! class) carries slice frames (`core::slice`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -47,8 +50,11 @@ pub enum PreambleError {
 /// The opening of a tunnel connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preamble {
-    /// Priority class of this connection (0 = top; one connection per class later).
+    /// Priority class of this connection: 0 is the session's main stream (the only one
+    /// that reaches the app), 1.. its class connections.
     pub class: u8,
+    /// The origin sends slice frames (scheduling on), not ZMTP frames.
+    pub sliced: bool,
     /// Session id shared by the connections of one relayed ZMTP connection.
     pub session: u64,
     /// The original destination: the app the peer proxy must reach.
@@ -110,7 +116,7 @@ impl Preamble {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(PREAMBLE_MAGIC);
         out.push(VERSION);
-        out.push(self.class);
+        out.push(self.class & 0x7f | u8::from(self.sliced) << 7);
         out.extend_from_slice(&self.session.to_be_bytes());
         match self.target.ip() {
             IpAddr::V4(ip) => {
@@ -146,7 +152,8 @@ pub fn parse_preamble(input: &[u8]) -> IResult<&[u8], Preamble, PreambleError> {
     if version != VERSION {
         return Err(nom::Err::Failure(PreambleError::Version(version)));
     }
-    let (input, (class, session, family)) = (be_u8, be_u64, be_u8).parse(input)?;
+    let (input, (class_byte, session, family)) = (be_u8, be_u64, be_u8).parse(input)?;
+    let (class, sliced) = (class_byte & 0x7f, class_byte & 0x80 != 0);
     let (input, ip) = match family {
         4 => {
             let (i, b) = take(4usize).parse(input)?;
@@ -169,6 +176,7 @@ pub fn parse_preamble(input: &[u8]) -> IResult<&[u8], Preamble, PreambleError> {
         input,
         Preamble {
             class,
+            sliced,
             session,
             target: SocketAddr::new(ip, port),
             socket_type,
@@ -232,9 +240,14 @@ mod tests {
 
     #[test]
     fn preamble_round_trip_and_every_prefix_is_incomplete() {
-        for target in ["10.77.0.11:40000", "[fd00::1]:29091"] {
+        for (target, class, sliced) in [
+            ("10.77.0.11:40000", 0, false),
+            ("[fd00::1]:29091", 0, true),
+            ("10.77.0.12:40000", 3, true),
+        ] {
             let p = Preamble {
-                class: 0,
+                class,
+                sliced,
                 session: 0xdead_beef,
                 target: target.parse().unwrap(),
                 socket_type: Bytes::from_static(b"DEALER"),

@@ -176,6 +176,35 @@ impl Scheduler {
         Ok(id)
     }
 
+    /// Whether a session has messages not yet fully handed out.
+    pub fn has_queued(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
+    /// Drops every unsent message of a session whose connections closed, releasing
+    /// their memory; returns the dropped messages. Lanes mid-message are freed.
+    pub fn drop_session(&mut self, session: SessionId) -> Vec<MsgId> {
+        let Some(queue) = self.sessions.remove(&session) else {
+            return Vec::new();
+        };
+        for id in &queue {
+            let m = self.msgs.remove(id).expect("queued message");
+            self.used -= m.spec.len;
+            self.order.remove(&(m.spec.priority, *id));
+            if self.busy.get(&m.spec.lane) == Some(id) {
+                self.busy.remove(&m.spec.lane);
+            }
+        }
+        queue.into()
+    }
+
+    /// Forgets an output connection that closed (its session was dropped first).
+    pub fn remove_lane(&mut self, lane: LaneId) {
+        self.lanes.remove(&lane);
+        self.busy.remove(&lane);
+        self.last_on_lane.remove(&lane);
+    }
+
     /// Whether message `id` may send now under the ordering rules of its session.
     fn eligible(&self, id: MsgId) -> bool {
         let m = &self.msgs[&id];
@@ -320,6 +349,29 @@ mod tests {
             (urgent, 160_000, 40_000, true)
         );
         assert_eq!(s.poll_transmit(t1, |_| u64::MAX).unwrap().msg, big);
+    }
+
+    #[test]
+    fn dropping_a_session_releases_its_memory_and_its_lanes() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(100, 1000);
+        s.add_lane(1, LaneKind::Whole);
+        s.add_lane(2, LaneKind::Sliced);
+        s.enqueue(data(1, 1, 5, 600, &[1]), t0).unwrap();
+        s.enqueue(data(2, 2, 9, 300, &[2]), t0).unwrap();
+        // Lane 1 is mid-message when its session goes away.
+        let tx = s
+            .poll_transmit(t0, |l| if l == 1 { 200 } else { 0 })
+            .unwrap();
+        assert!(!tx.last);
+        assert!(s.enqueue(data(2, 2, 9, 300, &[3]), t0).is_err());
+        assert_eq!(s.drop_session(1), vec![0]);
+        assert_eq!(s.drop_session(1), vec![]);
+        s.remove_lane(1);
+        assert_eq!((s.used(), s.queued()), (300, 1));
+        s.enqueue(data(2, 2, 9, 300, &[3]), t0).unwrap();
+        let sent: u64 = drain(&mut s, t0).iter().map(|t| t.len).sum();
+        assert_eq!((sent, s.used()), (600, 0));
     }
 
     #[test]

@@ -9,9 +9,11 @@
 //! ```
 //! `seq` numbers the messages of one session in the order the app sent them. Because a
 //! message travels on its class's connection and the announcements on the top one, a
-//! message can be complete before an earlier one is; the [`Reassembler`] delivers a
-//! complete message only when every earlier message of its session is announced, and
-//! each one still undelivered is neither a fence nor shares a key with it (§4).
+//! message can be complete before an earlier one is, and its first slices can arrive
+//! before its announcement (two TCP connections); the [`Reassembler`] holds such early
+//! slices (counted in its memory bound), and delivers a complete message only when
+//! every earlier message of its session is announced, and each one still undelivered is
+//! neither a fence nor shares a key with it (§4).
 
 use std::collections::BTreeMap;
 
@@ -23,6 +25,8 @@ use nom::{IResult, Parser};
 pub const MAX_ANNOUNCED_KEYS: usize = 4096;
 /// Largest slice payload accepted.
 pub const MAX_SLICE_LEN: u32 = 16 << 20;
+/// How far past the last announcement an early slice may point.
+pub const MAX_EARLY_MESSAGES: u64 = 4096;
 const TAG_ANNOUNCE: u8 = 0x41;
 const TAG_SLICE: u8 = 0x53;
 
@@ -137,12 +141,7 @@ impl SliceFrame {
                 seq,
                 offset,
                 payload,
-            } => {
-                out.push(TAG_SLICE);
-                out.extend_from_slice(&seq.to_be_bytes());
-                out.extend_from_slice(&offset.to_be_bytes());
-                out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-            }
+            } => encode_slice_header(*seq, *offset, payload.len() as u32, out),
         }
     }
 
@@ -157,10 +156,24 @@ impl SliceFrame {
     }
 }
 
-/// Parses one frame from the front of `buf` (streaming: `Incomplete` until it is in);
-/// payloads are zero-copy slices of `buf`. Lengths are checked before waiting for them.
-pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
-    let input: &[u8] = buf;
+/// Appends the header of a slice of `len` bytes (the payload follows it on the wire).
+pub fn encode_slice_header(seq: u64, offset: u64, len: u32, out: &mut Vec<u8>) {
+    out.push(TAG_SLICE);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Size of a slice header.
+pub const SLICE_HEADER_LEN: usize = 21;
+
+/// A frame's header: a whole announcement, or where a slice's payload goes.
+enum Head {
+    Announce(Announce),
+    Slice { seq: u64, offset: u64, len: u32 },
+}
+
+fn parse_head(input: &[u8]) -> IResult<&[u8], Head, SliceError> {
     let (rest, tag) = be_u8(input)?;
     match tag {
         TAG_ANNOUNCE => {
@@ -175,16 +188,14 @@ pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
                 return Err(nom::Err::Failure(e));
             }
             let (rest, keys) = nom::multi::count(be_u64, usize::from(n)).parse(rest)?;
-            Ok((
-                rest,
-                SliceFrame::Announce(Announce {
-                    seq,
-                    total,
-                    priority,
-                    fence: fence != 0,
-                    keys,
-                }),
-            ))
+            let a = Announce {
+                seq,
+                total,
+                priority,
+                fence: fence != 0,
+                keys,
+            };
+            Ok((rest, Head::Announce(a)))
         }
         TAG_SLICE => {
             let (rest, (seq, offset, len)) = (be_u64, be_u64, be_u32).parse(rest)?;
@@ -196,6 +207,19 @@ pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
                 };
                 return Err(nom::Err::Failure(e));
             }
+            Ok((rest, Head::Slice { seq, offset, len }))
+        }
+        t => Err(nom::Err::Failure(SliceError::Tag(t))),
+    }
+}
+
+/// Parses one frame from the front of `buf` (streaming: `Incomplete` until it is in);
+/// payloads are zero-copy slices of `buf`. Lengths are checked before waiting for them.
+pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
+    let input: &[u8] = buf;
+    match parse_head(input)? {
+        (rest, Head::Announce(a)) => Ok((rest, SliceFrame::Announce(a))),
+        (rest, Head::Slice { seq, offset, len }) => {
             let (rest, payload) = nom::bytes::streaming::take(len).parse(rest)?;
             Ok((
                 rest,
@@ -206,13 +230,43 @@ pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
                 },
             ))
         }
-        t => Err(nom::Err::Failure(SliceError::Tag(t))),
+    }
+}
+
+/// Takes one frame off the front of a read buffer, if it is all in (the payload is
+/// split off without a copy).
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<SliceFrame>, SliceError> {
+    let (used, head) = match parse_head(buf) {
+        Ok((rest, head)) => (buf.len() - rest.len(), head),
+        Err(nom::Err::Incomplete(_)) => return Ok(None),
+        Err(nom::Err::Error(e) | nom::Err::Failure(e)) => return Err(e),
+    };
+    match head {
+        Head::Announce(a) => {
+            let _ = buf.split_to(used);
+            Ok(Some(SliceFrame::Announce(a)))
+        }
+        Head::Slice { seq, offset, len } => {
+            let len = len as usize;
+            if buf.len() < used + len {
+                buf.reserve(used + len - buf.len());
+                return Ok(None);
+            }
+            let _ = buf.split_to(used);
+            let payload = buf.split_to(len).freeze();
+            Ok(Some(SliceFrame::Slice {
+                seq,
+                offset,
+                payload,
+            }))
+        }
     }
 }
 
 #[derive(Debug)]
 struct Pending {
-    announce: Announce,
+    /// `None` while only early slices are in.
+    announce: Option<Announce>,
     bytes: BytesMut,
 }
 
@@ -222,12 +276,13 @@ pub struct Reassembler {
     bound: u64,
     held: u64,
     next_announce: u64,
-    /// Announced and not yet delivered, by seq.
+    /// Announced (or with early slices) and not yet delivered, by seq.
     pending: BTreeMap<u64, Pending>,
 }
 
 impl Reassembler {
-    /// A reassembler holding at most `bound` unfinished bytes.
+    /// A reassembler holding at most `bound` unfinished bytes (one message larger
+    /// than the bound is accepted when nothing else is held, so that it cannot wedge).
     pub fn new(bound: u64) -> Reassembler {
         Reassembler {
             bound,
@@ -242,6 +297,18 @@ impl Reassembler {
         self.held
     }
 
+    fn reserve(&mut self, more: u64) -> Result<(), SliceError> {
+        let wanted = self.held + more;
+        if wanted > self.bound && self.held > 0 {
+            return Err(SliceError::Memory {
+                wanted,
+                bound: self.bound,
+            });
+        }
+        self.held = wanted;
+        Ok(())
+    }
+
     /// Takes one frame; returns the messages that may now go to the app, in order.
     pub fn on_frame(&mut self, frame: SliceFrame) -> Result<Vec<Bytes>, SliceError> {
         match frame {
@@ -253,34 +320,45 @@ impl Reassembler {
                     });
                 }
                 self.next_announce += 1;
-                let wanted = self.held + a.total;
-                if wanted > self.bound && self.held > 0 {
-                    return Err(SliceError::Memory {
-                        wanted,
-                        bound: self.bound,
+                let have = self.pending.get(&a.seq).map_or(0, |p| p.bytes.len() as u64);
+                if have > a.total {
+                    return Err(SliceError::BadOffset {
+                        seq: a.seq,
+                        offset: 0,
+                        have,
+                        total: a.total,
                     });
                 }
-                self.held = wanted;
+                // Early bytes are already counted.
+                self.reserve(a.total - have)?;
                 let cap = usize::try_from(a.total.min(1 << 20)).unwrap_or(0);
-                self.pending.insert(
-                    a.seq,
-                    Pending {
-                        announce: a,
-                        bytes: BytesMut::with_capacity(cap),
-                    },
-                );
+                let entry = self.pending.entry(a.seq).or_insert_with(|| Pending {
+                    announce: None,
+                    bytes: BytesMut::with_capacity(cap),
+                });
+                entry.announce = Some(a);
             }
             SliceFrame::Slice {
                 seq,
                 offset,
                 payload,
             } => {
-                let p = self
-                    .pending
-                    .get_mut(&seq)
-                    .ok_or(SliceError::Unannounced(seq))?;
+                let early = seq >= self.next_announce;
+                if early && seq - self.next_announce >= MAX_EARLY_MESSAGES {
+                    return Err(SliceError::Unannounced(seq));
+                }
+                if !early && !self.pending.contains_key(&seq) {
+                    return Err(SliceError::Unannounced(seq));
+                }
+                if early {
+                    self.reserve(payload.len() as u64)?;
+                }
+                let p = self.pending.entry(seq).or_insert_with(|| Pending {
+                    announce: None,
+                    bytes: BytesMut::new(),
+                });
                 let have = p.bytes.len() as u64;
-                let total = p.announce.total;
+                let total = p.announce.as_ref().map_or(u64::MAX, |a| a.total);
                 if offset != have || have + payload.len() as u64 > total {
                     return Err(SliceError::BadOffset {
                         seq,
@@ -296,21 +374,24 @@ impl Reassembler {
     }
 
     fn complete(p: &Pending) -> bool {
-        p.bytes.len() as u64 == p.announce.total
+        p.announce
+            .as_ref()
+            .is_some_and(|a| p.bytes.len() as u64 == a.total)
     }
 
     fn deliverable(&mut self) -> Vec<Bytes> {
         let mut out = Vec::new();
         loop {
             let mut pick = None;
-            for (&seq, p) in &self.pending {
+            // Only announced messages: every earlier one is known.
+            for (&seq, p) in self.pending.range(..self.next_announce) {
                 if !Self::complete(p) {
                     continue;
                 }
+                let me = p.announce.as_ref().expect("complete means announced");
                 let blocked = self.pending.range(..seq).any(|(_, e)| {
-                    e.announce.fence
-                        || p.announce.fence
-                        || e.announce.keys.iter().any(|k| p.announce.keys.contains(k))
+                    let e = e.announce.as_ref().expect("earlier than an announced one");
+                    e.fence || me.fence || e.keys.iter().any(|k| me.keys.contains(k))
                 });
                 if !blocked {
                     pick = Some(seq);
@@ -319,7 +400,7 @@ impl Reassembler {
             }
             let Some(seq) = pick else { return out };
             let p = self.pending.remove(&seq).expect("picked");
-            self.held -= p.announce.total;
+            self.held -= p.bytes.len() as u64;
             out.push(p.bytes.freeze());
         }
     }
@@ -355,6 +436,17 @@ mod tests {
         ] {
             let wire = Bytes::from(f.encode());
             assert_eq!(parse_frame(&wire).unwrap().1, f);
+            let mut buf = BytesMut::from(&wire[..]);
+            buf.extend_from_slice(b"next");
+            assert_eq!(take_frame(&mut buf).unwrap(), Some(f.clone()));
+            assert_eq!(&buf[..], b"next");
+            let mut short = BytesMut::from(&wire[..wire.len() - 1]);
+            assert_eq!(take_frame(&mut short).unwrap(), None);
+            assert_eq!(
+                short.len(),
+                wire.len() - 1,
+                "nothing taken from a partial frame"
+            );
             for cut in 0..wire.len() {
                 assert!(matches!(
                     parse_frame(&wire.slice(..cut)),
@@ -382,8 +474,9 @@ mod tests {
         );
         let mut r = Reassembler::new(1000);
         assert_eq!(
-            r.on_frame(slice(0, 0, b"x")),
-            Err(SliceError::Unannounced(0))
+            r.on_frame(slice(MAX_EARLY_MESSAGES, 0, b"x")),
+            Err(SliceError::Unannounced(MAX_EARLY_MESSAGES)),
+            "an early slice too far ahead"
         );
         r.on_frame(announce(0, 4, false, &[1])).unwrap();
         assert_eq!(
@@ -415,6 +508,44 @@ mod tests {
             Err(SliceError::Memory {
                 wanted: 2004,
                 bound: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn early_slices_wait_for_their_announcement_within_the_bound() {
+        let mut r = Reassembler::new(10);
+        // Message 0's slices overtake its announcement (another connection).
+        assert_eq!(r.on_frame(slice(0, 0, b"ab")).unwrap(), Vec::<Bytes>::new());
+        assert_eq!(r.on_frame(slice(0, 2, b"c")).unwrap(), Vec::<Bytes>::new());
+        assert_eq!(r.held(), 3);
+        assert_eq!(
+            r.on_frame(slice(1, 0, b"0123456789")),
+            Err(SliceError::Memory {
+                wanted: 13,
+                bound: 10
+            }),
+            "early bytes count against the bound"
+        );
+        assert_eq!(
+            r.on_frame(announce(0, 3, false, &[4])).unwrap(),
+            vec![Bytes::from_static(b"abc")]
+        );
+        assert_eq!(r.held(), 0);
+        assert_eq!(
+            r.on_frame(slice(0, 0, b"x")),
+            Err(SliceError::Unannounced(0)),
+            "a delivered message gets no more bytes"
+        );
+        // An announcement smaller than what arrived early.
+        r.on_frame(slice(1, 0, b"xyz")).unwrap();
+        assert_eq!(
+            r.on_frame(announce(1, 2, false, &[])),
+            Err(SliceError::BadOffset {
+                seq: 1,
+                offset: 0,
+                have: 3,
+                total: 2
             })
         );
     }

@@ -2,8 +2,10 @@
 //! sessions toward apps, tunnels toward peer proxies. Thin: it asks `core` what to
 //! do and does it, like quinn over quinn-proto.
 
+mod egress;
 mod net;
 mod relay;
+mod scheduled;
 mod server;
 mod session;
 

@@ -59,7 +59,7 @@ async fn write_message(
 
 /// Moves messages from `rd` (already partly decoded in `dec`) to `wr`.
 /// `observe`: this direction goes from the session's DEALER to its ROUTER.
-async fn pump(
+pub(crate) async fn pump(
     mut rd: OwnedReadHalf,
     mut dec: StreamDecoder,
     wr: OwnedWriteHalf,

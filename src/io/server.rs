@@ -7,21 +7,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::PsMessage;
 use p3proxy_parsers::zmtp::{Limits, StreamDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use super::egress::Egress;
 use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
+use super::scheduled::{run_origin, run_receiver, TunnelTable, Upstream};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
 use crate::config::Config;
-use crate::core::dscp::Dscp;
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
 use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
 };
+use crate::core::priority::{PriorityTable, Source, Urgency, CLASSES};
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
 
@@ -30,11 +33,14 @@ const MAX_CONNECTIONS: usize = 8192;
 
 /// State shared by every connection of one proxy.
 pub struct Shared {
-    config: Config,
+    pub(crate) config: Config,
     env: Env,
-    limits: Limits,
+    pub(crate) limits: Limits,
     policy: Mutex<Policy>,
     topology: Mutex<Topology>,
+    priority: Mutex<PriorityTable>,
+    pub(crate) egress: Arc<Egress>,
+    pub(crate) tunnels: TunnelTable,
     next_session: AtomicU64,
 }
 
@@ -87,12 +93,17 @@ impl Shared {
             config.scheduler_port,
             std::time::Duration::from_secs(config.no_proxy_ttl_s),
         );
+        let priority = PriorityTable::new(Source::Key);
+        metrics::priority_source(priority.source().label());
         Arc::new(Shared {
             limits: Limits::default(),
+            egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
             config,
             env,
             policy: Mutex::new(policy),
             topology: Mutex::new(Topology::default()),
+            priority: Mutex::new(priority),
+            tunnels: TunnelTable::default(),
             next_session: AtomicU64::new(rand_seed()),
         })
     }
@@ -148,6 +159,16 @@ impl Shared {
             Some(Learned::NodeExit(_)) => {}
             None => {}
         }
+    }
+
+    /// How urgent a message is: its key's priority (server ranges from the node table).
+    pub(crate) fn urgency(&self, msg: &PsMessage) -> Urgency {
+        let servers = self.topology.lock().expect("topology lock").num_servers();
+        let ranges = ServerRanges::new(servers as u64);
+        self.priority
+            .lock()
+            .expect("priority lock")
+            .urgency(msg, ranges.as_ref())
     }
 
     /// The upstream of a session died while its app lived: requests in flight are lost.
@@ -311,7 +332,7 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
                 tunnel_addr,
                 shared.config.mark(),
                 None,
-                Some(Dscp::CS6),
+                Some(shared.config.class_dscp()[0]),
                 shared.config.probe_timeout(),
             )
             .await
@@ -355,7 +376,15 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         open_upstream(&shared, &mut app, &first, upstream, route, dst),
     )
     .await;
-    let (app_dec, app_info, far, far_info, route) = match opened {
+    let Opened {
+        app_dec,
+        app_info,
+        far,
+        classes,
+        far_info,
+        route,
+        session,
+    } = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(r)) => return refuse(r, "captured ZMTP connection", peer, Some(dst)),
         Err(_) => {
@@ -382,18 +411,21 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         identity: app_info.identity,
         dst,
     };
-    relay(
-        shared,
-        info,
-        End {
-            stream: app,
-            dec: app_dec,
-        },
-        far,
-        (OUTBOUND, INBOUND),
-        true,
-    )
-    .await;
+    let app = End {
+        stream: app,
+        dec: app_dec,
+    };
+    let scheduled = shared.config.schedule && route != Route::SameHost;
+    if scheduled {
+        let up = Upstream {
+            main: far,
+            sliced: route == Route::Tunnel,
+            classes,
+        };
+        run_origin(shared, info, session, app, up, (OUTBOUND, INBOUND)).await;
+    } else {
+        relay(shared, info, app, far, (OUTBOUND, INBOUND), true).await;
+    }
 }
 
 async fn connect_direct(shared: &Shared, dst: SocketAddr) -> std::io::Result<TcpStream> {
@@ -407,7 +439,18 @@ async fn connect_direct(shared: &Shared, dst: SocketAddr) -> std::io::Result<Tcp
     .await
 }
 
-type Opened = (StreamDecoder, PeerInfo, End, PeerInfo, Route);
+/// A captured session whose upstream is open end to end.
+struct Opened {
+    app_dec: StreamDecoder,
+    app_info: PeerInfo,
+    /// The main upstream connection.
+    far: End,
+    /// A sliced tunnel's class connections (1..).
+    classes: Vec<TcpStream>,
+    far_info: PeerInfo,
+    route: Route,
+    session: u64,
+}
 
 /// The app's greeting and READY, then the upstream handshake (direct, or through the tunnel).
 async fn open_upstream(
@@ -435,10 +478,13 @@ async fn open_upstream(
             );
         }
     }
+    let session = shared.session_id();
+    let sliced = shared.config.schedule;
     if route == Route::Tunnel {
         let preamble = Preamble {
             class: 0,
-            session: shared.session_id(),
+            sliced,
+            session,
             target: dst,
             socket_type: app_info.socket_type.clone(),
             identity: app_info.identity.clone(),
@@ -467,7 +513,20 @@ async fn open_upstream(
                     stream: upstream,
                     dec,
                 };
-                return Ok((app_dec, app_info, far, far_info, Route::Tunnel));
+                let classes = if sliced {
+                    open_classes(shared, &preamble).await?
+                } else {
+                    Vec::new()
+                };
+                return Ok(Opened {
+                    app_dec,
+                    app_info,
+                    far,
+                    classes,
+                    far_info,
+                    route: Route::Tunnel,
+                    session,
+                });
             }
             Outcome::Unreachable => return Err(Refusal::UpstreamFailed),
             Outcome::RefusedByPolicy if answer.pinned => return Err(Refusal::ProxyNotBypassed),
@@ -484,16 +543,56 @@ async fn open_upstream(
     let (far_info, dec) = connect_as(&mut upstream, &app_info, shared.limits)
         .await
         .map_err(|e| upstream_failed(&e))?;
-    Ok((
+    Ok(Opened {
         app_dec,
         app_info,
-        End {
+        far: End {
             stream: upstream,
             dec,
         },
+        classes: Vec::new(),
         far_info,
         route,
-    ))
+        session,
+    })
+}
+
+/// Opens a sliced session's class connections (1..), each with its class's DSCP
+/// for its whole life; each is admitted by the peer only for a session it admitted.
+async fn open_classes(shared: &Shared, main: &Preamble) -> Result<Vec<TcpStream>, Refusal> {
+    let tunnel_addr = SocketAddr::new(main.target.ip(), shared.config.peer_tunnel_port);
+    let dscp = shared.config.class_dscp();
+    let open = |class: usize| {
+        let preamble = Preamble {
+            class: class as u8,
+            ..main.clone()
+        };
+        async move {
+            let mut conn = net::connect(
+                tunnel_addr,
+                shared.config.mark(),
+                None,
+                Some(dscp[class]),
+                shared.config.probe_timeout(),
+            )
+            .await
+            .map_err(|_| Refusal::UpstreamFailed)?;
+            conn.write_all(&preamble.encode())
+                .await
+                .map_err(|_| Refusal::UpstreamFailed)?;
+            let (answer, rest) = read_answer(&mut conn).await?;
+            if answer.outcome != Outcome::Admitted || !rest.is_empty() {
+                return Err(Refusal::UpstreamFailed);
+            }
+            Ok(conn)
+        }
+    };
+    const _: () = assert!(
+        CLASSES == 4,
+        "one class connection per class beyond the main one"
+    );
+    let (c1, c2, c3) = tokio::try_join!(open(1), open(2), open(3))?;
+    Ok(vec![c1, c2, c3])
 }
 
 fn outcome_label(o: Outcome) -> &'static str {
@@ -542,7 +641,7 @@ async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refu
 async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // What goes back to the peer proxy travels in the top class too.
     let sock = socket2::SockRef::from(&stream);
-    let _ = net::set_dscp(&sock, peer.is_ipv4(), Dscp::CS6);
+    let _ = net::set_dscp(&sock, peer.is_ipv4(), shared.config.class_dscp()[0]);
     let _ = sock.set_tcp_notsent_lowat(net::NOTSENT_LOWAT);
     // Read the preamble, bounded in size and time.
     let mut buf = Vec::with_capacity(64);
@@ -565,6 +664,9 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
         Ok(Ok(x)) => x,
         _ => return refuse(Refusal::BadPreamble, "tunnel connection", peer, None),
     };
+    if preamble.class > 0 {
+        return attach_class(shared, stream, peer, preamble, rest).await;
+    }
     let target = preamble.target;
     let target_local = (shared.env.is_local)(target.ip());
     let target_loopback = (shared.env.is_loopback)(target.ip());
@@ -609,32 +711,104 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
     let answer = Answer {
         outcome: Outcome::Admitted,
         pinned: false,
+        socket_type: dst_info.socket_type.clone(),
+        identity: dst_info.identity.clone(),
+    };
+    if stream.write_all(&answer.encode()).await.is_err() {
+        return;
+    }
+    let _open = OpenConnection::new("tunnel_in");
+    let info = SessionInfo {
+        identity: preamble.identity,
+        dst: target,
+    };
+    tracing::debug!(%peer, %target, session = preamble.session, sliced = preamble.sliced, "tunnel admitted");
+    let dst = End {
+        stream: dst_stream,
+        dec: dst_dec,
+    };
+    if preamble.sliced {
+        run_receiver(
+            shared,
+            info,
+            peer.ip(),
+            preamble.session,
+            stream,
+            rest,
+            dst,
+            dst_info,
+            (INBOUND, OUTBOUND),
+        )
+        .await;
+        return;
+    }
+    let mut dec = StreamDecoder::after_handshake(shared.limits);
+    dec.push(&rest);
+    relay(
+        shared,
+        info,
+        End { stream, dec },
+        dst,
+        (INBOUND, OUTBOUND),
+        false,
+    )
+    .await;
+}
+
+/// A class connection of a sliced tunnel session: handed to the session once its
+/// main stream was admitted (it may arrive first, so it waits, bounded).
+async fn attach_class(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    preamble: Preamble,
+    rest: Vec<u8>,
+) {
+    let key = (peer.ip(), preamble.session);
+    let deadline = Instant::now() + shared.config.handshake_timeout();
+    let found = loop {
+        let entry = shared
+            .tunnels
+            .lock()
+            .expect("tunnel table")
+            .get(&key)
+            .map(|e| {
+                (
+                    e.target == preamble.target && e.identity == preamble.identity,
+                    e.dst_info.clone(),
+                    e.attach.clone(),
+                )
+            });
+        if entry.is_some() || Instant::now() >= deadline {
+            break entry;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    };
+    let valid = usize::from(preamble.class) < CLASSES && preamble.sliced;
+    let Some((true, dst_info, attach)) = found.filter(|_| valid) else {
+        refuse(
+            Refusal::BadPreamble,
+            "tunnel class connection",
+            peer,
+            Some(preamble.target),
+        );
+        let _ = stream
+            .write_all(&Answer::refused(Outcome::Unreachable).encode())
+            .await;
+        return;
+    };
+    let answer = Answer {
+        outcome: Outcome::Admitted,
+        pinned: false,
         socket_type: dst_info.socket_type,
         identity: dst_info.identity,
     };
     if stream.write_all(&answer.encode()).await.is_err() {
         return;
     }
-    let _open = OpenConnection::new("tunnel_in");
-    let mut dec = StreamDecoder::after_handshake(shared.limits);
-    dec.push(&rest);
-    let info = SessionInfo {
-        identity: preamble.identity,
-        dst: target,
-    };
-    tracing::debug!(%peer, %target, session = preamble.session, "tunnel admitted");
-    relay(
-        shared,
-        info,
-        End { stream, dec },
-        End {
-            stream: dst_stream,
-            dec: dst_dec,
-        },
-        (INBOUND, OUTBOUND),
-        false,
-    )
-    .await;
+    let open = OpenConnection::new("tunnel_class_in");
+    // The session owns it from here (and ends it).
+    let _ = attach.send((stream, rest, open));
 }
 
 /// A captured connection that is not ZMTP: relayed byte for byte, from the app's

@@ -1,0 +1,419 @@
+//! Sessions whose messages go through the egress scheduler (DESIGN.md §5-6).
+//!
+//! Origin side: the app's messages are decoded, observed, given their priority and
+//! queued; one writer task per output connection writes what the scheduler picks: on a
+//! tunnel, slice frames on the session's class connections (announcements on the main
+//! stream, class 0); on a direct hop, whole messages in priority order. The other
+//! direction (the destination's ZMTP frames back to the app) is a plain pump.
+//!
+//! Receiving side: every connection of a sliced tunnel session feeds one reassembler;
+//! complete messages go to the destination app in the order rules of §4.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use p3proxy_parsers::pslite::PsMessage;
+use p3proxy_parsers::zmtp::{parse_unit, StreamDecoder, StreamEvent, Unit};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::egress::{run_lane, write_pieces, Body, Item};
+use super::relay::{pump, End, PumpEnd, SessionInfo};
+use super::server::Shared;
+use super::session::PeerInfo;
+use crate::core::priority::{Urgency, CLASSES, FENCE};
+use crate::core::scheduler::{LaneId, LaneKind, SessionId};
+use crate::core::slice::{take_frame, Reassembler, SliceError, SliceFrame};
+use crate::core::topology::MessageContext;
+use crate::metrics::{self, OpenConnection};
+
+const FENCE_URGENCY: Urgency = Urgency {
+    priority: FENCE,
+    class: 0,
+    fence: true,
+};
+
+/// Where a session's messages go: the main upstream connection, and for a sliced
+/// tunnel one connection per other class.
+pub(crate) struct Upstream {
+    /// The main stream (tunnel class 0, or the direct ZMTP connection).
+    pub(crate) main: End,
+    /// Class connections 1.. (sliced tunnels only).
+    pub(crate) classes: Vec<TcpStream>,
+    /// Slice frames (a tunnel), or whole ZMTP messages (a direct hop).
+    pub(crate) sliced: bool,
+}
+
+/// Origin side: relays `app`'s messages through the scheduler until either side ends.
+pub(crate) async fn run_origin(
+    shared: Arc<Shared>,
+    info: SessionInfo,
+    session: SessionId,
+    app: End,
+    up: Upstream,
+    labels: (&'static str, &'static str),
+) {
+    let egress = shared.egress.clone();
+    let kind = if up.sliced {
+        LaneKind::Sliced
+    } else {
+        LaneKind::Whole
+    };
+    let (app_rd, app_wr) = app.stream.into_split();
+    let (far_rd, far_wr) = up.main.stream.into_split();
+    let mut writers = JoinSet::new();
+    let mut lanes: Vec<LaneId> = Vec::new();
+    // Class connections only send; their read halves live as long as the session.
+    let mut idle_reads: Vec<OwnedReadHalf> = Vec::new();
+    let mut outputs = vec![far_wr];
+    for conn in up.classes {
+        let (rd, wr) = conn.into_split();
+        idle_reads.push(rd);
+        outputs.push(wr);
+    }
+    for wr in outputs {
+        let (id, wake) = egress.add_lane(session, kind);
+        lanes.push(id);
+        writers.spawn(run_lane(egress.clone(), id, wake, wr));
+    }
+    let reader = read_to_egress(
+        &shared, &info, app_rd, app.dec, session, &lanes, up.sliced, labels.0,
+    );
+    let to_app = pump(far_rd, up.main.dec, app_wr, labels.1, None);
+    tokio::pin!(reader);
+    tokio::pin!(to_app);
+    let mut reading = true;
+    let end: Option<PumpEnd> = loop {
+        tokio::select! {
+            end = &mut reader, if reading => match end {
+                PumpEnd::Closed => {
+                    // Write what the app handed over, then close.
+                    egress.finish(&lanes);
+                    reading = false;
+                }
+                PumpEnd::Parse(e) => {
+                    metrics::parse_error("zmtp_framing");
+                    tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), error = %e, "closing session: ZMTP framing error from the sender");
+                    break None;
+                }
+                PumpEnd::Io(e) => {
+                    tracing::debug!(dst = %info.dst, error = %e, "session ended");
+                    break None;
+                }
+            },
+            done = writers.join_next() => match done {
+                None => {
+                    tracing::debug!(dst = %info.dst, "app closed its session; everything written");
+                    break None;
+                }
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => break Some(PumpEnd::Io(e)),
+                Some(Err(e)) => break Some(PumpEnd::Io(std::io::Error::other(e))),
+            },
+            end = &mut to_app => {
+                if let PumpEnd::Parse(e) = &end {
+                    metrics::parse_error("zmtp_framing");
+                    tracing::warn!(dst = %info.dst, error = %e, "closing session: ZMTP framing error from the destination side");
+                }
+                break Some(end);
+            }
+        }
+    };
+    egress.close(session, &lanes);
+    drop(idle_reads);
+    if let Some(end) = end {
+        shared.upstream_died(&info, &end);
+    }
+}
+
+/// Reads the app's messages, observes them, and queues them (waiting while the
+/// memory budget is full, which stops reading: backpressure).
+#[allow(clippy::too_many_arguments)]
+async fn read_to_egress(
+    shared: &Shared,
+    info: &SessionInfo,
+    mut rd: OwnedReadHalf,
+    mut dec: StreamDecoder,
+    session: SessionId,
+    lanes: &[LaneId],
+    sliced: bool,
+    direction: &'static str,
+) -> PumpEnd {
+    let mut seq = 0u64;
+    loop {
+        loop {
+            let event = match dec.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(e) => return PumpEnd::Parse(e),
+            };
+            let (body, urgency, keys) = match event {
+                StreamEvent::Message(msg) => match PsMessage::from_zmtp(msg) {
+                    Ok(ps) => {
+                        let ctx = MessageContext {
+                            sender_identity: &info.identity,
+                            dst: info.dst,
+                            first_on_connection: seq == 0,
+                        };
+                        shared.observe(&ctx, &ps);
+                        let urgency = shared.urgency(&ps);
+                        let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
+                        (Body::Message(ps.to_zmtp()), urgency, keys)
+                    }
+                    Err((reason, msg)) => {
+                        ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
+                        tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
+                        (Body::Message(msg), FENCE_URGENCY, Vec::new())
+                    }
+                },
+                StreamEvent::Command(cmd) => (
+                    Body::Raw(Bytes::from(cmd.encode())),
+                    FENCE_URGENCY,
+                    Vec::new(),
+                ),
+                // Greeting events cannot occur after the handshake.
+                _ => continue,
+            };
+            metrics::forwarded(direction, body.len() as usize);
+            let lane = if sliced {
+                lanes[urgency.class.min(lanes.len() - 1)]
+            } else {
+                lanes[0]
+            };
+            let item = Item {
+                session,
+                lane,
+                announce: sliced.then_some((lanes[0], seq)),
+                urgency,
+                keys,
+                body,
+            };
+            shared.egress.enqueue(item).await;
+            seq += 1;
+        }
+        match rd.read_buf(dec.buffer_mut()).await {
+            Ok(0) => return PumpEnd::Closed,
+            Ok(_) => {}
+            Err(e) => return PumpEnd::Io(e),
+        }
+    }
+}
+
+/// A sliced tunnel session waiting for (or receiving) its class connections.
+#[derive(Debug)]
+pub(crate) struct TunnelEntry {
+    /// The destination it was admitted to.
+    pub(crate) target: SocketAddr,
+    /// The originating app's Identity.
+    pub(crate) identity: Bytes,
+    /// The destination app's READY.
+    pub(crate) dst_info: PeerInfo,
+    /// Hands a class connection (and bytes read past its preamble) to the session.
+    pub(crate) attach: mpsc::UnboundedSender<(TcpStream, Vec<u8>, OpenConnection)>,
+}
+
+/// Sliced tunnel sessions by (peer address, session id).
+pub(crate) type TunnelTable = std::sync::Mutex<HashMap<(IpAddr, u64), TunnelEntry>>;
+
+/// Removes a session from the table when its task ends.
+struct Registered<'a> {
+    table: &'a TunnelTable,
+    key: (IpAddr, u64),
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.table.lock().expect("tunnel table").remove(&self.key);
+    }
+}
+
+#[derive(Debug)]
+enum FrameEvent {
+    Frame(SliceFrame),
+    Bad(SliceError),
+    Closed,
+    Truncated,
+    Io(std::io::Error),
+}
+
+/// Reads slice frames from one connection of a session.
+async fn read_frames(mut rd: OwnedReadHalf, rest: Vec<u8>, tx: mpsc::Sender<FrameEvent>) {
+    const CHUNK: usize = 256 * 1024;
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    buf.extend_from_slice(&rest);
+    loop {
+        loop {
+            match take_frame(&mut buf) {
+                Ok(Some(f)) => {
+                    if tx.send(FrameEvent::Frame(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(FrameEvent::Bad(e)).await;
+                    return;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < CHUNK / 4 {
+            buf.reserve(CHUNK);
+        }
+        let event = match rd.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => FrameEvent::Closed,
+            Ok(0) => FrameEvent::Truncated,
+            Ok(_) => continue,
+            Err(e) => FrameEvent::Io(e),
+        };
+        let _ = tx.send(event).await;
+        return;
+    }
+}
+
+/// Receiving side of a sliced tunnel session: reassembles what the origin's
+/// connections carry and writes complete messages to the destination app.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_receiver(
+    shared: Arc<Shared>,
+    info: SessionInfo,
+    peer: IpAddr,
+    session: u64,
+    main: TcpStream,
+    rest: Vec<u8>,
+    dst: End,
+    dst_info: PeerInfo,
+    labels: (&'static str, &'static str),
+) {
+    let (attach, mut attached) = mpsc::unbounded_channel();
+    let key = (peer, session);
+    shared.tunnels.lock().expect("tunnel table").insert(
+        key,
+        TunnelEntry {
+            target: info.dst,
+            identity: info.identity.clone(),
+            dst_info,
+            attach,
+        },
+    );
+    let _registered = Registered {
+        table: &shared.tunnels,
+        key,
+    };
+    let (frames_tx, mut frames) = mpsc::channel(64);
+    let (main_rd, main_wr) = main.into_split();
+    let mut readers = JoinSet::new();
+    readers.spawn(read_frames(main_rd, rest, frames_tx.clone()));
+    // Class connections only receive; their write halves live as long as the session.
+    let mut idle_writes: Vec<(OwnedWriteHalf, OpenConnection)> = Vec::new();
+    let (dst_rd, mut dst_wr) = dst.stream.into_split();
+    let back = pump(dst_rd, dst.dec, main_wr, labels.1, None);
+    tokio::pin!(back);
+    let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
+    let mut held = 0u64;
+    let mut closed = 0usize;
+    let mut first = true;
+    let outcome: Result<(), String> = loop {
+        tokio::select! {
+            Some((conn, rest, open)) = attached.recv() => {
+                let (rd, wr) = TcpStream::into_split(conn);
+                idle_writes.push((wr, open));
+                readers.spawn(read_frames(rd, rest, frames_tx.clone()));
+            }
+            event = frames.recv() => {
+                let frame = match event {
+                    Some(FrameEvent::Frame(f)) => f,
+                    Some(FrameEvent::Closed) => {
+                        closed += 1;
+                        if closed == CLASSES {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                    Some(FrameEvent::Bad(e)) => {
+                        metrics::parse_error("tunnel_frame");
+                        break Err(format!("bad tunnel frame: {e}"));
+                    }
+                    Some(FrameEvent::Truncated) => {
+                        metrics::parse_error("tunnel_frame");
+                        break Err("tunnel connection closed mid-frame".into());
+                    }
+                    Some(FrameEvent::Io(e)) => break Err(format!("tunnel connection: {e}")),
+                    None => break Err("every tunnel reader ended".into()),
+                };
+                if matches!(frame, SliceFrame::Slice { .. }) {
+                    ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+                }
+                let ready = match reasm.on_frame(frame) {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        metrics::parse_error("tunnel_reassembly");
+                        break Err(format!("reassembly: {e}"));
+                    }
+                };
+                let now_held = reasm.held();
+                metrics::reassembly_held(held, now_held);
+                held = now_held;
+                if let Err(e) = deliver(&shared, &info, ready, &mut dst_wr, &mut first, labels.0).await {
+                    break Err(e);
+                }
+            }
+            end = &mut back => {
+                tracing::debug!(dst = %info.dst, reason = ?end, "destination side ended");
+                break Ok(());
+            }
+        }
+    };
+    metrics::reassembly_held(held, 0);
+    match outcome {
+        Ok(()) => {
+            let _ = dst_wr.shutdown().await;
+        }
+        Err(why) => {
+            tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), why, "closing tunnel session");
+        }
+    }
+    drop(idle_writes);
+}
+
+/// Observes complete messages and writes them to the destination app.
+async fn deliver(
+    shared: &Shared,
+    info: &SessionInfo,
+    ready: Vec<Bytes>,
+    out: &mut OwnedWriteHalf,
+    first: &mut bool,
+    direction: &'static str,
+) -> Result<(), String> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    for bytes in &ready {
+        match parse_unit(bytes, &shared.limits) {
+            Ok(Some((Unit::Message(msg), n))) if n == bytes.len() => {
+                if let Ok(ps) = PsMessage::from_zmtp(msg) {
+                    let ctx = MessageContext {
+                        sender_identity: &info.identity,
+                        dst: info.dst,
+                        first_on_connection: *first,
+                    };
+                    shared.observe(&ctx, &ps);
+                }
+            }
+            Ok(Some((Unit::Command(_), n))) if n == bytes.len() => {}
+            _ => {
+                metrics::parse_error("tunnel_message");
+                return Err("a reassembled message is not one ZMTP unit".into());
+            }
+        }
+        *first = false;
+        metrics::forwarded(direction, bytes.len());
+    }
+    write_pieces(out, ready)
+        .await
+        .map_err(|e| format!("writing to the destination: {e}"))
+}
