@@ -33,7 +33,8 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
     direct = run_job(topo, workload, f"{tag}-direct", env)
     assert len(direct.results) == len(topo.workers), direct.logs
     hosts = topo.hosts() if proxied_hosts is None else proxied_hosts
-    bands_before = {h: (cluster.band_bytes(h, "1:10"), cluster.band_bytes(h, "1:40")) for h in topo.servers}
+    bands = ("1:10", "1:20", "1:30", "1:40")  # the switch's bands: precedence 6, 4, 2, 0
+    bands_before = {h: [cluster.band_bytes(h, b) for b in bands] for h in topo.servers}
     with Proxies(hosts, tag) as proxies:
         proxied = run_job(topo, workload, f"{tag}-proxied", env)
         metrics = proxies.metrics()
@@ -49,11 +50,19 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
         for s in topo.servers:
             if s in hosts and any(w in hosts and w != s for w in topo.workers):
                 assert metric(metrics[s], "p3proxy_connections_total", route="tunnel_in") > 0, f"{s} accepted tunnels"
-                # Tunnel main streams carry DSCP CS6: the switch queued them in the top band.
-                top = cluster.band_bytes(s, "1:10") - bands_before[s][0]
-                best_effort = cluster.band_bytes(s, "1:40") - bands_before[s][1]
-                # (ARP and other non-IP frames fall in the best-effort band: a few hundred bytes.)
-                assert top > 10 * max(best_effort - 2000, 0) and top > best_effort, f"{s}: tunnel traffic in the CS6 band ({top} vs {best_effort} bytes)"
+                assert metric(metrics[s], "p3proxy_slices_reassembled_total") > 0, f"{s} reassembled slices"
+        # Each class connection carries its DSCP: what the workers' proxies sent in class k
+        # reached the servers' switch ports in class k's precedence band.
+        sent = [sum(metric(metrics[w], "p3proxy_class_bytes_total", **{"class": str(k)})
+                    for w in topo.workers if w in hosts and w not in topo.servers) for k in range(4)]
+        seen = [sum(cluster.band_bytes(s, b) - bands_before[s][i] for s in topo.servers)
+                for i, b in enumerate(bands)]
+        if any(w in hosts and w not in topo.servers for w in topo.workers):
+            assert sum(sent[1:]) > 0, f"data went in the data classes: {sent}"
+            for k in (1, 2, 3):  # (class 0 also carries the workers' traffic to the scheduler)
+                # Packet bytes include headers; ARP and the like fall in the last band.
+                assert seen[k] >= sent[k], f"class {k}: {sent[k]} bytes sent, {seen[k]} in its band at the switch ({seen})"
+            assert seen[1] + seen[2] < 2 * (sent[1] + sent[2]) + 100_000, f"nothing else in the data bands: {sent} {seen}"
     return direct, metrics
 
 
