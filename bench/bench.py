@@ -5,6 +5,7 @@ namespace testbed, each system run side by side in one invocation:
   mxnet-p3  MXNet's own P3 (dist_p3_sync, DMLC_PS_VAN_TYPE=p3, MXNET_UPDATE_ON_KVSTORE=0:
             P3 cannot run the optimizer on the servers, so the workers do)
   p3proxy   the job unchanged, p3proxy and its redirect on every host
+  p3proxy-relay  the same with scheduling off (--no-schedule: a plain relay), on request
 
 Reports the median iteration time (min and max across runs), throughput, the ratio to
 direct, and each time as a multiple of the ideal bound. Checks that direct and p3proxy
@@ -34,7 +35,11 @@ SYSTEM_ENV = {
     "direct": {},
     "mxnet-p3": {"DMLC_PS_VAN_TYPE": "p3", "P3_KVSTORE": "dist_p3_sync", "MXNET_UPDATE_ON_KVSTORE": "0"},
     "p3proxy": {},
+    "p3proxy-relay": {},
 }
+# Proxy flags per system: p3proxy-relay is the proxy with scheduling off (plain relay),
+# to show what the relay costs and what scheduling adds.
+PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"]}
 
 
 def rate_bps(rate):
@@ -91,9 +96,12 @@ def progress(msg):
 
 def run_system(system, topo, job_args, tag, timeout, job=JOB):
     env = dict(SYSTEM_ENV[system])
-    if system == "p3proxy":
-        with Proxies(topo.hosts(), tag):
-            return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
+    if system in PROXY_ARGS:
+        with Proxies(topo.hosts(), tag, PROXY_ARGS[system]) as proxies:
+            r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
+        r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
+        progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s")
+        return r
     return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
 
 
@@ -139,7 +147,7 @@ def main():
     systems = a.systems.split(",")
     for s in systems:
         if s not in SYSTEM_ENV:
-            ap.error(f"unknown system {s!r}: direct, mxnet-p3, p3proxy")
+            ap.error(f"unknown system {s!r}: {', '.join(SYSTEM_ENV)}")
     os.makedirs(a.out, exist_ok=True)
     rows, failures, timelines = [], [], {}
     timeout = 900
@@ -170,10 +178,10 @@ def main():
                                 hung[s] += 1
                                 progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
                     # Bitwise checks.
-                    if "direct" in systems and "p3proxy" in systems:
-                        for d, p in zip(shas["direct"], shas["p3proxy"]):
+                    for proxied in (s for s in systems if s in PROXY_ARGS and "direct" in systems):
+                        for d, p in zip(shas["direct"], shas[proxied]):
                             if d != p:
-                                failures.append(f"{label}: p3proxy weights differ from direct: {p} vs {d}")
+                                failures.append(f"{label}: {proxied} weights differ from direct: {p} vs {d}")
                     if "mxnet-p3" in systems and a.api == "gluon":
                         progress(f"{label}: direct with worker-side updates (reference for mxnet-p3)")
                         ref = parse(run_job(topo, job, "bench-direct-worker", {"MXNET_UPDATE_ON_KVSTORE": "0"}, timeout, job_args, EXIT_GRACE))

@@ -52,6 +52,13 @@ struct RunArgs {
     /// Static mode, for tests only: relay every accepted connection to HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     upstream: Option<SocketAddr>,
+    /// Turn priority scheduling off: relay each session as it comes, one tunnel
+    /// connection per session, no slices (the baseline the benchmark compares with).
+    #[arg(long)]
+    no_schedule: bool,
+    /// Slice payload between proxies, in bytes [default: 160000, 40,000 float32 parameters].
+    #[arg(long, value_name = "BYTES")]
+    slice_bytes: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +117,12 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(a) = args.tunnel {
         config.tunnel = Some(a);
+    }
+    if args.no_schedule {
+        config.schedule = false;
+    }
+    if let Some(n) = args.slice_bytes {
+        config.slice_bytes = n;
     }
     config.validate()?;
     Ok(config)

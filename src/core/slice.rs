@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 
 use bytes::{Bytes, BytesMut};
+
 use nom::number::streaming::{be_u16, be_u32, be_u64, be_u8};
 use nom::{IResult, Parser};
 
@@ -263,11 +264,31 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<SliceFrame>, SliceError> 
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Pending {
     /// `None` while only early slices are in.
     announce: Option<Announce>,
-    bytes: BytesMut,
+    /// The payloads as they arrived (no copy: a message is written out piece by piece).
+    pieces: Vec<Bytes>,
+    have: u64,
+}
+
+/// A complete message, as the payload pieces that make it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reassembled {
+    /// Its bytes, in order.
+    pub pieces: Vec<Bytes>,
+    /// Their total length.
+    pub len: u64,
+    /// Announced as a fence (a command, control message, or not ps-lite).
+    pub fence: bool,
+}
+
+impl Reassembled {
+    /// The bytes in one buffer (tests, small messages).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
 }
 
 /// Reassembly and delivery for one tunnel session, with bounded memory.
@@ -310,7 +331,7 @@ impl Reassembler {
     }
 
     /// Takes one frame; returns the messages that may now go to the app, in order.
-    pub fn on_frame(&mut self, frame: SliceFrame) -> Result<Vec<Bytes>, SliceError> {
+    pub fn on_frame(&mut self, frame: SliceFrame) -> Result<Vec<Reassembled>, SliceError> {
         match frame {
             SliceFrame::Announce(a) => {
                 if a.seq != self.next_announce {
@@ -320,7 +341,7 @@ impl Reassembler {
                     });
                 }
                 self.next_announce += 1;
-                let have = self.pending.get(&a.seq).map_or(0, |p| p.bytes.len() as u64);
+                let have = self.pending.get(&a.seq).map_or(0, |p| p.have);
                 if have > a.total {
                     return Err(SliceError::BadOffset {
                         seq: a.seq,
@@ -331,12 +352,8 @@ impl Reassembler {
                 }
                 // Early bytes are already counted.
                 self.reserve(a.total - have)?;
-                let cap = usize::try_from(a.total.min(1 << 20)).unwrap_or(0);
-                let entry = self.pending.entry(a.seq).or_insert_with(|| Pending {
-                    announce: None,
-                    bytes: BytesMut::with_capacity(cap),
-                });
-                entry.announce = Some(a);
+                let seq = a.seq;
+                self.pending.entry(seq).or_default().announce = Some(a);
             }
             SliceFrame::Slice {
                 seq,
@@ -353,11 +370,8 @@ impl Reassembler {
                 if early {
                     self.reserve(payload.len() as u64)?;
                 }
-                let p = self.pending.entry(seq).or_insert_with(|| Pending {
-                    announce: None,
-                    bytes: BytesMut::new(),
-                });
-                let have = p.bytes.len() as u64;
+                let p = self.pending.entry(seq).or_default();
+                let have = p.have;
                 let total = p.announce.as_ref().map_or(u64::MAX, |a| a.total);
                 if offset != have || have + payload.len() as u64 > total {
                     return Err(SliceError::BadOffset {
@@ -367,19 +381,20 @@ impl Reassembler {
                         total,
                     });
                 }
-                p.bytes.extend_from_slice(&payload);
+                p.have += payload.len() as u64;
+                if !payload.is_empty() {
+                    p.pieces.push(payload);
+                }
             }
         }
         Ok(self.deliverable())
     }
 
     fn complete(p: &Pending) -> bool {
-        p.announce
-            .as_ref()
-            .is_some_and(|a| p.bytes.len() as u64 == a.total)
+        p.announce.as_ref().is_some_and(|a| p.have == a.total)
     }
 
-    fn deliverable(&mut self) -> Vec<Bytes> {
+    fn deliverable(&mut self) -> Vec<Reassembled> {
         let mut out = Vec::new();
         loop {
             let mut pick = None;
@@ -400,8 +415,12 @@ impl Reassembler {
             }
             let Some(seq) = pick else { return out };
             let p = self.pending.remove(&seq).expect("picked");
-            self.held -= p.bytes.len() as u64;
-            out.push(p.bytes.freeze());
+            self.held -= p.have;
+            out.push(Reassembled {
+                pieces: p.pieces,
+                len: p.have,
+                fence: p.announce.is_some_and(|a| a.fence),
+            });
         }
     }
 }
@@ -418,6 +437,11 @@ mod tests {
             fence,
             keys: keys.to_vec(),
         })
+    }
+
+    /// Each delivered message's bytes.
+    fn flat(msgs: Vec<Reassembled>) -> Vec<Vec<u8>> {
+        msgs.iter().map(Reassembled::to_vec).collect()
     }
 
     fn slice(seq: u64, offset: u64, data: &[u8]) -> SliceFrame {
@@ -478,7 +502,7 @@ mod tests {
             Err(SliceError::Unannounced(MAX_EARLY_MESSAGES)),
             "an early slice too far ahead"
         );
-        r.on_frame(announce(0, 4, false, &[1])).unwrap();
+        flat(r.on_frame(announce(0, 4, false, &[1])).unwrap());
         assert_eq!(
             r.on_frame(slice(0, 2, b"x")),
             Err(SliceError::BadOffset {
@@ -516,8 +540,14 @@ mod tests {
     fn early_slices_wait_for_their_announcement_within_the_bound() {
         let mut r = Reassembler::new(10);
         // Message 0's slices overtake its announcement (another connection).
-        assert_eq!(r.on_frame(slice(0, 0, b"ab")).unwrap(), Vec::<Bytes>::new());
-        assert_eq!(r.on_frame(slice(0, 2, b"c")).unwrap(), Vec::<Bytes>::new());
+        assert_eq!(
+            flat(r.on_frame(slice(0, 0, b"ab")).unwrap()),
+            Vec::<Vec<u8>>::new()
+        );
+        assert_eq!(
+            flat(r.on_frame(slice(0, 2, b"c")).unwrap()),
+            Vec::<Vec<u8>>::new()
+        );
         assert_eq!(r.held(), 3);
         assert_eq!(
             r.on_frame(slice(1, 0, b"0123456789")),
@@ -528,8 +558,8 @@ mod tests {
             "early bytes count against the bound"
         );
         assert_eq!(
-            r.on_frame(announce(0, 3, false, &[4])).unwrap(),
-            vec![Bytes::from_static(b"abc")]
+            flat(r.on_frame(announce(0, 3, false, &[4])).unwrap()),
+            vec![b"abc".to_vec()]
         );
         assert_eq!(r.held(), 0);
         assert_eq!(
@@ -538,7 +568,7 @@ mod tests {
             "a delivered message gets no more bytes"
         );
         // An announcement smaller than what arrived early.
-        r.on_frame(slice(1, 0, b"xyz")).unwrap();
+        flat(r.on_frame(slice(1, 0, b"xyz")).unwrap());
         assert_eq!(
             r.on_frame(announce(1, 2, false, &[])),
             Err(SliceError::BadOffset {
@@ -554,33 +584,29 @@ mod tests {
     fn disjoint_messages_overtake_fences_and_shared_keys_do_not() {
         let mut r = Reassembler::new(1 << 20);
         // 0: big, key 30 (low class); 1: small, key 0 (high class); 2: fence; 3: key 0 again.
-        r.on_frame(announce(0, 6, false, &[30])).unwrap();
-        r.on_frame(announce(1, 2, false, &[0])).unwrap();
-        r.on_frame(announce(2, 1, true, &[])).unwrap();
-        r.on_frame(announce(3, 1, false, &[0])).unwrap();
-        r.on_frame(slice(0, 0, b"big")).unwrap();
+        flat(r.on_frame(announce(0, 6, false, &[30])).unwrap());
+        flat(r.on_frame(announce(1, 2, false, &[0])).unwrap());
+        flat(r.on_frame(announce(2, 1, true, &[])).unwrap());
+        flat(r.on_frame(announce(3, 1, false, &[0])).unwrap());
+        flat(r.on_frame(slice(0, 0, b"big")).unwrap());
         assert_eq!(
-            r.on_frame(slice(1, 0, b"hi")).unwrap(),
-            vec![Bytes::from_static(b"hi")],
+            flat(r.on_frame(slice(1, 0, b"hi")).unwrap()),
+            vec![b"hi".to_vec()],
             "overtakes the big one"
         );
         assert_eq!(
-            r.on_frame(slice(3, 0, b"z")).unwrap(),
-            Vec::<Bytes>::new(),
+            flat(r.on_frame(slice(3, 0, b"z")).unwrap()),
+            Vec::<Vec<u8>>::new(),
             "behind the fence"
         );
         assert_eq!(
-            r.on_frame(slice(2, 0, b"F")).unwrap(),
-            Vec::<Bytes>::new(),
+            flat(r.on_frame(slice(2, 0, b"F")).unwrap()),
+            Vec::<Vec<u8>>::new(),
             "the fence waits for 0"
         );
         assert_eq!(
-            r.on_frame(slice(0, 3, b"msg")).unwrap(),
-            vec![
-                Bytes::from_static(b"bigmsg"),
-                Bytes::from_static(b"F"),
-                Bytes::from_static(b"z")
-            ]
+            flat(r.on_frame(slice(0, 3, b"msg")).unwrap()),
+            vec![b"bigmsg".to_vec(), b"F".to_vec(), b"z".to_vec()]
         );
         assert_eq!(r.held(), 0);
     }

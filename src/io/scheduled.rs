@@ -14,8 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use p3proxy_parsers::pslite::PsMessage;
-use p3proxy_parsers::zmtp::{parse_unit, StreamDecoder, StreamEvent, Unit};
+use p3proxy_parsers::pslite::{parse_meta, PsMessage};
+use p3proxy_parsers::zmtp::{parse_frame_header, Limits, StreamDecoder, StreamEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -28,7 +28,7 @@ use super::server::Shared;
 use super::session::PeerInfo;
 use crate::core::priority::{Urgency, CLASSES, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
-use crate::core::slice::{take_frame, Reassembler, SliceError, SliceFrame};
+use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
 use crate::core::topology::MessageContext;
 use crate::metrics::{self, OpenConnection};
 
@@ -380,11 +380,71 @@ pub(crate) async fn run_receiver(
     drop(idle_writes);
 }
 
+/// Bytes `off..off + n` of a message held as pieces (fewer at its end).
+fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    for p in pieces {
+        let len = p.len() as u64;
+        if off >= len {
+            off -= len;
+            continue;
+        }
+        let take = (n - out.len()).min(p.len() - off as usize);
+        out.extend_from_slice(&p[off as usize..off as usize + take]);
+        off = 0;
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}
+
+/// Largest first frame read as a ps-lite meta for observation.
+const MAX_META_LEN: u64 = 64 * 1024;
+
+/// Checks that a reassembled message is exactly one ZMTP unit (frame headers
+/// consistent to its last byte, within the limits), without copying its bodies;
+/// returns a message's first frame (its meta) if small enough to be one.
+fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<Option<Bytes>, &'static str> {
+    let (mut off, mut frames, mut meta) = (0u64, 0usize, None);
+    loop {
+        let head = bytes_at(&msg.pieces, off, 9);
+        let (rest, h) = parse_frame_header(&head, limits.max_frame_len)
+            .map_err(|_| "a frame header is broken")?;
+        let body = off + (head.len() - rest.len()) as u64;
+        let end = body
+            .checked_add(h.size)
+            .ok_or("a frame runs past the message")?;
+        if end > msg.len {
+            return Err("a frame runs past the message");
+        }
+        if h.command {
+            if frames > 0 || h.more {
+                return Err("a command inside a message");
+            }
+        } else if frames == 0 && h.size <= MAX_META_LEN {
+            meta = Some(Bytes::from(bytes_at(&msg.pieces, body, h.size as usize)));
+        }
+        frames += 1;
+        off = end;
+        if !h.more {
+            break;
+        }
+        if frames >= limits.max_frames {
+            return Err("too many frames");
+        }
+    }
+    if off != msg.len {
+        return Err("bytes after the message's last frame");
+    }
+    Ok(meta)
+}
+
 /// Observes complete messages and writes them to the destination app.
 async fn deliver(
     shared: &Shared,
     info: &SessionInfo,
-    ready: Vec<Bytes>,
+    ready: Vec<Reassembled>,
     out: &mut OwnedWriteHalf,
     first: &mut bool,
     direction: &'static str,
@@ -392,28 +452,77 @@ async fn deliver(
     if ready.is_empty() {
         return Ok(());
     }
-    for bytes in &ready {
-        match parse_unit(bytes, &shared.limits) {
-            Ok(Some((Unit::Message(msg), n))) if n == bytes.len() => {
-                if let Ok(ps) = PsMessage::from_zmtp(msg) {
-                    let ctx = MessageContext {
-                        sender_identity: &info.identity,
-                        dst: info.dst,
-                        first_on_connection: *first,
-                    };
-                    shared.observe(&ctx, &ps);
-                }
-            }
-            Ok(Some((Unit::Command(_), n))) if n == bytes.len() => {}
-            _ => {
-                metrics::parse_error("tunnel_message");
-                return Err("a reassembled message is not one ZMTP unit".into());
-            }
+    let mut pieces = Vec::new();
+    for msg in ready {
+        let meta = check_unit(&msg, &shared.limits).map_err(|why| {
+            metrics::parse_error("tunnel_message");
+            format!("a reassembled message is not one ZMTP unit: {why}")
+        })?;
+        // Only the meta matters to the node table and the requests in flight.
+        if let Some(meta) = meta.and_then(|m| parse_meta(&m).ok()) {
+            let ctx = MessageContext {
+                sender_identity: &info.identity,
+                dst: info.dst,
+                first_on_connection: *first,
+            };
+            shared.observe(&ctx, &PsMessage::new(meta, Vec::new()));
         }
         *first = false;
-        metrics::forwarded(direction, bytes.len());
+        metrics::forwarded(direction, msg.len as usize);
+        pieces.extend(msg.pieces);
     }
-    write_pieces(out, ready)
+    write_pieces(out, pieces)
         .await
         .map_err(|e| format!("writing to the destination: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p3proxy_parsers::zmtp::{Command, ZmtpMessage};
+
+    /// `bytes` cut into pieces at every `step` bytes.
+    fn pieces(bytes: &[u8], step: usize) -> Reassembled {
+        Reassembled {
+            pieces: bytes.chunks(step).map(Bytes::copy_from_slice).collect(),
+            len: bytes.len() as u64,
+            fence: false,
+        }
+    }
+
+    #[test]
+    fn reassembled_units_are_checked_across_piece_boundaries() {
+        let limits = Limits::default();
+        let meta = Bytes::from_static(b"\x08\x01meta bytes");
+        let msg = ZmtpMessage::from_bodies([
+            meta.clone(),
+            Bytes::from(vec![7u8; 300]),
+            Bytes::from_static(b"lens"),
+        ])
+        .encode();
+        for step in [1, 2, 3, 9, 100, msg.len()] {
+            assert_eq!(
+                check_unit(&pieces(&msg, step), &limits),
+                Ok(Some(meta.clone()))
+            );
+        }
+        let cmd = Command::ready(&[("Socket-Type", b"DEALER")]).encode();
+        assert_eq!(check_unit(&pieces(&cmd, 5), &limits), Ok(None));
+        let mut trailing = msg.clone();
+        trailing.push(0);
+        assert_eq!(
+            check_unit(&pieces(&trailing, 7), &limits),
+            Err("bytes after the message's last frame")
+        );
+        assert_eq!(
+            check_unit(&pieces(&msg[..msg.len() - 1], 7), &limits),
+            Err("a frame runs past the message")
+        );
+        let mut two = vec![0x01, 0x01, b'x']; // a one-byte frame with MORE...
+        two.extend(&cmd); // ...then a command
+        assert_eq!(
+            check_unit(&pieces(&two, 4), &limits),
+            Err("a command inside a message")
+        );
+    }
 }

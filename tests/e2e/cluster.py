@@ -78,17 +78,18 @@ def metric(text, name, **labels):
 class Proxies:
     """p3proxy and its redirect on some hosts; stopped and removed on exit."""
 
-    def __init__(self, hosts, tag):
+    def __init__(self, hosts, tag, args=()):
         self.hosts = list(hosts)
         self.procs = {}
         self.tag = tag
+        self.args = list(args)
 
     def __enter__(self):
         os.makedirs(LOGS, exist_ok=True)
         for h in self.hosts:
             log = open(os.path.join(LOGS, f"{self.tag}-proxy-{h}.log"), "w")
             env = dict(os.environ, P3PROXY_LOG=os.environ.get("P3PROXY_LOG", "info"))
-            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
         for h in self.hosts:
             deadline = time.time() + 10
             while sh(*netns(h), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":
@@ -101,7 +102,21 @@ class Proxies:
     def metrics(self):
         return {h: scrape(h) for h in self.hosts}
 
+    def cpu_seconds(self):
+        """CPU time (user + system) each proxy has used so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for h, p in self.procs.items():
+            try:
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[h] = (int(fields[11]) + int(fields[12])) / tick
+            except OSError:
+                out[h] = None
+        return out
+
     def __exit__(self, *exc):
+        self.cpu = self.cpu_seconds()
         for h in self.hosts:
             sh(*netns(h), REDIRECT, "remove", check=False)
         for h, p in self.procs.items():
