@@ -122,6 +122,8 @@ pub struct Config {
     pub reassembly_bytes: u64,
     /// DSCP of each priority class (top class first: control, commands, probes).
     pub class_dscp: [u8; 4],
+    /// Threads that move bytes (1: a single-threaded runtime).
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -145,6 +147,7 @@ impl Default for Config {
             memory_budget_bytes: 1 << 30,
             reassembly_bytes: 1 << 30,
             class_dscp: [48, 32, 16, 0],
+            threads: 1,
         }
     }
 }
@@ -222,6 +225,9 @@ impl Config {
         }
         if self.reassembly_bytes < self.slice_bytes {
             return invalid("reassembly_bytes", "must hold at least one slice");
+        }
+        if !(1..=64).contains(&self.threads) {
+            return invalid("threads", "must be between 1 and 64");
         }
         if let Some(v) = self.class_dscp.iter().find(|&&v| v > 63) {
             return invalid(

@@ -56,6 +56,9 @@ struct RunArgs {
     /// connection per session, no slices (the baseline the benchmark compares with).
     #[arg(long)]
     no_schedule: bool,
+    /// Threads that move bytes [default: 1].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Slice payload between proxies, in bytes [default: 160000, 40,000 float32 parameters].
     #[arg(long, value_name = "BYTES")]
     slice_bytes: Option<u64>,
@@ -87,7 +90,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            // One thread by default, like linkerd2-proxy: a sidecar should not compete
+            // with the job for cores, and cross-thread wake-ups cost more than they give.
+            let runtime = if config.threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(config.threads);
+                b
+            }
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -123,6 +137,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(n) = args.slice_bytes {
         config.slice_bytes = n;
+    }
+    if let Some(n) = args.threads {
+        config.threads = n;
     }
     config.validate()?;
     Ok(config)

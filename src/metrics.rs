@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
 };
 
 /// Bytes relayed, by `direction` (`outbound`: from a local app; `inbound`: to a local app).
@@ -173,33 +174,65 @@ pub fn forwarded_opaque(direction: &'static str, bytes: u64) {
     counter!(FORWARDED_BYTES, "direction" => direction).increment(bytes);
 }
 
-/// Records what the egress scheduler handed to a connection: `len` bytes of a
-/// message of `class`; a slice to a peer proxy if `sliced`; its queue delay on its
-/// first bytes; whether it preempted a less urgent message.
-pub fn transmitted(
-    class: usize,
-    len: u64,
-    sliced: bool,
-    queue_delay: Option<Duration>,
-    preempted: bool,
-) {
-    let class = CLASS_LABELS[class.min(CLASS_LABELS.len() - 1)];
-    counter!(CLASS_BYTES, "class" => class).increment(len);
-    if let Some(d) = queue_delay {
-        counter!(CLASS_MESSAGES, "class" => class).increment(1);
-        histogram!(QUEUE_DELAY, "class" => class).record(d.as_secs_f64());
+/// The egress scheduler's metrics, registered once (the hot path does no lookups).
+#[derive(Debug)]
+pub struct EgressMetrics {
+    class_bytes: [Counter; 4],
+    class_messages: [Counter; 4],
+    queue_delay: [Histogram; 4],
+    slices_sent: Counter,
+    preemptions: Counter,
+    queued: Gauge,
+}
+
+impl EgressMetrics {
+    /// Registers the series with the installed recorder.
+    pub fn new() -> EgressMetrics {
+        EgressMetrics {
+            class_bytes: CLASS_LABELS.map(|c| counter!(CLASS_BYTES, "class" => c)),
+            class_messages: CLASS_LABELS.map(|c| counter!(CLASS_MESSAGES, "class" => c)),
+            queue_delay: CLASS_LABELS.map(|c| histogram!(QUEUE_DELAY, "class" => c)),
+            slices_sent: counter!(SLICES_SENT),
+            preemptions: counter!(PREEMPTIONS),
+            queued: gauge!(SCHEDULER_QUEUED_BYTES),
+        }
     }
-    if sliced {
-        counter!(SLICES_SENT).increment(1);
+
+    /// Records what the egress scheduler handed to a connection: `len` bytes of a
+    /// message of `class`; a slice to a peer proxy if `sliced`; its queue delay on its
+    /// first bytes; whether it preempted a less urgent message.
+    pub fn transmitted(
+        &self,
+        class: usize,
+        len: u64,
+        sliced: bool,
+        queue_delay: Option<Duration>,
+        preempted: bool,
+    ) {
+        let class = class.min(CLASS_LABELS.len() - 1);
+        self.class_bytes[class].increment(len);
+        if let Some(d) = queue_delay {
+            self.class_messages[class].increment(1);
+            self.queue_delay[class].record(d.as_secs_f64());
+        }
+        if sliced {
+            self.slices_sent.increment(1);
+        }
+        if preempted {
+            self.preemptions.increment(1);
+        }
     }
-    if preempted {
-        counter!(PREEMPTIONS).increment(1);
+
+    /// Sets the bytes queued in the egress scheduler.
+    pub fn queued(&self, bytes: u64) {
+        self.queued.set(bytes as f64);
     }
 }
 
-/// Sets the bytes queued in the egress scheduler.
-pub fn scheduler_queued(bytes: u64) {
-    gauge!(SCHEDULER_QUEUED_BYTES).set(bytes as f64);
+impl Default for EgressMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Moves the reassembly gauge from one session's `before` to its `now`.

@@ -101,6 +101,7 @@ pub(crate) struct Egress {
     /// Woken when queued bytes are handed out (readers waiting on the budget).
     space: Notify,
     slice_bytes: u64,
+    metrics: metrics::EgressMetrics,
 }
 
 /// What a lane writer does next.
@@ -126,6 +127,7 @@ impl Egress {
             }),
             space: Notify::new(),
             slice_bytes,
+            metrics: metrics::EgressMetrics::new(),
         }
     }
 
@@ -196,7 +198,7 @@ impl Egress {
                     if let Some(lane) = st.lanes.get(&item.lane) {
                         lane.wake.notify_one();
                     }
-                    metrics::scheduler_queued(st.sched.used());
+                    self.metrics.queued(st.sched.used());
                     return;
                 }
             }
@@ -243,7 +245,8 @@ impl Egress {
             }
             pieces.extend(q.body.range(tx.offset, tx.len));
             total += tx.len;
-            metrics::transmitted(q.class, tx.len, sliced, tx.queue_delay, tx.preempted);
+            self.metrics
+                .transmitted(q.class, tx.len, sliced, tx.queue_delay, tx.preempted);
             if tx.last {
                 st.bodies.remove(&tx.msg);
                 released = true;
@@ -253,7 +256,7 @@ impl Egress {
             pieces.push(Bytes::from(header));
         }
         if released {
-            metrics::scheduler_queued(st.sched.used());
+            self.metrics.queued(st.sched.used());
             self.space.notify_waiters();
             // A finished message may unblock later ones of its session on other lanes.
             for (&other, lane) in &st.lanes {
@@ -305,7 +308,7 @@ impl Egress {
                 "session closed with messages unsent"
             );
         }
-        metrics::scheduler_queued(st.sched.used());
+        self.metrics.queued(st.sched.used());
         drop(st);
         self.space.notify_waiters();
     }

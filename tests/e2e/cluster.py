@@ -111,6 +111,8 @@ class Proxies:
                 with open(f"/proc/{p.pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
                 out[h] = (int(fields[11]) + int(fields[12])) / tick
+                if os.environ.get("P3_CPU_SPLIT"):
+                    print(f"proxy {h}: user {int(fields[11]) / tick} s, system {int(fields[12]) / tick} s", flush=True)
             except OSError:
                 out[h] = None
         return out
