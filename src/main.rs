@@ -56,6 +56,9 @@ struct RunArgs {
     /// connection per session, no slices (the baseline the benchmark compares with).
     #[arg(long)]
     no_schedule: bool,
+    /// The ps-lite scheduler's port on this host, if known (else learned from its self connection).
+    #[arg(long, value_name = "PORT")]
+    scheduler_port: Option<u16>,
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -137,6 +140,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(n) = args.slice_bytes {
         config.slice_bytes = n;
+    }
+    if let Some(p) = args.scheduler_port {
+        config.scheduler_port = Some(p);
     }
     if let Some(n) = args.threads {
         config.threads = n;

@@ -1,0 +1,108 @@
+"""Scheduling on the shaped testbed (two hosts, 1 Gbit/s, host NICs plain FIFO, switch
+ports with precedence bands): a pnet capture on the receiving host's NIC shows that each
+tunnel class connection carries one fixed DSCP, its class's; and a small push of the first
+layer's key, handed to the proxy right behind a 40 MB push of the last layer's, reaches the
+other host within a few slice times (measured and printed)."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+import cluster
+from cluster import Proxies, ip, metric, netns
+
+LOADGEN = os.path.join(os.path.dirname(cluster.PROXY), "p3proxy-loadgen")
+PORT = 29111
+BIG, SMALL = 40_000_000, 1000
+SLICE_BYTES = 160_000
+RATE_BPS = 1e9
+
+
+@pytest.fixture(scope="module", params=["fifo", "qdisc"])
+def testbed(request):
+    """Host NICs plain FIFO (the product's target), then with scripts/qdisc installed."""
+    args = ["--qdisc"] if request.param == "qdisc" else []
+    cluster.sh(cluster.TESTBED, "up", "--hosts", "2", "--rate", "1gbit", *args)
+    yield request.param
+    cluster.testbed_down()
+
+
+def spawn(host, *args):
+    return subprocess.Popen(netns(host) + [LOADGEN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def first_line(p):
+    line = p.stdout.readline()
+    assert line, f"{p.args} printed nothing"
+    return json.loads(line)
+
+
+def lines(p, timeout=60):
+    out, _ = p.communicate(timeout=timeout)
+    return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+
+
+def preempt(tag, proxy_args):
+    """The big push then the small one from h1 to a ROUTER on h2, through the proxies;
+    returns (arrivals, the time the small one was handed over, capture, metrics)."""
+    with Proxies(["h1", "h2"], tag, ["--scheduler-port", str(PORT), *proxy_args]) as proxies:
+        recv = spawn("h2", "recv", "--listen", f"{ip('h2')}:{PORT}", "--arrivals")
+        cap = spawn("h2", "capture", "--iface", "eth0", "--port", "15302", "--seconds", "5")
+        try:
+            assert "listening" in first_line(recv)
+            assert "capturing" in first_line(cap)
+            sent = subprocess.run(netns("h1") + [LOADGEN, "preempt", "--to", f"{ip('h2')}:{PORT}", "--big", str(BIG), "--small", str(SMALL)],
+                                  capture_output=True, text=True, timeout=60, check=True)
+            small_sent = json.loads(sent.stdout.splitlines()[-1])["small_sent"]
+            arrivals = [l for l in lines(recv) if "arrival" in l]
+            conns = lines(cap)
+        finally:
+            for p in (recv, cap):
+                if p.poll() is None:
+                    p.kill()
+        return arrivals, small_sent, conns, proxies.metrics()
+
+
+def test_without_scheduling_the_urgent_push_waits(testbed):
+    """The counterfactual: a plain relay (--no-schedule) keeps the app's order."""
+    if testbed != "fifo":
+        pytest.skip("once is enough")
+    arrivals, small_sent, _, _ = preempt("relay", ["--no-schedule"])
+    assert [a["key"] for a in arrivals] == [29, 0], arrivals
+    latency = arrivals[1]["arrival"] - small_sent
+    print(f"\n[relay] first-layer push: {latency * 1000:.0f} ms after it was handed over (behind the 40 MB push)")
+    assert latency > 0.25
+
+
+def test_class_connections_carry_their_dscp_and_urgent_data_overtakes(testbed):
+    arrivals, small_sent, conns, metrics = preempt(f"sched-{testbed}", [])
+
+    # The urgent push arrived first, long before the 40 MB one.
+    assert [a["key"] for a in arrivals] == [0, 29], arrivals
+    latency = arrivals[0]["arrival"] - small_sent
+    big_done = arrivals[1]["arrival"] - small_sent
+    slice_time = SLICE_BYTES * 8 / RATE_BPS
+    print(f"\n[{testbed}] first-layer push: {latency * 1000:.1f} ms after it was handed over "
+          f"({latency / slice_time:.1f} slice times of {slice_time * 1000:.2f} ms); "
+          f"the 40 MB push completed {big_done * 1000:.0f} ms after it")
+    assert big_done > 0.25, "the 40 MB push needs about 0.32 s at 1 Gbit/s: it was really queued"
+    # "A few slice times": the FIFO on the sending host's NIC still holds some packets of
+    # the big push (its TCP window), so allow a margin over the slice time itself.
+    assert latency < 10 * slice_time, f"{latency * 1000:.1f} ms"
+
+    # Every tunnel connection from h1 kept one DSCP for its whole life, and the session
+    # used all four classes: CS6 (main stream), CS4, CS2, CS0.
+    tunnels = [c for c in conns if c["src"] == ip("h1") and c["dport"] == 15302]
+    assert all(len(c["dscp"]) == 1 for c in tunnels), tunnels
+    assert {c["dscp"][0] for c in tunnels} == {48, 32, 16, 0}, tunnels
+    bulk = max(tunnels, key=lambda c: c["bytes"])
+    assert bulk["dscp"] == [0] and bulk["bytes"] > BIG, "the 40 MB push went on the CS0 connection"
+    urgent = [c for c in tunnels if c["dscp"] == [32]]
+    assert sum(c["bytes"] for c in urgent) > SMALL, "the first layer's push went on the CS4 connection"
+    h1 = metrics["h1"]
+    assert metric(h1, "p3proxy_slices_sent_total") >= BIG // SLICE_BYTES
+    assert metric(h1, "p3proxy_class_bytes_total", **{"class": "3"}) >= BIG
+    assert metric(h1, "p3proxy_queue_delay_seconds_count", **{"class": "1"}) >= 1
+    assert metric(metrics["h2"], "p3proxy_slices_reassembled_total") >= BIG // SLICE_BYTES
