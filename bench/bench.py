@@ -116,6 +116,8 @@ def main():
     ap.add_argument("--models", default="vgg19,resnet50_v1")
     ap.add_argument("--scale", type=float, help="tensor scale for every model (default: vgg19 0.1, resnet50_v1 0.5)")
     ap.add_argument("--rates", default="1gbit")
+    ap.add_argument("--host-qdisc", default="fifo",
+                    help="fifo: host NICs plain FIFO (as most hosts); prio: scripts/qdisc on every host; fifo,prio: both")
     ap.add_argument("--topologies", default="a,b", help="a: separate hosts; b: each host a server and a worker")
     ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
@@ -152,10 +154,10 @@ def main():
     rows, failures, timelines = [], [], {}
     timeout = 900
     try:
-        for rate in a.rates.split(","):
+        for rate, host_qdisc in [(r, q) for r in a.rates.split(",") for q in a.host_qdisc.split(",")]:
             plans = [(t, *topologies(t, a.servers, a.workers, a.hosts)) for t in a.topologies.split(",")]
-            cluster.testbed_up(max(n for _, _, n in plans), rate)
-            progress(f"testbed up at {rate}")
+            cluster.testbed_up(max(n for _, _, n in plans), rate, qdisc=host_qdisc == "prio")
+            progress(f"testbed up at {rate}, host NICs {host_qdisc}")
             for model in a.models.split(","):
                 scale = a.scale or DEFAULT_SCALE.get(model, 1.0)
                 _, params = models.layers(model, scale)
@@ -163,7 +165,7 @@ def main():
                 job_args = ["--model", model, "--scale", str(scale), "--iters", str(a.iters), "--warmup", str(a.warmup),
                             "--compute-ms", str(a.compute_ms), "--api", a.api]
                 for tname, topo, _ in plans:
-                    label = f"{model} x{scale} topology {tname} {rate}"
+                    label = f"{model} x{scale} topology {tname} {rate} {host_qdisc}"
                     per_system = {s: [] for s in systems}
                     shas = {s: [] for s in systems}
                     hung = {s: 0 for s in systems}
@@ -197,7 +199,7 @@ def main():
                     for s in systems:
                         med = statistics.median(per_system[s])
                         rows.append({
-                            "model": model, "scale": scale, "topology": tname, "rate": rate, "system": s,
+                            "model": model, "scale": scale, "topology": tname, "rate": rate, "host_qdisc": host_qdisc, "system": s,
                             "runs": a.runs, "iters": a.iters, "median_s": med, "min_s": min(per_system[s]),
                             "max_s": max(per_system[s]), "samples_per_s": BATCH * len(topo.workers) / med,
                             "speedup_vs_direct": (base / med) if base else None, "ideal_s": ideal,
@@ -228,12 +230,12 @@ def report(rows, timelines, a, failures):
         f"{a.compute_ms:.0f} ms/iteration, API {meta['api']}, {a.workers} workers; tensors scaled as shown. "
         f"Bitwise checks: {meta['bitwise_checks']}.",
         "",
-        "| model | topology | rate | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | topology | rate | host NICs | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = f"{r['speedup_vs_direct']:.2f}x" if r["speedup_vs_direct"] else "-"
-        lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r['system']} | "
+        lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r.get('host_qdisc', 'fifo')} | {r['system']} | "
                      f"{r['median_s']:.3f} [{r['min_s']:.3f}, {r['max_s']:.3f}] | {r['samples_per_s']:.1f} | {vs} | "
                      f"{r['x_ideal']:.2f} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"]) for r in rows})
@@ -261,16 +263,18 @@ def chart(rows, timelines, out):
     except ImportError:
         print("(matplotlib not installed: no chart)")
         return
-    groups = sorted({(r["model"], r["scale"], r["topology"], r["rate"]) for r in rows})
+    key = lambda r: (r["model"], r["scale"], r["topology"], r["rate"], r.get("host_qdisc", "fifo"))  # noqa: E731
+    groups = sorted({key(r) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
     for ax, g in zip(axes[0], groups):
-        rs = [r for r in rows if (r["model"], r["scale"], r["topology"], r["rate"]) == g]
+        rs = [r for r in rows if key(r) == g]
         names = [r["system"] for r in rs]
         med = [r["median_s"] for r in rs]
         err = [[r["median_s"] - r["min_s"] for r in rs], [r["max_s"] - r["median_s"] for r in rs]]
-        ax.bar(names, med, yerr=err, capsize=4, color=["#888", "#c83", "#38c", "#3a3"][: len(rs)])
+        ax.bar(names, med, yerr=err, capsize=4, color=["#888", "#c83", "#38c", "#3a3", "#a3a"][: len(rs)])
         ax.axhline(rs[0]["ideal_s"], color="k", linestyle="--", label="ideal")
-        ax.set_title(f"{g[0]} x{g[1]}, topo {g[2]}, {g[3]}", fontsize=9)
+        ax.set_title(f"{g[0]} x{g[1]}, topo {g[2]}, {g[3]}, {g[4]}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_ylabel("iteration time (s)")
         ax.legend(fontsize=8)
     fig.tight_layout()

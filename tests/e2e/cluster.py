@@ -34,8 +34,8 @@ def sh(*cmd, check=True, **kw):
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 
 
-def testbed_up(hosts, rate="1gbit"):
-    sh(TESTBED, "up", "--hosts", str(hosts), "--rate", rate)
+def testbed_up(hosts, rate="1gbit", qdisc=False):
+    sh(TESTBED, "up", "--hosts", str(hosts), "--rate", rate, *(["--qdisc"] if qdisc else []))
 
 
 def testbed_down():
