@@ -6,6 +6,7 @@ namespace testbed, each system run side by side in one invocation:
             P3 cannot run the optimizer on the servers, so the workers do)
   p3proxy   the job unchanged, p3proxy and its redirect on every host
   p3proxy-relay  the same with scheduling off (--no-schedule: a plain relay), on request
+  p3proxy-key, p3proxy-map  priorities from MXNet key order / a map of the model, on request
 
 Reports the median iteration time (min and max across runs), throughput, the ratio to
 direct, and each time as a multiple of the ideal bound. Checks that direct and p3proxy
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -36,10 +38,25 @@ SYSTEM_ENV = {
     "mxnet-p3": {"DMLC_PS_VAN_TYPE": "p3", "P3_KVSTORE": "dist_p3_sync", "MXNET_UPDATE_ON_KVSTORE": "0"},
     "p3proxy": {},
     "p3proxy-relay": {},
+    "p3proxy-key": {},
+    "p3proxy-map": {},
 }
-# Proxy flags per system: p3proxy-relay is the proxy with scheduling off (plain relay),
-# to show what the relay costs and what scheduling adds.
-PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"]}
+# Proxy flags per system: p3proxy (the default: learned priorities); p3proxy-relay is the
+# proxy with scheduling off (plain relay), to show what the relay costs and what
+# scheduling adds; p3proxy-key and p3proxy-map use MXNet key order and a map from the
+# model (scripts/priority-map, written into the output folder).
+PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None}
+
+
+def proxy_args(system, job_args, out):
+    if PROXY_ARGS[system] is not None:
+        return PROXY_ARGS[system]
+    model = job_args[job_args.index("--model") + 1]
+    path = os.path.abspath(os.path.join(out, f"priority-map-{model}.toml"))
+    if not os.path.exists(path):
+        subprocess.run([os.path.join(cluster.ROOT, "scripts", "priority-map"), "--model", model, "--out", path],
+                       check=True, capture_output=True)
+    return ["--priority", "map", "--priority-map", path]
 
 
 def rate_bps(rate):
@@ -94,10 +111,10 @@ def progress(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_system(system, topo, job_args, tag, timeout, job=JOB):
+def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp"):
     env = dict(SYSTEM_ENV[system])
     if system in PROXY_ARGS:
-        with Proxies(topo.hosts(), tag, PROXY_ARGS[system]) as proxies:
+        with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out)) as proxies:
             r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
         r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
         progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s")
@@ -172,7 +189,7 @@ def main():
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
-                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job)
+                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job, a.out)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             shas[s].append(r["sha"])
@@ -190,10 +207,10 @@ def main():
                         for p in shas["mxnet-p3"]:
                             if p != ref["sha"]:
                                 failures.append(f"{label}: mxnet-p3 weights differ from direct with worker-side updates")
-                    if a.timeline and not a.real and "direct" in systems and "p3proxy" in systems:
-                        for s in ("direct", "p3proxy"):
+                    if a.timeline and not a.real:
+                        for s in [x for x in systems if x in ("direct", "p3proxy", "p3proxy-key", "p3proxy-map")]:
                             progress(f"{label}: {s} timeline")
-                            timelines[f"{label} {s}"] = run_system(s, topo, job_args + ["--timeline"], f"bench-{s}-tl", timeout)["timeline"]
+                            timelines[f"{label} {s}"] = run_system(s, topo, job_args + ["--timeline"], f"bench-{s}-tl", timeout, out=a.out)["timeline"]
                     ideal, busiest = ideal_seconds(tname, topo, pushed, rate, a.compute_ms / 1000)
                     base = statistics.median(per_system["direct"]) if "direct" in systems else None
                     for s in systems:

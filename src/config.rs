@@ -124,6 +124,23 @@ pub struct Config {
     pub class_dscp: [u8; 4],
     /// Threads that move bytes (1: a single-threaded runtime).
     pub threads: usize,
+    /// Where key priorities come from: `learned` (from the traffic), `key` (MXNet key
+    /// order), or `map` (`priority_map`, written by scripts/priority-map).
+    pub priority: PrioritySource,
+    /// The priority map file, for `priority = "map"`.
+    pub priority_map: Option<std::path::PathBuf>,
+}
+
+/// `priority` in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrioritySource {
+    /// Learned from the traffic (key order until trusted).
+    Learned,
+    /// MXNet key order.
+    Key,
+    /// A map file from the model.
+    Map,
 }
 
 impl Default for Config {
@@ -148,6 +165,8 @@ impl Default for Config {
             reassembly_bytes: 1 << 30,
             class_dscp: [48, 32, 16, 0],
             threads: 1,
+            priority: PrioritySource::Learned,
+            priority_map: None,
         }
     }
 }
@@ -226,6 +245,19 @@ impl Config {
         if self.reassembly_bytes < self.slice_bytes {
             return invalid("reassembly_bytes", "must hold at least one slice");
         }
+        match (self.priority, &self.priority_map) {
+            (PrioritySource::Map, None) => {
+                return invalid(
+                    "priority_map",
+                    "`priority = \"map\"` needs the map file (scripts/priority-map writes it)",
+                )
+            }
+            (PrioritySource::Map, Some(_)) => {
+                self.load_priority_map()?;
+            }
+            (_, Some(_)) => return invalid("priority_map", "given, but `priority` is not \"map\""),
+            _ => {}
+        }
         if !(1..=64).contains(&self.threads) {
             return invalid("threads", "must be between 1 and 64");
         }
@@ -250,6 +282,29 @@ impl Config {
     pub fn detect_timeout(&self) -> Duration {
         Duration::from_millis(self.detect_timeout_ms)
     }
+    /// Reads and checks the priority map, if the source is `map`.
+    pub fn load_priority_map(
+        &self,
+    ) -> Result<Option<crate::core::priority::PriorityMap>, ConfigError> {
+        let Some(path) = self
+            .priority_map
+            .as_ref()
+            .filter(|_| self.priority == PrioritySource::Map)
+        else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        crate::core::priority::PriorityMap::parse(&text)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                field: "priority_map",
+                reason: format!("{}: {e}", path.display()),
+            })
+    }
+
     /// The DSCP of each priority class.
     pub fn class_dscp(&self) -> [crate::core::dscp::Dscp; 4] {
         self.class_dscp

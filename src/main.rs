@@ -59,6 +59,12 @@ struct RunArgs {
     /// The ps-lite scheduler's port on this host, if known (else learned from its self connection).
     #[arg(long, value_name = "PORT")]
     scheduler_port: Option<u16>,
+    /// Where key priorities come from [default: learned].
+    #[arg(long, value_enum)]
+    priority: Option<p3proxy::config::PrioritySource>,
+    /// Priority map file (with `--priority map`), written by scripts/priority-map.
+    #[arg(long, value_name = "FILE")]
+    priority_map: Option<PathBuf>,
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -143,6 +149,12 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(p) = args.scheduler_port {
         config.scheduler_port = Some(p);
+    }
+    if let Some(p) = args.priority {
+        config.priority = p;
+    }
+    if let Some(m) = &args.priority_map {
+        config.priority_map = Some(m.clone());
     }
     if let Some(n) = args.threads {
         config.threads = n;

@@ -4,11 +4,12 @@
 //! Backward produces the last layer's gradient first, so the order in which keys'
 //! pushpulls first appear in a round is reverse layer order: the last key to appear is
 //! the first weight the next forward pass needs. Keys that arrive in one burst (gaps
-//! under `burst_gap`) are ties. The order is trusted only once the same grouping came
-//! out of `stable_rounds` consecutive rounds, and only if it says more than "everything
+//! under `burst_gap`) are ties. The order is trusted only once `stable_rounds`
+//! consecutive rounds agreed (no two keys in opposite orders; jitter may make a tie in
+//! one round and two groups in the next), and only if it says more than "everything
 //! at once" or "in key order": a CPU job sends every pushpull after backward, in key
-//! order, in one burst, and that teaches nothing. A round whose grouping differs from the trusted one starts
-//! the count again (the model changed: relearn).
+//! order, in one burst, and that teaches nothing. A round that contradicts the trusted
+//! order starts the count again (the model changed: relearn).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -51,6 +52,8 @@ pub struct Learner {
     candidate: Option<(Grouping, usize)>,
     /// Priority by key once trusted (1 = most urgent).
     trusted: Option<HashMap<u64, u32>>,
+    /// The grouping the trusted priorities came from.
+    trusted_groups: Grouping,
 }
 
 impl Default for Learner {
@@ -69,6 +72,7 @@ impl Learner {
             seen: HashSet::new(),
             candidate: None,
             trusted: None,
+            trusted_groups: Vec::new(),
         }
     }
 
@@ -126,8 +130,9 @@ impl Learner {
             };
         }
         let agreeing = match &mut self.candidate {
-            Some((g, n)) if *g == groups => {
+            Some((g, n)) if agree(g, &groups) => {
                 *n += 1;
+                *g = groups.clone();
                 *n
             }
             _ => {
@@ -135,8 +140,8 @@ impl Learner {
                 1
             }
         };
-        if let Some(trusted) = &self.trusted {
-            if agreeing > 1 && Self::ranks(&groups) == *trusted {
+        if self.trusted.is_some() {
+            if agree(&self.trusted_groups, &groups) {
                 return RoundOutcome::Unchanged;
             }
             self.trusted = None;
@@ -144,12 +149,14 @@ impl Learner {
         }
         if agreeing >= self.stable_rounds {
             self.trusted = Some(Self::ranks(&groups));
+            self.trusted_groups = groups;
             return RoundOutcome::Trusted;
         }
         RoundOutcome::Learning { agreeing }
     }
 
     /// Last group to arrive = rank 1.
+    #[allow(clippy::cast_possible_truncation)]
     fn ranks(groups: &Grouping) -> HashMap<u64, u32> {
         let n = groups.len();
         let mut by_rank = BTreeMap::new();
@@ -161,6 +168,45 @@ impl Learner {
             .flat_map(|(rank, g)| g.iter().map(move |&k| (k, rank)))
             .collect()
     }
+}
+
+/// Whether two rounds agree: the same keys, and no two keys in opposite orders (a tie in
+/// one round may be two groups in the other).
+fn agree(a: &Grouping, b: &Grouping) -> bool {
+    let rank = |g: &Grouping| -> HashMap<u64, usize> {
+        g.iter()
+            .enumerate()
+            .flat_map(|(i, keys)| keys.iter().map(move |&k| (k, i)))
+            .collect()
+    };
+    let (ra, rb) = (rank(a), rank(b));
+    if ra.len() != rb.len() {
+        return false;
+    }
+    let mut pairs = Vec::with_capacity(ra.len());
+    for (k, &x) in &ra {
+        let Some(&y) = rb.get(k) else { return false };
+        pairs.push((x, y));
+    }
+    pairs.sort_unstable();
+    // Every key of a later group of `a` must not come before any key of an earlier one in `b`.
+    let mut earlier_max: Option<usize> = None;
+    let mut i = 0;
+    while i < pairs.len() {
+        let group = pairs[i].0;
+        let mut j = i;
+        let mut group_max = pairs[i].1;
+        while j < pairs.len() && pairs[j].0 == group {
+            group_max = group_max.max(pairs[j].1);
+            j += 1;
+        }
+        if earlier_max.is_some_and(|m| pairs[i].1 < m) {
+            return false;
+        }
+        earlier_max = Some(earlier_max.map_or(group_max, |m| m.max(group_max)));
+        i = j;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -216,6 +262,18 @@ mod tests {
         assert_eq!(l.priority(3), Some(1));
         assert_eq!(l.priority(6), Some(2), "layer 1");
         assert_eq!(l.priority(8), Some(7), "layer 6, produced first");
+    }
+
+    #[test]
+    fn ties_that_split_under_jitter_still_agree_but_swaps_do_not() {
+        let a: Grouping = vec![vec![5], vec![3, 4], vec![1]];
+        assert!(agree(&a, &vec![vec![5], vec![3], vec![4], vec![1]]));
+        assert!(agree(&a, &vec![vec![3, 4, 5], vec![1]]));
+        assert!(
+            !agree(&a, &vec![vec![3], vec![5], vec![4], vec![1]]),
+            "3 before 5"
+        );
+        assert!(!agree(&a, &vec![vec![5], vec![3, 4]]), "a key missing");
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! The priority of every message (DESIGN.md §5), behind one small interface so that
-//! later sources (learned from traffic, mapped from the model) plug in beside MXNet
-//! key order.
+//! The priority of every message (DESIGN.md §5), behind one small interface: MXNet key
+//! order, a map from the model (`scripts/priority-map`), or the order learned from the
+//! traffic ([`Learner`]), plus what peer proxies said in their slice announcements.
 //!
 //! Priorities: 0 for fences (SimpleApp commands, control messages, anything not
-//! ps-lite), then 1 + the key's rank for data: lower is more urgent. Classes: 0 for
-//! fences (CS6), then the data keys in three bands of the key space (CS4, CS2, CS0).
+//! ps-lite), then data from 1 (needed first by the forward pass). Key order gives key
+//! `k` priority `1 + k`; a map or a trusted learned order gives its own ranks. Classes:
+//! 0 for fences (CS6), then three bands of the data priorities seen so far (CS4, CS2, CS0).
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::{MessageKind, PsMessage};
 
 use crate::core::dscp::Dscp;
+use crate::core::learner::{Learner, RoundOutcome};
 
 /// Priority of fences.
 pub const FENCE: u32 = 0;
@@ -19,31 +22,37 @@ pub const FENCE: u32 = 0;
 pub const CLASSES: usize = 4;
 /// DSCP of each class, one per IP precedence band (switches often queue by those bits).
 pub const CLASS_DSCP: [Dscp; CLASSES] = [Dscp::CS6, Dscp::CS4, Dscp::CS2, Dscp::CS0];
+/// MXNet keys decode below this; slice keys (DESIGN.md §7) and compression's dummy
+/// keys lie above it and are not layer keys.
+const LAYER_KEYS: u64 = 1 << 31;
 
 /// Where key priorities come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// MXNet key order (what MXNet's own P3 uses; not layer order for Gluon).
     Key,
+    /// Learned from when each key's push appears in a round (the default).
+    Learned,
+    /// A file written from the model by `scripts/priority-map`.
+    Map,
 }
 
 impl Source {
-    /// Metric and log label.
+    /// Metric, log and config label.
     pub fn label(&self) -> &'static str {
         match self {
             Source::Key => "key",
+            Source::Learned => "learned",
+            Source::Map => "map",
         }
     }
 }
 
-/// The per-key priority table of one proxy.
-#[derive(Debug)]
-pub struct PriorityTable {
-    source: Source,
-    /// Explicit priorities by MXNet key (a later source fills these).
-    by_key: HashMap<u64, u32>,
-    /// Largest MXNet key seen, to cut the key space into class bands.
-    max_key: u64,
+/// A priority map: priority by MXNet key, for exactly `priorities.len()` keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorityMap {
+    /// Priority of key `k` at index `k` (1 = needed first).
+    pub priorities: Vec<u32>,
 }
 
 /// How urgent a message is, and on which class it travels.
@@ -57,35 +66,103 @@ pub struct Urgency {
     pub fence: bool,
 }
 
+/// Something the table learned that the operator should hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriorityEvent {
+    /// The learned order became trusted (keys ranked, groups of ties).
+    Trusted,
+    /// The learned order stopped holding; key order until relearned.
+    Distrusted,
+    /// The map does not fit the job: a key at or past its size appeared.
+    MapRefused {
+        /// The map's size.
+        keys: usize,
+        /// The key seen.
+        key: u64,
+    },
+}
+
+/// The per-key priority table of one proxy.
+#[derive(Debug)]
+pub struct PriorityTable {
+    source: Source,
+    map: Option<PriorityMap>,
+    learner: Learner,
+    /// Priorities peer proxies announced, by learning key.
+    hints: HashMap<u64, u32>,
+    /// Largest data priority seen, to cut priorities into class bands.
+    max_priority: u32,
+}
+
+/// A key as the learner sees it: MXNet key and server rank (a big array is split once
+/// per server: each part is its own push), ordered by MXNet key.
+fn learn_key(mx_key: u64, server: u64) -> u64 {
+    mx_key << 16 | server.min(0xffff)
+}
+
+/// (MXNet key, learning key) of each layer key of a message.
+fn layer_keys(msg: &PsMessage, ranges: Option<&ServerRanges>) -> Vec<(u64, u64)> {
+    let Some(keys) = msg.keys() else {
+        return Vec::new();
+    };
+    keys.map(|k| match ranges.and_then(|r| r.decode(k)) {
+        Some(d) => (d.offset, learn_key(d.offset, d.server)),
+        None => (k, learn_key(k.min(LAYER_KEYS), 0)),
+    })
+    .filter(|&(mx, _)| mx < LAYER_KEYS)
+    .collect()
+}
+
 impl PriorityTable {
-    /// An empty table using `source`.
-    pub fn new(source: Source) -> PriorityTable {
+    /// A table using `source` (`map` must be given for [`Source::Map`]).
+    pub fn new(source: Source, map: Option<PriorityMap>) -> PriorityTable {
         PriorityTable {
             source,
-            by_key: HashMap::new(),
-            max_key: 0,
+            map: if source == Source::Map { map } else { None },
+            learner: Learner::default(),
+            hints: HashMap::new(),
+            max_priority: 1,
         }
     }
 
-    /// The source in use.
+    /// The source configured.
     pub fn source(&self) -> Source {
         self.source
     }
 
-    /// Priority of one MXNet key.
-    pub fn key_priority(&self, key: u64) -> u32 {
-        self.by_key
-            .get(&key)
-            .copied()
-            .unwrap_or_else(|| u32::try_from(key).unwrap_or(u32::MAX - 1).saturating_add(1))
+    /// The source in use now: a learned order only once trusted, a map only while it fits.
+    pub fn in_use(&self) -> Source {
+        match self.source {
+            Source::Map if self.map.is_some() => Source::Map,
+            Source::Learned if self.learner.is_trusted() => Source::Learned,
+            _ => Source::Key,
+        }
     }
 
-    /// Class of a data priority: three bands over the keys seen so far.
-    fn data_class(&self, key: u64) -> usize {
-        let span = self.max_key + 1;
-        1 + usize::try_from((key.min(self.max_key) * 3) / span)
-            .unwrap_or(2)
-            .min(2)
+    /// Priority of one key.
+    fn priority(&self, mx_key: u64, lk: u64) -> u32 {
+        if let Some(p) = self
+            .map
+            .as_ref()
+            .and_then(|m| m.priorities.get(mx_key as usize))
+        {
+            return *p;
+        }
+        if let Some(p) = self.learner.priority(lk) {
+            return p;
+        }
+        if let Some(&p) = self.hints.get(&lk) {
+            return p;
+        }
+        u32::try_from(mx_key)
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Class of a data priority: three bands over the priorities seen so far.
+    fn data_class(&self, priority: u32) -> usize {
+        let band = (u64::from(priority.max(1) - 1) * 3) / u64::from(self.max_priority);
+        1 + (band as usize).min(2)
     }
 
     /// The urgency of a message; `ranges` (from the node table) turns ps-lite keys
@@ -100,23 +177,124 @@ impl PriorityTable {
         if !matches!(msg.kind(), MessageKind::Data { .. }) {
             return fence;
         }
-        let Some(keys) = msg.keys() else {
+        let Some(priority) = layer_keys(msg, ranges)
+            .into_iter()
+            .map(|(mx, lk)| self.priority(mx, lk))
+            .min()
+        else {
             return fence;
         };
-        let mx_keys: Vec<u64> = keys
-            .map(|k| ranges.and_then(|r| r.decode(k)).map_or(k, |d| d.offset))
-            // Slice keys (offsets of 2^31 and up) and compression's dummy keys are not layer keys.
-            .filter(|&k| k < 1 << 31)
-            .collect();
-        let Some(&first) = mx_keys.iter().min_by_key(|&&k| self.key_priority(k)) else {
-            return fence;
-        };
-        self.max_key = self.max_key.max(mx_keys.iter().copied().max().unwrap_or(0));
+        self.max_priority = self.max_priority.max(priority);
         Urgency {
-            priority: self.key_priority(first),
-            class: self.data_class(first),
+            priority,
+            class: self.data_class(priority),
             fence: false,
         }
+    }
+
+    /// Looks at a request an app of this host sent, at `now`: pushes teach the learner
+    /// (the round order of backward), and every key is checked against the map.
+    pub fn observe_request(
+        &mut self,
+        msg: &PsMessage,
+        ranges: Option<&ServerRanges>,
+        now: Instant,
+    ) -> Option<PriorityEvent> {
+        let MessageKind::Data {
+            request: true,
+            push,
+            ..
+        } = msg.kind()
+        else {
+            return None;
+        };
+        let keys = layer_keys(msg, ranges);
+        if let Some(map) = &self.map {
+            if let Some(&(key, _)) = keys
+                .iter()
+                .find(|(mx, _)| *mx as usize >= map.priorities.len())
+            {
+                let keys = map.priorities.len();
+                self.map = None;
+                return Some(PriorityEvent::MapRefused { keys, key });
+            }
+        }
+        if self.source != Source::Learned || !push {
+            return None;
+        }
+        let mut event = None;
+        for (_, lk) in keys {
+            match self.learner.observe(lk, now) {
+                Some(RoundOutcome::Trusted) => event = Some(PriorityEvent::Trusted),
+                Some(RoundOutcome::Distrusted) => event = Some(PriorityEvent::Distrusted),
+                _ => {}
+            }
+        }
+        event
+    }
+
+    /// A peer proxy announced `priority` for a message with these ps-lite keys: the
+    /// side that did not see the pushes (a server's) uses it for the responses.
+    pub fn hint(&mut self, ps_keys: &[u64], ranges: Option<&ServerRanges>, priority: u32) {
+        if priority == FENCE {
+            return;
+        }
+        for &k in ps_keys {
+            let lk = match ranges.and_then(|r| r.decode(k)) {
+                Some(d) if d.offset < LAYER_KEYS => learn_key(d.offset, d.server),
+                Some(_) => continue,
+                None if k < LAYER_KEYS => learn_key(k, 0),
+                None => continue,
+            };
+            self.hints.insert(lk, priority);
+        }
+    }
+}
+
+/// Why a priority map file is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MapError {
+    /// Not the expected TOML.
+    #[error("{0}")]
+    Format(String),
+    /// `priority` does not have `keys` entries.
+    #[error("the map declares {keys} keys but lists {listed} priorities")]
+    Size {
+        /// Declared.
+        keys: usize,
+        /// Listed.
+        listed: usize,
+    },
+    /// A priority of 0 (reserved for fences).
+    #[error("key {0} has priority 0; data priorities start at 1")]
+    Zero(usize),
+}
+
+impl PriorityMap {
+    /// Parses a map file (TOML: `keys = N`, `priority = [p0, p1, ...]` with N entries,
+    /// `model` optional).
+    pub fn parse(text: &str) -> Result<PriorityMap, MapError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            #[allow(dead_code)]
+            model: Option<String>,
+            keys: usize,
+            priority: Vec<u32>,
+        }
+        let f: File = toml::from_str(text).map_err(|e| MapError::Format(e.to_string()))?;
+        if f.priority.len() != f.keys {
+            return Err(MapError::Size {
+                keys: f.keys,
+                listed: f.priority.len(),
+            });
+        }
+        if let Some(k) = f.priority.iter().position(|&p| p == 0) {
+            return Err(MapError::Zero(k));
+        }
+        Ok(PriorityMap {
+            priorities: f.priority,
+        })
     }
 }
 
@@ -149,7 +327,7 @@ mod tests {
 
     #[test]
     fn key_order_and_fences() {
-        let mut t = PriorityTable::new(Source::Key);
+        let mut t = PriorityTable::new(Source::Key, None);
         let ranges = ServerRanges::new(2).unwrap();
         // Learn the key space: keys 0..=29.
         t.urgency(&push(&[29]), Some(&ranges));
@@ -190,5 +368,123 @@ mod tests {
             }
         );
         assert_eq!(t.source().label(), "key");
+    }
+
+    fn pushes_at(
+        t: &mut PriorityTable,
+        ranges: &ServerRanges,
+        t0: Instant,
+        at: &[(u64, f64)],
+    ) -> Vec<PriorityEvent> {
+        at.iter()
+            .filter_map(|&(k, ms)| {
+                let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
+                t.observe_request(&push(&[k]), Some(ranges), now)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn learned_order_replaces_key_order_once_trusted() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let mut t = PriorityTable::new(Source::Learned, None);
+        let t0 = Instant::now();
+        // Gluon-like keys, not in layer order: key 2 is the last layer (produced first by
+        // backward), key 1 the first layer (produced last); 20 ms of backward between them.
+        let mut events = Vec::new();
+        for round in 0..4 {
+            let base = round as f64 * 1000.0;
+            events.extend(pushes_at(
+                &mut t,
+                &ranges,
+                t0,
+                &[(2, base), (0, base + 20.0), (1, base + 40.0)],
+            ));
+            if round == 0 {
+                assert_eq!(t.in_use(), Source::Key, "key order until trusted");
+                assert_eq!(t.urgency(&push(&[0]), Some(&ranges)).priority, 1);
+            }
+        }
+        assert_eq!(events, vec![PriorityEvent::Trusted]);
+        assert_eq!(t.in_use(), Source::Learned);
+        assert_eq!(
+            t.urgency(&push(&[1]), Some(&ranges)).priority,
+            1,
+            "the first layer"
+        );
+        assert_eq!(
+            t.urgency(&push(&[2]), Some(&ranges)).priority,
+            3,
+            "the last layer"
+        );
+        assert_eq!(t.source().label(), "learned");
+    }
+
+    #[test]
+    fn a_cpu_job_teaches_nothing() {
+        let ranges = ServerRanges::new(2).unwrap();
+        let mut t = PriorityTable::new(Source::Learned, None);
+        let t0 = Instant::now();
+        // Every pushpull after backward, in key order, in one burst; big keys split
+        // over both servers.
+        for round in 0..6 {
+            let base = round as f64 * 1000.0;
+            let mut at = Vec::new();
+            for k in 0..20u64 {
+                at.push((k, base + k as f64 * 0.01));
+                if k % 5 == 0 {
+                    at.push((ranges.begin(1) + k, base + k as f64 * 0.01 + 0.001));
+                }
+            }
+            assert_eq!(pushes_at(&mut t, &ranges, t0, &at), vec![]);
+        }
+        assert_eq!(t.in_use(), Source::Key);
+    }
+
+    #[test]
+    fn a_map_gives_priorities_and_a_wrong_sized_one_is_refused() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let map = PriorityMap::parse("model = \"m\"\nkeys = 3\npriority = [3, 1, 2]\n").unwrap();
+        let mut t = PriorityTable::new(Source::Map, Some(map));
+        assert_eq!(t.in_use(), Source::Map);
+        assert_eq!(t.urgency(&push(&[1]), Some(&ranges)).priority, 1);
+        assert_eq!(t.urgency(&push(&[0]), Some(&ranges)).priority, 3);
+        // The job has a key the map does not know: the map is for another model.
+        assert_eq!(
+            t.observe_request(&push(&[7]), Some(&ranges), Instant::now()),
+            Some(PriorityEvent::MapRefused { keys: 3, key: 7 })
+        );
+        assert_eq!(t.in_use(), Source::Key);
+        assert_eq!(
+            t.urgency(&push(&[0]), Some(&ranges)).priority,
+            1,
+            "key order"
+        );
+        assert_eq!(
+            PriorityMap::parse("keys = 3\npriority = [1, 2]"),
+            Err(MapError::Size { keys: 3, listed: 2 })
+        );
+        assert_eq!(
+            PriorityMap::parse("keys = 1\npriority = [0]"),
+            Err(MapError::Zero(0))
+        );
+        assert!(matches!(
+            PriorityMap::parse("keys = 1\nprio = [1]"),
+            Err(MapError::Format(_))
+        ));
+    }
+
+    #[test]
+    fn announced_priorities_order_the_responses() {
+        let ranges = ServerRanges::new(2).unwrap();
+        let mut t = PriorityTable::new(Source::Learned, None);
+        let k = ranges.begin(1) + 9;
+        t.hint(&[k], Some(&ranges), 2);
+        assert_eq!(t.urgency(&push(&[k]), Some(&ranges)).priority, 2);
+        assert_eq!(
+            t.urgency(&push(&[9]), Some(&ranges)).priority,
+            10,
+            "the other server's part: no hint"
+        );
     }
 }

@@ -161,6 +161,7 @@ async fn read_to_egress(
                             first_on_connection: seq == 0,
                         };
                         shared.observe(&ctx, &ps);
+                        shared.observe_priority(&ps);
                         let urgency = shared.urgency(&ps);
                         let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                         (Body::Message(ps.to_zmtp()), urgency, keys)
@@ -345,8 +346,11 @@ pub(crate) async fn run_receiver(
                     Some(FrameEvent::Io(e)) => break Err(format!("tunnel connection: {e}")),
                     None => break Err("every tunnel reader ended".into()),
                 };
-                if matches!(frame, SliceFrame::Slice { .. }) {
-                    ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+                match &frame {
+                    SliceFrame::Slice { .. } => {
+                        ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+                    }
+                    SliceFrame::Announce(a) => shared.priority_hint(&a.keys, a.priority),
                 }
                 let ready = match reasm.on_frame(frame) {
                     Ok(ready) => ready,

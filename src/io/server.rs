@@ -19,12 +19,12 @@ use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
 use super::scheduled::{run_origin, run_receiver, TunnelTable, Upstream};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
-use crate::config::Config;
+use crate::config::{Config, PrioritySource};
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
 use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
 };
-use crate::core::priority::{PriorityTable, Source, Urgency, CLASSES};
+use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency, CLASSES};
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
 
@@ -93,8 +93,23 @@ impl Shared {
             config.scheduler_port,
             std::time::Duration::from_secs(config.no_proxy_ttl_s),
         );
-        let priority = PriorityTable::new(Source::Key);
-        metrics::priority_source(priority.source().label());
+        let source = match config.priority {
+            PrioritySource::Learned => Source::Learned,
+            PrioritySource::Key => Source::Key,
+            PrioritySource::Map => Source::Map,
+        };
+        // Validated with the config; a map that cannot be read now is reported then.
+        let map = config.load_priority_map().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "priority map unusable: MXNet key order instead");
+            None
+        });
+        let priority = PriorityTable::new(source, map);
+        tracing::info!(
+            configured = source.label(),
+            in_use = priority.in_use().label(),
+            "key priorities"
+        );
+        metrics::priority_source(priority.in_use().label());
         Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
@@ -169,6 +184,40 @@ impl Shared {
             .lock()
             .expect("priority lock")
             .urgency(msg, ranges.as_ref())
+    }
+
+    /// A request a local app sent: teaches the learned order, checks the map.
+    pub(crate) fn observe_priority(&self, msg: &PsMessage) {
+        let servers = self.topology.lock().expect("topology lock").num_servers();
+        let ranges = ServerRanges::new(servers as u64);
+        let mut table = self.priority.lock().expect("priority lock");
+        let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) else {
+            return;
+        };
+        match event {
+            PriorityEvent::Trusted => {
+                tracing::info!("learned layer order trusted: it replaces MXNet key order")
+            }
+            PriorityEvent::Distrusted => tracing::warn!(
+                "learned layer order no longer holds: MXNet key order until relearned"
+            ),
+            PriorityEvent::MapRefused { keys, key } => tracing::error!(
+                keys,
+                key,
+                "priority map refused: it has {keys} keys but the job uses key {key} (a map of another model?); MXNet key order instead"
+            ),
+        }
+        metrics::priority_source(table.in_use().label());
+    }
+
+    /// A peer proxy announced the priority it used for a message with these keys.
+    pub(crate) fn priority_hint(&self, ps_keys: &[u64], priority: u32) {
+        let servers = self.topology.lock().expect("topology lock").num_servers();
+        let ranges = ServerRanges::new(servers as u64);
+        self.priority
+            .lock()
+            .expect("priority lock")
+            .hint(ps_keys, ranges.as_ref(), priority);
     }
 
     /// The upstream of a session died while its app lived: requests in flight are lost.

@@ -4,6 +4,7 @@ proxies' metrics must show that they carried the traffic, worker-server traffic
 through tunnels.
 
 Two workers everywhere: float sums of more workers depend on arrival order."""
+import os
 import socket
 import subprocess
 import threading
@@ -29,13 +30,13 @@ TWO_SERVERS = Topology("h1", ["h2", "h3"], ["h4", "h5"])
 COLOCATED = Topology("h1", ["h2", "h3"], ["h2", "h3"])
 
 
-def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True):
+def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True, proxy_args=()):
     direct = run_job(topo, workload, f"{tag}-direct", env)
     assert len(direct.results) == len(topo.workers), direct.logs
     hosts = topo.hosts() if proxied_hosts is None else proxied_hosts
     bands = ("1:10", "1:20", "1:30", "1:40")  # the switch's bands: precedence 6, 4, 2, 0
     bands_before = {h: [cluster.band_bytes(h, b) for b in bands] for h in topo.servers}
-    with Proxies(hosts, tag) as proxies:
+    with Proxies(hosts, tag, proxy_args) as proxies:
         proxied = run_job(topo, workload, f"{tag}-proxied", env)
         metrics = proxies.metrics()
     assert proxied.results == direct.results, "bitwise identical results with and without proxies"
@@ -93,6 +94,20 @@ def test_proxies_on_worker_hosts_only():
 def test_gluon_model_with_server_side_optimizer():
     direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon")
     assert all("update_on_kvstore=True" in r for r in direct.results.values())
+
+
+@pytest.mark.parametrize("source", ["key", "map"])
+def test_gluon_model_with_each_priority_source(source, tmp_path):
+    """`learned` is the default every other test runs with; here `key` and `map`."""
+    args = ["--priority", source]
+    if source == "map":
+        out = tmp_path / "map.toml"
+        subprocess.run([os.path.join(cluster.ROOT, "scripts", "priority-map"), "--builder", "gluon_train:build_net", "--out", str(out)],
+                       cwd=os.path.join(os.path.dirname(__file__), "workloads"), check=True, capture_output=True)
+        args += ["--priority-map", str(out)]
+    _, metrics = compare(TWO_SERVERS, "gluon_train.py", f"gluon-{source}", proxy_args=args)
+    for h, text in metrics.items():
+        assert metric(text, "p3proxy_priority_source", source=source) == 1, f"{h} used {source}"
 
 
 def test_heartbeats_fp16_rowsparse_pushpull():
