@@ -230,6 +230,11 @@ impl PriorityTable {
                 _ => {}
             }
         }
+        if event.is_some() {
+            // The scale changed (key order 1..keys, learned ranks 1..groups): the class
+            // bands are cut again over the new source's priorities.
+            self.max_priority = 1;
+        }
         event
     }
 
@@ -407,6 +412,12 @@ mod tests {
         }
         assert_eq!(events, vec![PriorityEvent::Trusted]);
         assert_eq!(t.in_use(), Source::Learned);
+        // Class bands over the learned ranks (1..3), not over the key order seen before.
+        let classes: Vec<usize> = [1, 0, 2]
+            .iter()
+            .map(|&k| t.urgency(&push(&[k]), Some(&ranges)).class)
+            .collect();
+        assert_eq!(classes, vec![1, 2, 3]);
         assert_eq!(
             t.urgency(&push(&[1]), Some(&ranges)).priority,
             1,
