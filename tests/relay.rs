@@ -290,16 +290,22 @@ async fn same_host_relay_is_byte_exact() {
     assert_eq!(count(&c, "p3proxy_not_pslite_messages_total"), 1);
 }
 
-#[tokio::test]
-async fn tunnel_admitted_end_to_end() {
-    let _serial = serial().await;
-    let (server, mut seen) = router(host(2), 0).await;
-    // Host 2's proxy admits the destination as the scheduler's port (configured).
+/// A ROUTER on host 2 behind its proxy (admitting it as the scheduler's port), and host
+/// 1's proxy tunnelling to it; returns host 1's redirect listener.
+async fn tunnel_pair() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let (server, seen) = router(host(2), 0).await;
     let (_, tunnel) = proxy(2, true, 1, server, |c| {
         c.scheduler_port = Some(server.port())
     })
     .await;
     let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    (redirect, seen)
+}
+
+#[tokio::test]
+async fn tunnel_admitted_end_to_end() {
+    let _serial = serial().await;
+    let (redirect, mut seen) = tunnel_pair().await;
     let (s, ready) = dealer(redirect, b"ps11")
         .await
         .expect("READY only after the far handshake");
@@ -342,12 +348,7 @@ async fn tunnel_admitted_end_to_end() {
 #[tokio::test]
 async fn urgent_message_overtakes_a_big_one_through_the_tunnel() {
     let _serial = serial().await;
-    let (server, mut seen) = router(host(2), 0).await;
-    let (_, tunnel) = proxy(2, true, 1, server, |c| {
-        c.scheduler_port = Some(server.port())
-    })
-    .await;
-    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (redirect, mut seen) = tunnel_pair().await;
     let (s, _) = dealer(redirect, b"ps9").await.expect("READY");
     // A 40 MB push of the last layer's key, then a small push of the first layer's.
     let big = keyed_message(1, 29, 40_000_000);
@@ -377,12 +378,7 @@ async fn urgent_message_overtakes_a_big_one_through_the_tunnel() {
 #[tokio::test]
 async fn same_key_and_fences_keep_their_order_through_the_tunnel() {
     let _serial = serial().await;
-    let (server, mut seen) = router(host(2), 0).await;
-    let (_, tunnel) = proxy(2, true, 1, server, |c| {
-        c.scheduler_port = Some(server.port())
-    })
-    .await;
-    let (redirect, _) = proxy(1, false, tunnel.unwrap().port(), server, |_| {}).await;
+    let (redirect, mut seen) = tunnel_pair().await;
     let (s, _) = dealer(redirect, b"ps9").await.expect("READY");
     // Same key twice (big then small): never reordered. Then a fence, then an urgent key.
     let mut wire = keyed_message(1, 29, 4_000_000);

@@ -57,6 +57,33 @@ async fn write_message(
     Ok(total)
 }
 
+/// A decoded message from a session's DEALER side: ps-lite (observed, when `observe`
+/// says by whom) or not (counted, and handed back to be forwarded unchanged as a fence).
+pub(crate) fn classify(
+    msg: ZmtpMessage,
+    observe: Option<(&Shared, &SessionInfo)>,
+    first_on_connection: bool,
+) -> Result<PsMessage, ZmtpMessage> {
+    match PsMessage::from_zmtp(msg) {
+        Ok(ps) => {
+            if let Some((shared, info)) = observe {
+                let ctx = MessageContext {
+                    sender_identity: &info.identity,
+                    dst: info.dst,
+                    first_on_connection,
+                };
+                shared.observe(&ctx, &ps);
+            }
+            Ok(ps)
+        }
+        Err((reason, msg)) => {
+            ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
+            tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
+            Err(msg)
+        }
+    }
+}
+
 /// Moves messages from `rd` (already partly decoded in `dec`) to `wr`.
 /// `observe`: this direction goes from the session's DEALER to its ROUTER.
 pub(crate) async fn pump(
@@ -76,23 +103,9 @@ pub(crate) async fn pump(
                 Err(e) => return PumpEnd::Parse(e),
             };
             let written = match event {
-                StreamEvent::Message(msg) => match PsMessage::from_zmtp(msg) {
-                    Ok(ps) => {
-                        if let Some((shared, info)) = observe {
-                            let ctx = MessageContext {
-                                sender_identity: &info.identity,
-                                dst: info.dst,
-                                first_on_connection: seen == 0,
-                            };
-                            shared.observe(&ctx, &ps);
-                        }
-                        write_message(&mut out, &ps.to_zmtp()).await
-                    }
-                    Err((reason, msg)) => {
-                        ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
-                        tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
-                        write_message(&mut out, &msg).await
-                    }
+                StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
+                    Ok(ps) => write_message(&mut out, &ps.to_zmtp()).await,
+                    Err(msg) => write_message(&mut out, &msg).await,
                 },
                 StreamEvent::Command(cmd) => {
                     let bytes = cmd.encode();

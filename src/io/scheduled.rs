@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::egress::{run_lane, write_pieces, Body, Item};
-use super::relay::{pump, End, PumpEnd, SessionInfo};
+use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
 use super::session::PeerInfo;
 use crate::core::priority::{Urgency, CLASSES, FENCE};
@@ -153,24 +153,14 @@ async fn read_to_egress(
                 Err(e) => return PumpEnd::Parse(e),
             };
             let (body, urgency, keys) = match event {
-                StreamEvent::Message(msg) => match PsMessage::from_zmtp(msg) {
+                StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
                     Ok(ps) => {
-                        let ctx = MessageContext {
-                            sender_identity: &info.identity,
-                            dst: info.dst,
-                            first_on_connection: seq == 0,
-                        };
-                        shared.observe(&ctx, &ps);
                         shared.observe_priority(&ps);
                         let urgency = shared.urgency(&ps);
                         let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                         (Body::Message(ps.to_zmtp()), urgency, keys)
                     }
-                    Err((reason, msg)) => {
-                        ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
-                        tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
-                        (Body::Message(msg), FENCE_URGENCY, Vec::new())
-                    }
+                    Err(msg) => (Body::Message(msg), FENCE_URGENCY, Vec::new()),
                 },
                 StreamEvent::Command(cmd) => (
                     Body::Raw(Bytes::from(cmd.encode())),

@@ -686,6 +686,16 @@ async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refu
     }
 }
 
+/// The answer admitting a tunnel to the destination app that sent `dst` in its READY.
+fn admitted_answer(dst: &PeerInfo) -> Answer {
+    Answer {
+        outcome: Outcome::Admitted,
+        pinned: false,
+        socket_type: dst.socket_type.clone(),
+        identity: dst.identity.clone(),
+    }
+}
+
 /// A connection from a peer proxy.
 async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     // What goes back to the peer proxy travels in the top class too.
@@ -757,13 +767,11 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
             return;
         }
     };
-    let answer = Answer {
-        outcome: Outcome::Admitted,
-        pinned: false,
-        socket_type: dst_info.socket_type.clone(),
-        identity: dst_info.identity.clone(),
-    };
-    if stream.write_all(&answer.encode()).await.is_err() {
+    if stream
+        .write_all(&admitted_answer(&dst_info).encode())
+        .await
+        .is_err()
+    {
         return;
     }
     let _open = OpenConnection::new("tunnel_in");
@@ -846,13 +854,11 @@ async fn attach_class(
             .await;
         return;
     };
-    let answer = Answer {
-        outcome: Outcome::Admitted,
-        pinned: false,
-        socket_type: dst_info.socket_type,
-        identity: dst_info.identity,
-    };
-    if stream.write_all(&answer.encode()).await.is_err() {
+    if stream
+        .write_all(&admitted_answer(&dst_info).encode())
+        .await
+        .is_err()
+    {
         return;
     }
     let open = OpenConnection::new("tunnel_class_in");
