@@ -9,12 +9,14 @@
 //! [`bytes::Bytes`].
 //!
 //! Layout: [`zmtp`] for the ZMTP layer, [`pslite`] for the protobuf meta and the
-//! ps-lite message, [`mxnet`] for what MXNet's kvstore means by those fields.
+//! ps-lite message, [`mxnet`] for what MXNet's kvstore means by those fields,
+//! [`pickle`] for the optimizer a `kController` command carries (read, never executed).
 
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, unreachable_pub, missing_docs)]
 
 pub mod mxnet;
+pub mod pickle;
 pub mod pslite;
 pub mod zmtp;
 
