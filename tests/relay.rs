@@ -597,6 +597,46 @@ async fn loops_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_sliced_session_whose_class_connections_never_came_ends_with_its_main_stream() {
+    // The origin's class connections failed after the main stream was admitted: when it
+    // closes the main stream, the destination's connection must close too (a stale one
+    // would keep the app's Identity at the ROUTER, which ignores the next connection).
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port())
+    })
+    .await;
+    let preamble = p3proxy::core::preamble::Preamble {
+        class: 0,
+        sliced: true,
+        session: 7,
+        target: server,
+        socket_type: Bytes::from_static(b"DEALER"),
+        identity: Bytes::from_static(b"ps9"),
+    };
+    let mut s = TcpStream::connect(tunnel.unwrap()).await.unwrap();
+    s.write_all(&preamble.encode()).await.unwrap();
+    // Read the whole answer (unread bytes would turn our close into a reset), then close
+    // our side cleanly, as an origin does.
+    let mut buf = Vec::new();
+    loop {
+        s.read_buf(&mut buf).await.unwrap();
+        if let Ok((rest, a)) = p3proxy::core::preamble::parse_answer(&buf) {
+            assert_eq!(a.outcome, p3proxy::core::preamble::Outcome::Admitted);
+            assert!(rest.is_empty());
+            break;
+        }
+    }
+    s.shutdown().await.unwrap();
+    let got = timeout(T, seen.recv())
+        .await
+        .expect("the destination's connection closed")
+        .unwrap();
+    assert!(got.bytes.is_empty());
+}
+
 async fn tunnel_answer(tunnel: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(tunnel).await.unwrap();
     let _ = s.write_all(bytes).await;

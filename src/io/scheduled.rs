@@ -26,7 +26,7 @@ use super::egress::{run_lane, write_pieces, Body, Item};
 use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
 use super::session::PeerInfo;
-use crate::core::priority::{Urgency, CLASSES, FENCE};
+use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
 use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
 use crate::core::topology::MessageContext;
@@ -232,8 +232,13 @@ enum FrameEvent {
     Io(std::io::Error),
 }
 
-/// Reads slice frames from one connection of a session.
-async fn read_frames(mut rd: OwnedReadHalf, rest: Vec<u8>, tx: mpsc::Sender<FrameEvent>) {
+/// Reads slice frames from connection `id` of a session (0: the main stream).
+async fn read_frames(
+    id: usize,
+    mut rd: OwnedReadHalf,
+    rest: Vec<u8>,
+    tx: mpsc::Sender<(usize, FrameEvent)>,
+) {
     const CHUNK: usize = 256 * 1024;
     let mut buf = BytesMut::with_capacity(CHUNK);
     buf.extend_from_slice(&rest);
@@ -241,13 +246,13 @@ async fn read_frames(mut rd: OwnedReadHalf, rest: Vec<u8>, tx: mpsc::Sender<Fram
         loop {
             match take_frame(&mut buf) {
                 Ok(Some(f)) => {
-                    if tx.send(FrameEvent::Frame(f)).await.is_err() {
+                    if tx.send((id, FrameEvent::Frame(f))).await.is_err() {
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(FrameEvent::Bad(e)).await;
+                    let _ = tx.send((id, FrameEvent::Bad(e))).await;
                     return;
                 }
             }
@@ -261,7 +266,7 @@ async fn read_frames(mut rd: OwnedReadHalf, rest: Vec<u8>, tx: mpsc::Sender<Fram
             Ok(_) => continue,
             Err(e) => FrameEvent::Io(e),
         };
-        let _ = tx.send(event).await;
+        let _ = tx.send((id, event)).await;
         return;
     }
 }
@@ -298,7 +303,7 @@ pub(crate) async fn run_receiver(
     let (frames_tx, mut frames) = mpsc::channel(64);
     let (main_rd, main_wr) = main.into_split();
     let mut readers = JoinSet::new();
-    readers.spawn(read_frames(main_rd, rest, frames_tx.clone()));
+    readers.spawn(read_frames(0, main_rd, rest, frames_tx.clone()));
     // Class connections only receive; their write halves live as long as the session.
     let mut idle_writes: Vec<(OwnedWriteHalf, OpenConnection)> = Vec::new();
     let (dst_rd, mut dst_wr) = dst.stream.into_split();
@@ -306,34 +311,50 @@ pub(crate) async fn run_receiver(
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
     let mut held = 0u64;
-    let mut closed = 0usize;
+    // The session ends when its main stream and every class connection that attached
+    // have closed (the origin closes them all; one that failed to open never attaches).
+    let (mut main_closed, mut class_open) = (false, 0usize);
     let mut first = true;
     let outcome: Result<(), String> = loop {
         tokio::select! {
             Some((conn, rest, open)) = attached.recv() => {
                 let (rd, wr) = TcpStream::into_split(conn);
                 idle_writes.push((wr, open));
-                readers.spawn(read_frames(rd, rest, frames_tx.clone()));
+                class_open += 1;
+                readers.spawn(read_frames(1, rd, rest, frames_tx.clone()));
             }
             event = frames.recv() => {
                 let frame = match event {
-                    Some(FrameEvent::Frame(f)) => f,
-                    Some(FrameEvent::Closed) => {
-                        closed += 1;
-                        if closed == CLASSES {
-                            break Ok(());
+                    Some((_, FrameEvent::Frame(f))) => f,
+                    Some((id, FrameEvent::Closed)) => {
+                        if id == 0 {
+                            main_closed = true;
+                        } else {
+                            class_open -= 1;
+                        }
+                        if main_closed {
+                            // Attachments already handed over still count.
+                            while let Ok((conn, rest, open)) = attached.try_recv() {
+                                let (rd, wr) = TcpStream::into_split(conn);
+                                idle_writes.push((wr, open));
+                                class_open += 1;
+                                readers.spawn(read_frames(1, rd, rest, frames_tx.clone()));
+                            }
+                            if class_open == 0 {
+                                break Ok(());
+                            }
                         }
                         continue;
                     }
-                    Some(FrameEvent::Bad(e)) => {
+                    Some((_, FrameEvent::Bad(e))) => {
                         metrics::parse_error("tunnel_frame");
                         break Err(format!("bad tunnel frame: {e}"));
                     }
-                    Some(FrameEvent::Truncated) => {
+                    Some((_, FrameEvent::Truncated)) => {
                         metrics::parse_error("tunnel_frame");
                         break Err("tunnel connection closed mid-frame".into());
                     }
-                    Some(FrameEvent::Io(e)) => break Err(format!("tunnel connection: {e}")),
+                    Some((_, FrameEvent::Io(e))) => break Err(format!("tunnel connection: {e}")),
                     None => break Err("every tunnel reader ended".into()),
                 };
                 match &frame {
