@@ -155,8 +155,7 @@ async fn read_to_egress(
             let (body, urgency, keys) = match event {
                 StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
                     Ok(ps) => {
-                        shared.observe_priority(&ps);
-                        let urgency = shared.urgency(&ps);
+                        let urgency = shared.prioritize(&ps);
                         let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                         (Body::Message(ps.to_zmtp()), urgency, keys)
                     }

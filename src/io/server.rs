@@ -176,44 +176,39 @@ impl Shared {
         }
     }
 
-    /// How urgent a message is: its key's priority (server ranges from the node table).
-    pub(crate) fn urgency(&self, msg: &PsMessage) -> Urgency {
+    /// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
+    fn server_ranges(&self) -> Option<ServerRanges> {
         let servers = self.topology.lock().expect("topology lock").num_servers();
-        let ranges = ServerRanges::new(servers as u64);
-        self.priority
-            .lock()
-            .expect("priority lock")
-            .urgency(msg, ranges.as_ref())
+        ServerRanges::new(servers as u64)
     }
 
-    /// A request a local app sent: teaches the learned order, checks the map.
-    pub(crate) fn observe_priority(&self, msg: &PsMessage) {
-        let servers = self.topology.lock().expect("topology lock").num_servers();
-        let ranges = ServerRanges::new(servers as u64);
+    /// How urgent a message a local app sent is (its key's priority); a request also
+    /// teaches the learned order and is checked against the map.
+    pub(crate) fn prioritize(&self, msg: &PsMessage) -> Urgency {
+        let ranges = self.server_ranges();
         let mut table = self.priority.lock().expect("priority lock");
-        let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) else {
-            return;
-        };
-        match event {
-            PriorityEvent::Trusted => {
-                tracing::info!("learned layer order trusted: it replaces MXNet key order")
+        if let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) {
+            match event {
+                PriorityEvent::Trusted => {
+                    tracing::info!("learned layer order trusted: it replaces MXNet key order")
+                }
+                PriorityEvent::Distrusted => tracing::warn!(
+                    "learned layer order no longer holds: MXNet key order until relearned"
+                ),
+                PriorityEvent::MapRefused { keys, key } => tracing::error!(
+                    keys,
+                    key,
+                    "priority map refused: it has {keys} keys but the job uses key {key} (a map of another model?); MXNet key order instead"
+                ),
             }
-            PriorityEvent::Distrusted => tracing::warn!(
-                "learned layer order no longer holds: MXNet key order until relearned"
-            ),
-            PriorityEvent::MapRefused { keys, key } => tracing::error!(
-                keys,
-                key,
-                "priority map refused: it has {keys} keys but the job uses key {key} (a map of another model?); MXNet key order instead"
-            ),
+            metrics::priority_source(table.in_use().label());
         }
-        metrics::priority_source(table.in_use().label());
+        table.urgency(msg, ranges.as_ref())
     }
 
     /// A peer proxy announced the priority it used for a message with these keys.
     pub(crate) fn priority_hint(&self, ps_keys: &[u64], priority: u32) {
-        let servers = self.topology.lock().expect("topology lock").num_servers();
-        let ranges = ServerRanges::new(servers as u64);
+        let ranges = self.server_ranges();
         self.priority
             .lock()
             .expect("priority lock")
@@ -686,6 +681,11 @@ async fn read_answer(upstream: &mut TcpStream) -> Result<(Answer, Vec<u8>), Refu
     }
 }
 
+/// Writes a tunnel answer; false if the peer is gone.
+async fn send_answer(stream: &mut TcpStream, answer: &Answer) -> bool {
+    stream.write_all(&answer.encode()).await.is_ok()
+}
+
 /// The answer admitting a tunnel to the destination app that sent `dst` in its READY.
 fn admitted_answer(dst: &PeerInfo) -> Answer {
     Answer {
@@ -737,9 +737,7 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
     );
     if let Err(r) = admitted {
         refuse(r, "tunnel", peer, Some(target));
-        let _ = stream
-            .write_all(&Answer::refused(Outcome::RefusedByPolicy).encode())
-            .await;
+        send_answer(&mut stream, &Answer::refused(Outcome::RefusedByPolicy)).await;
         return;
     }
     let app = PeerInfo {
@@ -761,17 +759,11 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
         Ok(x) => x,
         Err(r) => {
             refuse(r, "tunnel", peer, Some(target));
-            let _ = stream
-                .write_all(&Answer::refused(Outcome::Unreachable).encode())
-                .await;
+            send_answer(&mut stream, &Answer::refused(Outcome::Unreachable)).await;
             return;
         }
     };
-    if stream
-        .write_all(&admitted_answer(&dst_info).encode())
-        .await
-        .is_err()
-    {
+    if !send_answer(&mut stream, &admitted_answer(&dst_info)).await {
         return;
     }
     let _open = OpenConnection::new("tunnel_in");
@@ -849,16 +841,10 @@ async fn attach_class(
             peer,
             Some(preamble.target),
         );
-        let _ = stream
-            .write_all(&Answer::refused(Outcome::Unreachable).encode())
-            .await;
+        send_answer(&mut stream, &Answer::refused(Outcome::Unreachable)).await;
         return;
     };
-    if stream
-        .write_all(&admitted_answer(&dst_info).encode())
-        .await
-        .is_err()
-    {
+    if !send_answer(&mut stream, &admitted_answer(&dst_info)).await {
         return;
     }
     let open = OpenConnection::new("tunnel_class_in");
