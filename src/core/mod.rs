@@ -3,9 +3,11 @@
 
 pub mod dscp;
 pub mod learner;
+pub mod optimizer;
 pub mod policy;
 pub mod preamble;
 pub mod priority;
 pub mod scheduler;
 pub mod slice;
+pub mod split;
 pub mod topology;

@@ -1,0 +1,934 @@
+//! Key splitting in front of a local server (DESIGN.md §7), sans-IO.
+//!
+//! A split cannot be undone (the server never holds the original key), so the
+//! [`Splitter`] splits only with full history of the server: it saw the server
+//! register, every worker of the node table reaches the server through this proxy,
+//! sync mode came before the first init, no compression, no ACKs, no unknown command,
+//! no fence, and the server-side optimizer is absent or allowlisted. Each big dense
+//! key is decided at its init push; later requests for a split key become one request
+//! per slice key, and their responses merge back into the one response the server
+//! would have sent. Anything a layout cannot serve stops the server's traffic with a
+//! [`Failure`]: a job that stops loudly beats one that trains on wrong values.
+//!
+//! The IO shell feeds messages in and writes what comes out; events (splits,
+//! refusals, failures) are polled from [`Splitter::poll_event`], quinn style.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use p3proxy_parsers::mxnet::{CommandType, DataHandleType, RequestType, ServerRanges};
+use p3proxy_parsers::pslite::{ControlCommand, Meta, Role};
+use p3proxy_parsers::zmtp::FrameHeader;
+
+use super::optimizer::optimizer_verdict;
+use super::topology::NodeInfo;
+
+/// Slice keys start here above their server's range begin: the server reads
+/// `int(key - begin)`, a negative int no real MXNet key has.
+pub const SLICE_KEY_BASE: u64 = 1 << 31;
+/// Most slice keys one server may get (they must stay negative ints).
+pub const MAX_SLICE_KEYS: u64 = 1 << 31;
+/// Most requests tracked at once (split requests awaiting slice responses, and
+/// forwarded requests awaiting theirs); more is not a real job.
+pub const MAX_TRACKED: usize = 1 << 20;
+
+/// (server id, worker id, customer id, timestamp): one request and its response.
+pub type Correlation = (i32, i32, i32, i32);
+
+/// Why splitting is refused for a server's keys (metric label via [`Refusal::label`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// A worker of the node table does not reach the server through this proxy.
+    WorkerNotProxied,
+    /// This proxy did not see the server register.
+    HistoryIncomplete,
+    /// No node table (the scheduler's host runs no proxy).
+    NoNodeTable,
+    /// The first init came before `kSyncMode`.
+    NotSyncMode,
+    /// Gradient compression is on.
+    Compression,
+    /// ps-lite ACKs (`PS_RESEND`): duplicate detection keys on timestamps.
+    Resend,
+    /// A command MXNet 1.9.1 does not send.
+    UnknownCommand,
+    /// A message that is not ps-lite went to the server.
+    NotPslite,
+    /// The optimizer is not allowlisted (label from [`OptimizerRefusal`]).
+    ///
+    /// [`OptimizerRefusal`]: super::optimizer::OptimizerRefusal
+    Optimizer(&'static str),
+    /// The init push is not one dense key with one length (row-sparse, compressed,
+    /// several keys, an unknown dtype).
+    NotDense,
+}
+
+impl Refusal {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::WorkerNotProxied => "worker_not_proxied",
+            Refusal::HistoryIncomplete => "history_incomplete",
+            Refusal::NoNodeTable => "no_node_table",
+            Refusal::NotSyncMode => "not_sync_mode",
+            Refusal::Compression => "compression",
+            Refusal::Resend => "resend",
+            Refusal::UnknownCommand => "unknown_command",
+            Refusal::NotPslite => "not_pslite",
+            Refusal::Optimizer(label) => label,
+            Refusal::NotDense => "not_dense",
+        }
+    }
+}
+
+/// A request or response the split layout cannot serve: the server's traffic stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The server's address.
+    pub server: SocketAddr,
+    /// The ps-lite key concerned, if one.
+    pub key: Option<u64>,
+    /// Metric label.
+    pub reason: &'static str,
+    /// What happened, for the log.
+    pub detail: String,
+}
+
+/// What the splitter reports for the shell to log and count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitEvent {
+    /// A key was split.
+    Split {
+        /// The server's address.
+        server: SocketAddr,
+        /// Its layout.
+        layout: Layout,
+    },
+    /// A key above the threshold stays whole (reported once per key).
+    Refused {
+        /// The server's address.
+        server: SocketAddr,
+        /// The ps-lite key.
+        key: u64,
+        /// Why.
+        reason: Refusal,
+    },
+    /// The server's traffic stops (reported once per server).
+    Failed(Failure),
+}
+
+/// How one big key is stored on its server: `count` slice keys from `first`, each
+/// `slice` bytes but the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The original ps-lite key.
+    pub key: u64,
+    /// The `head` of its init push (dtype; dense).
+    pub head: i32,
+    /// Bytes of the whole value.
+    pub total: u64,
+    /// Bytes per slice (a multiple of the element size).
+    pub slice: u64,
+    /// ps-lite key of the first slice.
+    pub first: u64,
+    /// Number of slices.
+    pub count: u32,
+}
+
+impl Layout {
+    /// Byte range of slice `i` in the whole value.
+    pub fn range(&self, i: u32) -> (u64, u64) {
+        let off = u64::from(i) * self.slice;
+        (off, self.slice.min(self.total - off))
+    }
+
+    /// Index of a slice key.
+    pub fn index_of(&self, ps_key: u64) -> Option<u32> {
+        let i = ps_key.checked_sub(self.first)?;
+        (i < u64::from(self.count)).then_some(i as u32)
+    }
+}
+
+/// A message body as zero-copy pieces (a frame's bytes may span several).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pieces {
+    /// The pieces, in order.
+    pub parts: Vec<Bytes>,
+    /// Their total length.
+    pub len: u64,
+}
+
+impl Pieces {
+    /// One piece.
+    pub fn one(b: Bytes) -> Pieces {
+        Pieces {
+            len: b.len() as u64,
+            parts: vec![b],
+        }
+    }
+
+    /// Bytes `off..off + n`, zero-copy.
+    pub fn range(&self, mut off: u64, n: u64) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut left = n;
+        for p in &self.parts {
+            if left == 0 {
+                break;
+            }
+            let len = p.len() as u64;
+            if off >= len {
+                off -= len;
+                continue;
+            }
+            let take = left.min(len - off);
+            out.push(p.slice(off as usize..(off + take) as usize));
+            left -= take;
+            off = 0;
+        }
+        out
+    }
+
+    /// The bytes, copied (small frames: keys, lens).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts.iter().flat_map(|p| p.iter().copied()).collect()
+    }
+}
+
+/// The wire encoding of a message whose frames are given as pieces: libzmq's header
+/// forms (long above 255 bytes), MORE on all but the last.
+pub fn encode_message(frames: &[Pieces]) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(frames.len() * 2);
+    for (i, f) in frames.iter().enumerate() {
+        let mut header = Vec::with_capacity(9);
+        FrameHeader::canonical(f.len, i + 1 < frames.len(), false).encode_into(&mut header);
+        out.push(Bytes::from(header));
+        out.extend(f.parts.iter().filter(|p| !p.is_empty()).cloned());
+    }
+    out
+}
+
+/// A data request going to a server, as the splitter needs to see it.
+#[derive(Debug, Clone)]
+pub struct DataRequest<'a> {
+    /// Its meta.
+    pub meta: &'a Meta,
+    /// The meta frame as received (slice requests carry it unchanged).
+    pub meta_frame: &'a Bytes,
+    /// Keys (u64 LE).
+    pub keys: &'a [u64],
+    /// The vals frame.
+    pub vals: &'a Pieces,
+    /// Lens (i32 LE), if the frame is there.
+    pub lens: Option<&'a [i32]>,
+}
+
+/// What to do with a request to a local server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestPlan {
+    /// Forward it unchanged.
+    Forward,
+    /// Rank 0's first init push waits until every worker reaches the server through
+    /// this proxy (ask again; `waited` once the deadline passed).
+    Hold,
+    /// Send these messages (one per slice key) instead, as wire pieces.
+    Split(Vec<Vec<Bytes>>),
+    /// The server's traffic stops.
+    Stop(Failure),
+}
+
+/// What to do with a data response from a local server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponsePlan {
+    /// Forward it unchanged.
+    Forward,
+    /// A slice response, held for the merge.
+    Absorb,
+    /// The merged response, as wire pieces, instead of the last slice response.
+    Merged(Vec<Bytes>),
+    /// The server's traffic stops.
+    Stop(Failure),
+}
+
+/// Tunables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitConfig {
+    /// Splitting on at all.
+    pub enabled: bool,
+    /// Bytes per slice key (rounded down to whole elements).
+    pub slice_bytes: u64,
+    /// Keys larger than this many bytes are split.
+    pub min_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyState {
+    Whole,
+    Split(Layout),
+}
+
+/// One server this proxy fronts.
+#[derive(Debug, Default)]
+struct ServerState {
+    /// Its id from the node table.
+    id: Option<i32>,
+    /// Open request connections into it, by worker id.
+    workers: HashMap<i32, u32>,
+    sync_mode: bool,
+    /// The first init push was decided.
+    first_init: bool,
+    /// Reasons that forbid splitting any key of this server.
+    blockers: Vec<Refusal>,
+    /// The verdict of the last optimizer seen (class path).
+    optimizer: Option<String>,
+    keys: HashMap<u64, KeyState>,
+    /// Slice keys handed out.
+    next_slice: u64,
+    /// Number of split keys (pinned when > 0).
+    split: usize,
+    failed: Option<Failure>,
+}
+
+/// A split request waiting for its slice responses.
+#[derive(Debug)]
+struct Pending {
+    layout: Layout,
+    pull: bool,
+    got: u32,
+    meta_frame: Option<Bytes>,
+    vals: Vec<Option<Vec<Bytes>>>,
+}
+
+/// The split decisions and the requests in flight of every local server.
+#[derive(Debug)]
+pub struct Splitter {
+    config: SplitConfig,
+    /// Local servers this proxy saw register, by address.
+    servers: HashMap<SocketAddr, ServerState>,
+    /// Server id -> address, for local servers.
+    ids: HashMap<i32, SocketAddr>,
+    /// Worker ids of the node table.
+    workers: Option<Vec<i32>>,
+    /// Number of servers (key ranges).
+    num_servers: u64,
+    pending: HashMap<Correlation, Pending>,
+    /// Forwarded requests awaiting their response.
+    outstanding: HashMap<Correlation, u32>,
+    refused_logged: HashSet<(SocketAddr, u64)>,
+    events: VecDeque<SplitEvent>,
+}
+
+impl Splitter {
+    /// A splitter with nothing seen yet.
+    pub fn new(config: SplitConfig) -> Splitter {
+        Splitter {
+            config,
+            servers: HashMap::new(),
+            ids: HashMap::new(),
+            workers: None,
+            num_servers: 0,
+            pending: HashMap::new(),
+            outstanding: HashMap::new(),
+            refused_logged: HashSet::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The next event to log and count.
+    pub fn poll_event(&mut self) -> Option<SplitEvent> {
+        self.events.pop_front()
+    }
+
+    /// A local server registered with the scheduler through this proxy.
+    pub fn server_registered(&mut self, addr: SocketAddr) {
+        self.servers.entry(addr).or_default();
+        self.bind_ids();
+    }
+
+    /// The scheduler's node table.
+    pub fn node_table(&mut self, nodes: &[NodeInfo]) {
+        self.workers = Some(
+            nodes
+                .iter()
+                .filter(|n| n.role == Role::Worker)
+                .map(|n| n.id)
+                .collect(),
+        );
+        self.num_servers = nodes.iter().filter(|n| n.role == Role::Server).count() as u64;
+        self.ids.clear();
+        for n in nodes.iter().filter(|n| n.role == Role::Server) {
+            if let Some(addr) = n.addr {
+                self.ids.insert(n.id, addr);
+            }
+        }
+        self.bind_ids();
+    }
+
+    fn bind_ids(&mut self) {
+        for (&id, addr) in &self.ids {
+            if let Some(s) = self.servers.get_mut(addr) {
+                s.id = Some(id);
+            }
+        }
+    }
+
+    /// `addr` is a local server this proxy fronts.
+    pub fn is_server(&self, addr: SocketAddr) -> bool {
+        self.servers.contains_key(&addr)
+    }
+
+    /// The address of local server `id`.
+    pub fn server_addr(&self, id: i32) -> Option<SocketAddr> {
+        self.ids
+            .get(&id)
+            .copied()
+            .filter(|a| self.servers.contains_key(a))
+    }
+
+    /// The server holds split keys: a bypass would corrupt it (tunnel answers say so).
+    pub fn pinned(&self, addr: SocketAddr) -> bool {
+        self.servers.get(&addr).is_some_and(|s| s.split > 0)
+    }
+
+    /// Split keys over every server.
+    pub fn split_keys(&self) -> usize {
+        self.servers.values().map(|s| s.split).sum()
+    }
+
+    /// A request connection from `worker` into `server` completed its handshake.
+    pub fn worker_connected(&mut self, server: SocketAddr, worker: i32) {
+        if let Some(s) = self.servers.get_mut(&server) {
+            *s.workers.entry(worker).or_insert(0) += 1;
+        }
+    }
+
+    /// That connection closed: its requests will never be answered, forget them.
+    pub fn worker_disconnected(&mut self, server: SocketAddr, worker: i32) {
+        let Some(s) = self.servers.get_mut(&server) else {
+            return;
+        };
+        if let Some(n) = s.workers.get_mut(&worker) {
+            *n -= 1;
+            if *n == 0 {
+                s.workers.remove(&worker);
+            }
+        }
+        if let Some(id) = s.id {
+            self.forget(id, worker);
+        }
+    }
+
+    /// The server's response connection to `worker` closed.
+    pub fn responses_closed(&mut self, server_id: i32, worker: i32) {
+        self.forget(server_id, worker);
+    }
+
+    fn forget(&mut self, server_id: i32, worker: i32) {
+        self.pending
+            .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
+        self.outstanding
+            .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
+    }
+
+    /// Requests tracked now (bounded by [`MAX_TRACKED`]).
+    pub fn tracked(&self) -> usize {
+        self.pending.len() + self.outstanding.len()
+    }
+
+    fn fail(
+        &mut self,
+        server: SocketAddr,
+        key: Option<u64>,
+        reason: &'static str,
+        detail: String,
+    ) -> Failure {
+        let failure = Failure {
+            server,
+            key,
+            reason,
+            detail,
+        };
+        if let Some(s) = self.servers.get_mut(&server) {
+            if s.failed.is_none() {
+                s.failed = Some(failure.clone());
+                self.events.push_back(SplitEvent::Failed(failure.clone()));
+            }
+            return s.failed.clone().expect("set");
+        }
+        failure
+    }
+
+    /// A condition that forbids splitting appeared: before any split it only stops
+    /// new splits; after one it stops the server's traffic.
+    fn block(&mut self, server: SocketAddr, refusal: Refusal, detail: String) -> Option<Failure> {
+        let s = self.servers.get_mut(&server)?;
+        if s.split > 0 {
+            let label = refusal.label();
+            return Some(self.fail(
+                server,
+                None,
+                label,
+                format!("after keys were split: {detail}"),
+            ));
+        }
+        if !s.blockers.contains(&refusal) {
+            s.blockers.push(refusal);
+        }
+        None
+    }
+
+    /// A failed server stops everything.
+    fn failed(&self, server: SocketAddr) -> Option<Failure> {
+        self.servers.get(&server).and_then(|s| s.failed.clone())
+    }
+
+    /// A message that is not ps-lite went to `server`.
+    pub fn on_fence(&mut self, server: SocketAddr) -> Option<Failure> {
+        if let Some(f) = self.failed(server) {
+            return Some(f);
+        }
+        self.block(
+            server,
+            Refusal::NotPslite,
+            "a message that is not ps-lite".into(),
+        )
+    }
+
+    /// A control message went to `server` (only ACK matters).
+    pub fn on_control(&mut self, server: SocketAddr, cmd: ControlCommand) -> Option<Failure> {
+        if let Some(f) = self.failed(server) {
+            return Some(f);
+        }
+        match cmd {
+            ControlCommand::Ack => {
+                self.block(server, Refusal::Resend, "a ps-lite ACK (PS_RESEND)".into())
+            }
+            _ => None,
+        }
+    }
+
+    /// A SimpleApp command went to `server`.
+    pub fn on_command(&mut self, server: SocketAddr, head: i32, body: &[u8]) -> Option<Failure> {
+        if let Some(f) = self.failed(server) {
+            return Some(f);
+        }
+        let s = self.servers.get_mut(&server)?;
+        let (refusal, detail) = match CommandType::from(head) {
+            CommandType::SyncMode => {
+                if !s.first_init {
+                    s.sync_mode = true;
+                }
+                return None;
+            }
+            CommandType::Controller => match optimizer_verdict(body) {
+                Ok(class) => {
+                    s.optimizer = Some(class);
+                    return None;
+                }
+                Err(e) => (Refusal::Optimizer(e.label()), e.to_string()),
+            },
+            CommandType::SetGradientCompression => {
+                (Refusal::Compression, "gradient compression".to_string())
+            }
+            CommandType::SetMultiPrecision
+            | CommandType::StopServer
+            | CommandType::SetProfilerParams => return None,
+            CommandType::Other(h) => (Refusal::UnknownCommand, format!("unknown command {h}")),
+        };
+        self.block(server, refusal, detail)
+    }
+
+    /// Why this server's keys may not be split now, if anything forbids it
+    /// (besides workers that have not connected yet).
+    fn history_refusal(&self, server: SocketAddr) -> Option<Refusal> {
+        let s = self.servers.get(&server)?;
+        if let Some(r) = s.blockers.first() {
+            return Some(r.clone());
+        }
+        if self.workers.is_none() || s.id.is_none() || self.num_servers == 0 {
+            return Some(Refusal::NoNodeTable);
+        }
+        if !s.sync_mode {
+            return Some(Refusal::NotSyncMode);
+        }
+        None
+    }
+
+    fn all_workers_connected(&self, server: SocketAddr) -> bool {
+        let (Some(s), Some(workers)) = (self.servers.get(&server), &self.workers) else {
+            return false;
+        };
+        workers.iter().all(|w| s.workers.contains_key(w))
+    }
+
+    fn refuse(&mut self, server: SocketAddr, key: u64, reason: Refusal) {
+        if self.refused_logged.insert((server, key)) {
+            self.events.push_back(SplitEvent::Refused {
+                server,
+                key,
+                reason,
+            });
+        }
+    }
+
+    fn track(&mut self, corr: Correlation) -> Result<(), ()> {
+        if self.tracked() >= MAX_TRACKED {
+            return Err(());
+        }
+        *self.outstanding.entry(corr).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// A data request from `sender` to local server `server`. `waited`: the hold of
+    /// the first init push timed out.
+    pub fn on_data_request(
+        &mut self,
+        server: SocketAddr,
+        sender: i32,
+        req: &DataRequest<'_>,
+        waited: bool,
+    ) -> RequestPlan {
+        if let Some(f) = self.failed(server) {
+            return RequestPlan::Stop(f);
+        }
+        let Some(state) = self.servers.get(&server) else {
+            return RequestPlan::Forward; // Not a server this proxy saw register.
+        };
+        let server_id = state.id;
+        let known: Vec<Option<KeyState>> = req
+            .keys
+            .iter()
+            .map(|k| state.keys.get(k).copied())
+            .collect();
+        let split_key = known.iter().zip(req.keys).find_map(|(s, k)| match s {
+            Some(KeyState::Split(l)) => Some((*k, *l)),
+            _ => None,
+        });
+        let corr = server_id.map(|id| (id, sender, req.meta.customer_id(), req.meta.timestamp()));
+        if let Some((key, layout)) = split_key {
+            return self.split_request(server, corr, key, layout, req);
+        }
+        let push = req.meta.is_push();
+        let new_keys: Vec<u64> = req
+            .keys
+            .iter()
+            .zip(&known)
+            .filter(|(_, s)| s.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        if push && !new_keys.is_empty() {
+            // An init push (the server takes a push to an unknown key as its init).
+            let candidate = self.candidate(req);
+            if let Some(total) = candidate {
+                if let Some(plan) = self.decide_init(server, sender, corr, req, total, waited) {
+                    return plan;
+                }
+            } else if req.keys.len() == 1
+                && req.vals.len > self.config.min_bytes
+                && self.config.enabled
+            {
+                self.refuse(server, req.keys[0], Refusal::NotDense);
+            }
+            let s = self.servers.get_mut(&server).expect("checked");
+            for k in new_keys {
+                s.keys.insert(k, KeyState::Whole);
+            }
+            if !s.first_init {
+                s.first_init = true;
+            }
+        }
+        if let Some(corr) = corr {
+            if self.track(corr).is_err() {
+                let f = self.fail(
+                    server,
+                    None,
+                    "too_many_requests",
+                    format!("more than {MAX_TRACKED} requests in flight"),
+                );
+                return RequestPlan::Stop(f);
+            }
+        }
+        RequestPlan::Forward
+    }
+
+    /// The byte length of an init push that may be split: one dense key above the
+    /// threshold with one length equal to its vals.
+    fn candidate(&self, req: &DataRequest<'_>) -> Option<u64> {
+        if !self.config.enabled || req.keys.len() != 1 || req.vals.len <= self.config.min_bytes {
+            return None;
+        }
+        let handle = DataHandleType::from_head(req.meta.head())?;
+        let elem = handle.dtype.size()? as u64;
+        let dense = handle.request_type == RequestType::Default;
+        let lens_ok =
+            req.lens == Some(&[req.vals.len as i32][..]) && req.vals.len <= i32::MAX as u64;
+        (dense && lens_ok && req.vals.len % elem == 0 && !req.meta.is_pull())
+            .then_some(req.vals.len)
+    }
+
+    fn decide_init(
+        &mut self,
+        server: SocketAddr,
+        sender: i32,
+        corr: Option<Correlation>,
+        req: &DataRequest<'_>,
+        total: u64,
+        waited: bool,
+    ) -> Option<RequestPlan> {
+        let key = req.keys[0];
+        if let Some(reason) = self.history_refusal(server) {
+            self.refuse(server, key, reason);
+            return None;
+        }
+        if !self.all_workers_connected(server) {
+            let s = self.servers.get(&server).expect("checked");
+            if !s.first_init && !waited {
+                return Some(RequestPlan::Hold);
+            }
+            self.servers
+                .get_mut(&server)
+                .expect("checked")
+                .blockers
+                .push(Refusal::WorkerNotProxied);
+            self.refuse(server, key, Refusal::WorkerNotProxied);
+            return None;
+        }
+        let ranges = ServerRanges::new(self.num_servers)?;
+        let Some(decoded) = ranges.decode(key) else {
+            self.refuse(server, key, Refusal::NotDense);
+            return None;
+        };
+        let elem = DataHandleType::from_head(req.meta.head())?.dtype.size()? as u64;
+        let slice = (self.config.slice_bytes / elem).max(1) * elem;
+        let count = total.div_ceil(slice);
+        let s = self.servers.get_mut(&server).expect("checked");
+        if s.next_slice + count > MAX_SLICE_KEYS {
+            return None;
+        }
+        let layout = Layout {
+            key,
+            head: req.meta.head(),
+            total,
+            slice,
+            first: ranges.begin(decoded.server) + SLICE_KEY_BASE + s.next_slice,
+            count: count as u32,
+        };
+        s.next_slice += count;
+        s.split += 1;
+        s.first_init = true;
+        s.keys.insert(key, KeyState::Split(layout));
+        let _ = sender;
+        self.events.push_back(SplitEvent::Split { server, layout });
+        Some(self.split_request(server, corr, key, layout, req))
+    }
+
+    fn split_request(
+        &mut self,
+        server: SocketAddr,
+        corr: Option<Correlation>,
+        key: u64,
+        layout: Layout,
+        req: &DataRequest<'_>,
+    ) -> RequestPlan {
+        let stop = |this: &mut Self, reason: &'static str, detail: String| {
+            RequestPlan::Stop(this.fail(server, Some(key), reason, detail))
+        };
+        if req.keys.len() != 1 {
+            return stop(
+                self,
+                "layout_mismatch",
+                format!(
+                    "a request for {} keys includes split key {key}",
+                    req.keys.len()
+                ),
+            );
+        }
+        if req.meta.head() != layout.head {
+            return stop(
+                self,
+                "layout_mismatch",
+                format!(
+                    "head {} (dtype or request type) differs from the split layout's {}",
+                    req.meta.head(),
+                    layout.head
+                ),
+            );
+        }
+        let push = req.meta.is_push();
+        if push {
+            if req.vals.len != layout.total || req.lens != Some(&[layout.total as i32][..]) {
+                return stop(
+                    self,
+                    "layout_mismatch",
+                    format!(
+                        "{} bytes pushed, lens {:?}; the split layout holds {} bytes",
+                        req.vals.len, req.lens, layout.total
+                    ),
+                );
+            }
+        } else if req.vals.len != 0 || req.lens.is_some_and(|l| !l.is_empty()) {
+            return stop(
+                self,
+                "layout_mismatch",
+                format!("a pull carrying {} bytes", req.vals.len),
+            );
+        }
+        let Some(corr) = corr else {
+            return stop(self, "no_node_table", "the server's id is unknown".into());
+        };
+        if self.pending.contains_key(&corr) || self.outstanding.contains_key(&corr) {
+            return stop(
+                self,
+                "duplicate_request",
+                format!(
+                    "timestamp {} of customer {} from worker {} is already in flight",
+                    corr.3, corr.2, corr.1
+                ),
+            );
+        }
+        if self.tracked() >= MAX_TRACKED {
+            return stop(
+                self,
+                "too_many_requests",
+                format!("more than {MAX_TRACKED} requests in flight"),
+            );
+        }
+        let pull = req.meta.is_pull();
+        self.pending.insert(
+            corr,
+            Pending {
+                layout,
+                pull,
+                got: 0,
+                meta_frame: None,
+                vals: if pull {
+                    vec![None; layout.count as usize]
+                } else {
+                    Vec::new()
+                },
+            },
+        );
+        let meta = Pieces::one(req.meta_frame.clone());
+        let messages = (0..layout.count)
+            .map(|i| {
+                let keys = Pieces::one(Bytes::copy_from_slice(
+                    &(layout.first + u64::from(i)).to_le_bytes(),
+                ));
+                if push {
+                    let (off, len) = layout.range(i);
+                    let vals = Pieces {
+                        parts: req.vals.range(off, len),
+                        len,
+                    };
+                    let lens = Pieces::one(Bytes::copy_from_slice(&(len as i32).to_le_bytes()));
+                    encode_message(&[meta.clone(), keys, vals, lens])
+                } else {
+                    encode_message(&[meta.clone(), keys, Pieces::default()])
+                }
+            })
+            .collect();
+        RequestPlan::Split(messages)
+    }
+
+    /// A data response from local server `server_id` to `worker`.
+    pub fn on_data_response(
+        &mut self,
+        server_id: i32,
+        worker: i32,
+        meta: &Meta,
+        meta_frame: &Bytes,
+        data: &[Pieces],
+    ) -> ResponsePlan {
+        let Some(server) = self.server_addr(server_id) else {
+            return ResponsePlan::Forward;
+        };
+        if let Some(f) = self.failed(server) {
+            return ResponsePlan::Stop(f);
+        }
+        let corr = (server_id, worker, meta.customer_id(), meta.timestamp());
+        if let Some(p) = self.pending.get_mut(&corr) {
+            let layout = p.layout;
+            let mut bad = None;
+            if p.meta_frame.as_ref().is_some_and(|m| m != meta_frame) {
+                bad = Some("slice responses of one request differ in their meta".to_string());
+            }
+            if p.pull {
+                let keys = data.first().map(Pieces::to_vec).unwrap_or_default();
+                let index = (keys.len() == 8)
+                    .then(|| u64::from_le_bytes(keys.try_into().expect("8 bytes")))
+                    .and_then(|k| layout.index_of(k));
+                match index {
+                    Some(i) if data.len() == 3 && p.vals[i as usize].is_none() => {
+                        let (_, len) = layout.range(i);
+                        let lens = data[2].to_vec();
+                        if data[1].len != len || lens != (len as i32).to_le_bytes() {
+                            bad = Some(format!(
+                                "slice {i} answered with {} bytes, lens {lens:?}; expected {len}",
+                                data[1].len
+                            ));
+                        } else {
+                            p.vals[i as usize] = Some(data[1].parts.clone());
+                        }
+                    }
+                    _ => bad = Some("a slice response with unexpected keys or frames".into()),
+                }
+            } else if !data.is_empty() {
+                bad = Some("a push ack with data".into());
+            }
+            if let Some(detail) = bad {
+                let key = layout.key;
+                self.pending.remove(&corr);
+                return ResponsePlan::Stop(self.fail(
+                    server,
+                    Some(key),
+                    "bad_slice_response",
+                    detail,
+                ));
+            }
+            p.got += 1;
+            p.meta_frame = Some(meta_frame.clone());
+            if p.got < layout.count {
+                return ResponsePlan::Absorb;
+            }
+            let p = self.pending.remove(&corr).expect("present");
+            let meta = Pieces::one(meta_frame.clone());
+            if !p.pull {
+                return ResponsePlan::Merged(encode_message(&[meta]));
+            }
+            let keys = Pieces::one(Bytes::copy_from_slice(&layout.key.to_le_bytes()));
+            let vals = Pieces {
+                parts: p
+                    .vals
+                    .into_iter()
+                    .flat_map(|v| v.expect("all slices in"))
+                    .collect(),
+                len: layout.total,
+            };
+            let lens = Pieces::one(Bytes::copy_from_slice(&(layout.total as i32).to_le_bytes()));
+            return ResponsePlan::Merged(encode_message(&[meta, keys, vals, lens]));
+        }
+        if let Some(n) = self.outstanding.get_mut(&corr) {
+            *n -= 1;
+            if *n == 0 {
+                self.outstanding.remove(&corr);
+            }
+            return ResponsePlan::Forward;
+        }
+        if self.pinned(server) {
+            return ResponsePlan::Stop(self.fail(
+                server,
+                None,
+                "bypass",
+                format!(
+                    "a response to worker {worker} (customer {}, timestamp {}) for a request this proxy never relayed: something reaches the server around the proxy",
+                    meta.customer_id(),
+                    meta.timestamp()
+                ),
+            ));
+        }
+        ResponsePlan::Forward
+    }
+}
+
+#[cfg(test)]
+mod tests;

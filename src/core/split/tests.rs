@@ -1,0 +1,592 @@
+use super::*;
+use p3proxy_parsers::pslite::PsMessage;
+use p3proxy_parsers::zmtp::{parse_unit, Limits};
+
+const OPTIMIZERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/parsers/tests/optimizers/");
+const S8: &str = "10.0.0.1:4000";
+const W9: i32 = 9;
+const W11: i32 = 11;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{OPTIMIZERS}{name}")).unwrap()
+}
+
+fn nodes(servers: usize) -> Vec<NodeInfo> {
+    let mut v = Vec::new();
+    for r in 0..servers {
+        v.push(NodeInfo {
+            id: 8 + 2 * r as i32,
+            role: Role::Server,
+            addr: Some(SocketAddr::new(addr(S8).ip(), 4000 + r as u16)),
+        });
+    }
+    for id in [W9, W11] {
+        v.push(NodeInfo {
+            id,
+            role: Role::Worker,
+            addr: Some(addr("10.0.0.2:5000")),
+        });
+    }
+    v
+}
+
+const CONFIG: SplitConfig = SplitConfig {
+    enabled: true,
+    slice_bytes: 400,
+    min_bytes: 400,
+};
+
+/// A splitter in front of S8 (of `servers`) with full history: registration, node
+/// table, both workers connected, sync mode, and `optimizer` (a fixture) if any.
+fn ready(servers: usize, optimizer: Option<&str>) -> Splitter {
+    let mut sp = Splitter::new(CONFIG);
+    for r in 0..servers {
+        sp.server_registered(SocketAddr::new(addr(S8).ip(), 4000 + r as u16));
+    }
+    sp.node_table(&nodes(servers));
+    for r in 0..servers {
+        let server = SocketAddr::new(addr(S8).ip(), 4000 + r as u16);
+        sp.worker_connected(server, W9);
+        sp.worker_connected(server, W11);
+        assert_eq!(sp.on_command(server, 3, b""), None);
+        if let Some(o) = optimizer {
+            assert_eq!(sp.on_command(server, 0, &fixture(o)), None);
+        }
+    }
+    sp
+}
+
+fn meta(head: i32, push: bool, pull: bool, ts: i32, request: bool, data: bool) -> Meta {
+    Meta {
+        head: Some(head),
+        request: Some(request),
+        push: Some(push),
+        simple_app: Some(false),
+        app_id: Some(0),
+        timestamp: Some(ts),
+        data_type: if data { vec![8, 11, 3] } else { vec![] },
+        customer_id: Some(0),
+        pull: Some(pull),
+        priority: Some(0),
+        ..Meta::default()
+    }
+}
+
+/// A request as MXNet sends it, its parts owned.
+struct Req {
+    meta: Meta,
+    meta_frame: Bytes,
+    keys: Vec<u64>,
+    vals: Pieces,
+    lens: Option<Vec<i32>>,
+}
+
+impl Req {
+    fn push(key: u64, vals: Vec<u8>, ts: i32, pull: bool, head: i32) -> Req {
+        let m = meta(head, true, pull, ts, true, true);
+        Req {
+            meta_frame: Bytes::from(m.encode()),
+            meta: m,
+            keys: vec![key],
+            lens: Some(vec![vals.len() as i32]),
+            // Cut in odd places, as a reassembled message is.
+            vals: Pieces {
+                len: vals.len() as u64,
+                parts: vals.chunks(333).map(Bytes::copy_from_slice).collect(),
+            },
+        }
+    }
+
+    fn pull(key: u64, ts: i32) -> Req {
+        let mut m = meta(0, false, true, ts, true, true);
+        m.data_type = vec![8, 11]; // keys and an empty vals frame
+        Req {
+            meta_frame: Bytes::from(m.encode()),
+            meta: m,
+            keys: vec![key],
+            vals: Pieces::default(),
+            lens: None,
+        }
+    }
+
+    fn view(&self) -> DataRequest<'_> {
+        DataRequest {
+            meta: &self.meta,
+            meta_frame: &self.meta_frame,
+            keys: &self.keys,
+            vals: &self.vals,
+            lens: self.lens.as_deref(),
+        }
+    }
+}
+
+fn values(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn concat(pieces: &[Bytes]) -> Vec<u8> {
+    pieces.iter().flat_map(|p| p.iter().copied()).collect()
+}
+
+/// Parses wire pieces as one ps-lite message.
+fn parse(pieces: &[Bytes]) -> PsMessage {
+    let bytes = Bytes::from(concat(pieces));
+    let (unit, used) = parse_unit(&bytes, &Limits::default()).unwrap().unwrap();
+    assert_eq!(used, bytes.len(), "exactly one unit");
+    let msg = match unit {
+        p3proxy_parsers::zmtp::Unit::Message(m) => m,
+        other => panic!("not a message: {other:?}"),
+    };
+    PsMessage::from_zmtp(msg).unwrap()
+}
+
+fn split(plan: RequestPlan) -> Vec<PsMessage> {
+    match plan {
+        RequestPlan::Split(msgs) => msgs.iter().map(|m| parse(m)).collect(),
+        other => panic!("not split: {other:?}"),
+    }
+}
+
+/// The response the server sends for `req` (a pushpull or pull), with `vals`.
+fn response(req: &Meta, key: u64, vals: &[u8]) -> (Meta, Bytes, Vec<Pieces>) {
+    let m = meta(
+        req.head(),
+        req.is_push(),
+        req.is_pull(),
+        req.timestamp(),
+        false,
+        true,
+    );
+    let data = vec![
+        Pieces::one(Bytes::copy_from_slice(&key.to_le_bytes())),
+        Pieces::one(Bytes::copy_from_slice(vals)),
+        Pieces::one(Bytes::copy_from_slice(&(vals.len() as i32).to_le_bytes())),
+    ];
+    (m.clone(), Bytes::from(m.encode()), data)
+}
+
+fn ack(req: &Meta) -> (Meta, Bytes) {
+    let m = meta(req.head(), true, false, req.timestamp(), false, false);
+    (m.clone(), Bytes::from(m.encode()))
+}
+
+fn events(sp: &mut Splitter) -> Vec<SplitEvent> {
+    std::iter::from_fn(|| sp.poll_event()).collect()
+}
+
+#[test]
+fn an_init_push_becomes_slice_pushes_and_their_acks_one_ack() {
+    let mut sp = ready(1, Some("gluon-sgd.pickle"));
+    let value = values(1001 * 4, 1); // 4004 bytes: 10 slices of 400, then 4
+    let init = Req::push(7, value.clone(), 1, false, 0);
+    let slices = split(sp.on_data_request(addr(S8), W9, &init.view(), false));
+    assert_eq!(slices.len(), 11);
+    let mut joined = Vec::new();
+    for (i, s) in slices.iter().enumerate() {
+        assert_eq!(
+            s.meta_frame.body, init.meta_frame,
+            "the meta goes unchanged"
+        );
+        let key = s.keys().unwrap().collect::<Vec<_>>();
+        assert_eq!(key, vec![SLICE_KEY_BASE + i as u64]);
+        // The server reads a negative int.
+        assert!((key[0] as i64 as i32) < 0 || key[0] >= SLICE_KEY_BASE);
+        let vals = s.vals().unwrap();
+        assert_eq!(
+            s.lens().unwrap().collect::<Vec<_>>(),
+            vec![vals.len() as i32]
+        );
+        joined.extend_from_slice(vals);
+    }
+    assert_eq!(joined, value);
+    assert_eq!(slices[10].vals().unwrap().len(), 4);
+    match &events(&mut sp)[..] {
+        [SplitEvent::Split { layout, .. }] => {
+            assert_eq!((layout.key, layout.count, layout.total), (7, 11, 4004))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sp.pinned(addr(S8)));
+    let (m, frame) = ack(&init.meta);
+    for _ in 0..10 {
+        assert_eq!(
+            sp.on_data_response(8, W9, &m, &frame, &[]),
+            ResponsePlan::Absorb
+        );
+    }
+    let merged = sp.on_data_response(8, W9, &m, &frame, &[]);
+    let ResponsePlan::Merged(pieces) = merged else {
+        panic!("{merged:?}")
+    };
+    // Byte for byte the ack the server sends for the whole key.
+    let whole = PsMessage::new(m, vec![]).to_zmtp().encode();
+    assert_eq!(concat(&pieces), whole);
+    assert_eq!(sp.tracked(), 0);
+}
+
+#[test]
+fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
+    let mut sp = ready(1, Some("gluon-adam.pickle"));
+    let value = values(2000, 3);
+    let init = Req::push(5, value.clone(), 1, false, 0);
+    split(sp.on_data_request(addr(S8), W9, &init.view(), false));
+    let (m, f) = ack(&init.meta);
+    for _ in 0..5 {
+        sp.on_data_response(8, W9, &m, &f, &[]);
+    }
+    let pp = Req::push(5, values(2000, 9), 2, true, 0);
+    let slices = split(sp.on_data_request(addr(S8), W11, &pp.view(), false));
+    assert_eq!(slices.len(), 5);
+    let new_value = values(2000, 77);
+    let mut order: Vec<usize> = vec![3, 0, 4, 1, 2];
+    let mut result = None;
+    for (n, i) in order.drain(..).enumerate() {
+        let key = SLICE_KEY_BASE + i as u64;
+        let (rm, rf, data) = response(&pp.meta, key, &new_value[i * 400..(i + 1) * 400]);
+        let plan = sp.on_data_response(8, W11, &rm, &rf, &data);
+        if n < 4 {
+            assert_eq!(plan, ResponsePlan::Absorb);
+        } else {
+            result = Some(plan);
+        }
+    }
+    let Some(ResponsePlan::Merged(pieces)) = result else {
+        panic!("{result:?}")
+    };
+    let (wm, _, _) = response(&pp.meta, 5, &new_value);
+    let whole = PsMessage::new(
+        wm,
+        vec![
+            Bytes::copy_from_slice(&5u64.to_le_bytes()),
+            Bytes::from(new_value.clone()),
+            Bytes::copy_from_slice(&2000i32.to_le_bytes()),
+        ],
+    )
+    .to_zmtp()
+    .encode();
+    assert_eq!(concat(&pieces), whole);
+}
+
+#[test]
+fn pulls_split_without_values_and_fp16_slices_keep_whole_elements() {
+    let mut sp = Splitter::new(SplitConfig {
+        slice_bytes: 401, // not a multiple of 2 or 4
+        ..CONFIG
+    });
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    sp.on_command(addr(S8), 3, b"");
+    let fp16 = DataHandleType {
+        request_type: RequestType::Default,
+        dtype: p3proxy_parsers::mxnet::Dtype::Float16,
+    }
+    .to_head();
+    assert_eq!(fp16, 5);
+    let init = Req::push(3, values(1002, 0), 1, false, fp16);
+    let slices = split(sp.on_data_request(addr(S8), W9, &init.view(), false));
+    let lens: Vec<usize> = slices.iter().map(|s| s.vals().unwrap().len()).collect();
+    assert_eq!(lens, vec![400, 400, 202]);
+    let mut pull = Req::pull(3, 2);
+    pull.meta.head = Some(fp16);
+    pull.meta_frame = Bytes::from(pull.meta.encode());
+    let pulls = split(sp.on_data_request(addr(S8), W9, &pull.view(), false));
+    assert_eq!(pulls.len(), 3);
+    for (i, p) in pulls.iter().enumerate() {
+        assert_eq!(
+            p.keys().unwrap().collect::<Vec<_>>(),
+            vec![SLICE_KEY_BASE + i as u64]
+        );
+        assert_eq!(p.vals().unwrap().len(), 0);
+        assert_eq!(
+            p.data.len(),
+            2,
+            "keys and an empty vals frame, as ZPull sends"
+        );
+    }
+    // A pull of another dtype does not fit the layout.
+    let f32_pull = Req::pull(3, 3);
+    let stop = sp.on_data_request(addr(S8), W9, &f32_pull.view(), false);
+    assert!(
+        matches!(
+            stop,
+            RequestPlan::Stop(Failure {
+                reason: "layout_mismatch",
+                key: Some(3),
+                ..
+            })
+        ),
+        "{stop:?}"
+    );
+}
+
+#[test]
+fn a_bigarray_part_on_the_second_server_gets_slice_keys_of_that_server() {
+    let mut sp = ready(2, None);
+    let s10 = addr("10.0.0.1:4001");
+    let ranges = ServerRanges::new(2).unwrap();
+    let part = ranges.begin(1) + 1; // MXNet key 1's part on server 1
+    let init = Req::push(part, values(1200, 5), 1, false, 0);
+    let slices = split(sp.on_data_request(s10, W9, &init.view(), false));
+    let first = slices[0].keys().unwrap().next().unwrap();
+    assert_eq!(first, ranges.begin(1) + SLICE_KEY_BASE);
+    let decoded = ranges.decode(first).unwrap();
+    assert_eq!(decoded.server, 1);
+    assert_eq!(
+        decoded.server_key(),
+        i32::MIN,
+        "the server reads a negative key"
+    );
+    assert!(sp.pinned(s10) && !sp.pinned(addr(S8)));
+}
+
+#[test]
+fn small_keys_and_commands_pass_and_are_not_refusals() {
+    let mut sp = ready(1, Some("gluon-sgd.pickle"));
+    let small = Req::push(1, values(400, 0), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &small.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(events(&mut sp), vec![]);
+    // Its ack is forwarded and its tracking ends.
+    let (m, f) = ack(&small.meta);
+    assert_eq!(
+        sp.on_data_response(8, W9, &m, &f, &[]),
+        ResponsePlan::Forward
+    );
+    assert_eq!(sp.tracked(), 0);
+}
+
+fn refused(sp: &mut Splitter, key: u64) -> Vec<&'static str> {
+    let init = Req::push(key, values(800, 0), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Forward
+    );
+    events(sp)
+        .into_iter()
+        .map(|e| match e {
+            SplitEvent::Refused { reason, .. } => reason.label(),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn every_missing_condition_refuses_with_its_reason() {
+    for (optimizer, reason) in [
+        ("gluon-lamb.pickle", "optimizer_not_allowed"),
+        ("module-sgd.pickle", "optimizer_multipliers"),
+    ] {
+        let mut sp = ready(1, Some(optimizer));
+        assert_eq!(refused(&mut sp, 4), vec![reason]);
+        assert!(!sp.pinned(addr(S8)));
+    }
+    let mut sp = ready(1, None);
+    sp.on_command(addr(S8), 4, b"1,0.5");
+    assert_eq!(refused(&mut sp, 4), vec!["compression"]);
+    let mut sp = ready(1, None);
+    sp.on_control(addr(S8), ControlCommand::Ack);
+    assert_eq!(refused(&mut sp, 4), vec!["resend"]);
+    let mut sp = ready(1, None);
+    sp.on_command(addr(S8), 9, b"");
+    assert_eq!(refused(&mut sp, 4), vec!["unknown_command"]);
+    let mut sp = ready(1, None);
+    sp.on_fence(addr(S8));
+    assert_eq!(refused(&mut sp, 4), vec!["not_pslite"]);
+    // No sync mode before the first init.
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    assert_eq!(refused(&mut sp, 4), vec!["not_sync_mode"]);
+    // No node table.
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.on_command(addr(S8), 3, b"");
+    assert_eq!(refused(&mut sp, 4), vec!["no_node_table"]);
+    // Logged once per key.
+    assert_eq!(refused(&mut sp, 4), Vec::<&str>::new());
+    // A server this proxy did not see register is never split, and never reported.
+    let mut sp = ready(1, None);
+    let other = addr("10.0.0.1:4999");
+    let init = Req::push(4, values(800, 0), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(other, W9, &init.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(events(&mut sp), vec![]);
+}
+
+#[test]
+fn the_first_init_waits_for_every_worker_then_refuses() {
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.on_command(addr(S8), 3, b"");
+    sp.worker_connected(addr(S8), W9);
+    let init = Req::push(4, values(800, 0), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Hold
+    );
+    // The second worker arrives: split.
+    sp.worker_connected(addr(S8), W11);
+    assert!(matches!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Split(_)
+    ));
+    // Elsewhere it never arrives: after the hold, refused for good.
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.on_command(addr(S8), 3, b"");
+    sp.worker_connected(addr(S8), W9);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Hold
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), true),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        events(&mut sp),
+        vec![SplitEvent::Refused {
+            server: addr(S8),
+            key: 4,
+            reason: Refusal::WorkerNotProxied
+        }]
+    );
+    sp.worker_connected(addr(S8), W11);
+    assert_eq!(refused(&mut sp, 6), vec!["worker_not_proxied"]);
+}
+
+/// A splitter holding split key 7 (4000 bytes, 10 slices) with its init acked.
+fn split_job() -> Splitter {
+    let mut sp = ready(1, Some("gluon-sgd-multiprecision-lrsched.pickle"));
+    let init = Req::push(7, values(4000, 1), 1, false, 0);
+    split(sp.on_data_request(addr(S8), W9, &init.view(), false));
+    let (m, f) = ack(&init.meta);
+    for _ in 0..10 {
+        sp.on_data_response(8, W9, &m, &f, &[]);
+    }
+    events(&mut sp);
+    sp
+}
+
+fn stopped(plan: RequestPlan) -> Failure {
+    match plan {
+        RequestPlan::Stop(f) => f,
+        other => panic!("not stopped: {other:?}"),
+    }
+}
+
+#[test]
+fn after_a_split_what_the_layout_cannot_serve_stops_the_server() {
+    // Another length.
+    let mut sp = split_job();
+    let short = Req::push(7, values(3996, 1), 2, true, 0);
+    let f = stopped(sp.on_data_request(addr(S8), W9, &short.view(), false));
+    assert_eq!((f.reason, f.key), ("layout_mismatch", Some(7)));
+    assert!(f.detail.contains("3996"), "{}", f.detail);
+    assert_eq!(events(&mut sp), vec![SplitEvent::Failed(f.clone())]);
+    // Everything after that stops too, once reported.
+    let fine = Req::push(1, values(8, 1), 3, false, 0);
+    assert_eq!(
+        stopped(sp.on_data_request(addr(S8), W9, &fine.view(), false)),
+        f
+    );
+    assert_eq!(events(&mut sp), vec![]);
+    // Row-sparse (head 1).
+    let mut sp = split_job();
+    let sparse = Req::push(7, values(4000, 1), 2, true, 1);
+    assert_eq!(
+        stopped(sp.on_data_request(addr(S8), W9, &sparse.view(), false)).reason,
+        "layout_mismatch"
+    );
+    // Several keys.
+    let mut sp = split_job();
+    let mut two = Req::push(7, values(4000, 1), 2, true, 0);
+    two.keys.push(8);
+    assert_eq!(
+        stopped(sp.on_data_request(addr(S8), W9, &two.view(), false)).reason,
+        "layout_mismatch"
+    );
+    // Compression, a refused optimizer, ACKs: the decision is contradicted.
+    let mut sp = split_job();
+    assert_eq!(
+        sp.on_command(addr(S8), 4, b"1,0.5").unwrap().reason,
+        "compression"
+    );
+    let mut sp = split_job();
+    assert_eq!(
+        sp.on_command(addr(S8), 0, &fixture("gluon-lamb.pickle"))
+            .unwrap()
+            .reason,
+        "optimizer_not_allowed"
+    );
+    let mut sp = split_job();
+    assert_eq!(
+        sp.on_control(addr(S8), ControlCommand::Ack).unwrap().reason,
+        "resend"
+    );
+    // Another worker's optimizer that is allowlisted agrees with the decision.
+    let mut sp = split_job();
+    assert_eq!(
+        sp.on_command(addr(S8), 0, &fixture("gluon-sgd.pickle")),
+        None
+    );
+    assert_eq!(
+        sp.on_command(addr(S8), 1, b""),
+        None,
+        "multi-precision is elementwise"
+    );
+}
+
+#[test]
+fn a_response_to_a_request_never_relayed_is_a_bypass() {
+    let mut sp = split_job();
+    let stray = Req::push(1, values(8, 0), 9, true, 0);
+    let (m, f, data) = response(&stray.meta, 1, &values(8, 0));
+    match sp.on_data_response(8, W11, &m, &f, &data) {
+        ResponsePlan::Stop(f) => assert_eq!(f.reason, "bypass"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bad_slice_responses_stop_and_closed_connections_leave_nothing_behind() {
+    let mut sp = split_job();
+    let pp = Req::push(7, values(4000, 2), 2, true, 0);
+    split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    let (m, f, data) = response(&pp.meta, SLICE_KEY_BASE, &values(399, 0));
+    match sp.on_data_response(8, W9, &m, &f, &data) {
+        ResponsePlan::Stop(f) => assert_eq!((f.reason, f.key), ("bad_slice_response", Some(7))),
+        other => panic!("{other:?}"),
+    }
+    let mut sp = split_job();
+    split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    let small = Req::push(1, values(8, 0), 3, true, 0);
+    sp.on_data_request(addr(S8), W9, &small.view(), false);
+    assert_eq!(sp.tracked(), 2);
+    // The same timestamp again while in flight is not something ps-lite does.
+    let f = stopped(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    assert_eq!(f.reason, "duplicate_request");
+    let mut sp = split_job();
+    split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    sp.on_data_request(addr(S8), W11, &small.view(), false);
+    sp.worker_disconnected(addr(S8), W9);
+    assert_eq!(sp.tracked(), 1);
+    sp.responses_closed(8, W11);
+    assert_eq!(sp.tracked(), 0);
+}
