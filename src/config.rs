@@ -129,6 +129,15 @@ pub struct Config {
     pub priority: PrioritySource,
     /// The priority map file, for `priority = "map"`.
     pub priority_map: Option<std::path::PathBuf>,
+    /// Key splitting in front of local servers (DESIGN.md §7), where it is provably safe.
+    pub split: bool,
+    /// Bytes per slice key a split key becomes (rounded down to whole elements).
+    pub split_slice_bytes: u64,
+    /// Keys larger than this are split (default: `split_slice_bytes`).
+    pub split_min_bytes: Option<u64>,
+    /// How long rank 0's first init push waits for every worker to reach the server
+    /// through this proxy before splitting is refused, in milliseconds.
+    pub split_hold_ms: u64,
 }
 
 /// `priority` in the config.
@@ -167,6 +176,10 @@ impl Default for Config {
             threads: 1,
             priority: PrioritySource::Learned,
             priority_map: None,
+            split: true,
+            split_slice_bytes: DEFAULT_SLICE_BYTES,
+            split_min_bytes: None,
+            split_hold_ms: 10_000,
         }
     }
 }
@@ -224,6 +237,7 @@ impl Config {
             ("probe_timeout_ms", self.probe_timeout_ms),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("detect_timeout_ms", self.detect_timeout_ms),
+            ("split_hold_ms", self.split_hold_ms),
         ] {
             if ms == 0 || ms > 600_000 {
                 return invalid(field, "must be between 1 and 600000 milliseconds");
@@ -258,6 +272,18 @@ impl Config {
             (_, Some(_)) => return invalid("priority_map", "given, but `priority` is not \"map\""),
             _ => {}
         }
+        if !(1024..=1 << 30).contains(&self.split_slice_bytes) {
+            return invalid(
+                "split_slice_bytes",
+                "must be between 1024 and 1073741824 bytes",
+            );
+        }
+        if self.split_min_bytes.is_some_and(|m| m < self.split_slice_bytes) {
+            return invalid(
+                "split_min_bytes",
+                "must be at least `split_slice_bytes` (a smaller key would become one slice)",
+            );
+        }
         if !(1..=64).contains(&self.threads) {
             return invalid("threads", "must be between 1 and 64");
         }
@@ -281,6 +307,18 @@ impl Config {
     /// `detect_timeout_ms` as a duration.
     pub fn detect_timeout(&self) -> Duration {
         Duration::from_millis(self.detect_timeout_ms)
+    }
+    /// `split_hold_ms` as a duration.
+    pub fn split_hold(&self) -> Duration {
+        Duration::from_millis(self.split_hold_ms)
+    }
+    /// What the splitter is told.
+    pub fn split_config(&self) -> crate::core::split::SplitConfig {
+        crate::core::split::SplitConfig {
+            enabled: self.split,
+            slice_bytes: self.split_slice_bytes,
+            min_bytes: self.split_min_bytes.unwrap_or(self.split_slice_bytes),
+        }
     }
     /// Reads and checks the priority map, if the source is `map`.
     pub fn load_priority_map(

@@ -51,6 +51,20 @@ pub const SCHEDULER_QUEUED_BYTES: &str = "p3proxy_scheduler_queued_bytes";
 /// 1 for the key-priority source in use, by `source`.
 pub const PRIORITY_SOURCE: &str = "p3proxy_priority_source";
 
+/// Keys split into slice keys in front of a local server.
+pub const KEYS_SPLIT: &str = "p3proxy_keys_split_total";
+/// Keys above the split threshold left whole, by `reason`.
+pub const SPLIT_REFUSED: &str = "p3proxy_split_refused_total";
+/// Servers whose traffic was stopped because a split layout could not serve a
+/// request (or a response bypassed the proxy), by `reason`.
+pub const SPLIT_FAILURES: &str = "p3proxy_split_failures_total";
+/// Requests for split keys turned into slice-key requests.
+pub const SPLIT_REQUESTS: &str = "p3proxy_split_requests_total";
+/// Slice-key requests sent to local servers.
+pub const SLICE_REQUESTS: &str = "p3proxy_slice_requests_total";
+/// Responses merged from slice-key responses.
+pub const SPLIT_RESPONSES_MERGED: &str = "p3proxy_split_responses_merged_total";
+
 /// Class labels (no allocation per sample).
 const CLASS_LABELS: [&str; 4] = ["0", "1", "2", "3"];
 /// Queue delay buckets, seconds: from a slice time at 10 Gbit/s to seconds.
@@ -71,6 +85,24 @@ pub fn describe() {
         "Bytes relayed, by direction (outbound: from a local app; inbound: to a local app)."
     );
     describe_counter!(FORWARDED_MESSAGES, "ZMTP messages relayed, by direction.");
+    describe_counter!(KEYS_SPLIT, "Keys split into slice keys in front of a local server.");
+    describe_counter!(
+        SPLIT_REFUSED,
+        "Keys above the split threshold left whole, by reason."
+    );
+    describe_counter!(
+        SPLIT_FAILURES,
+        "Servers whose traffic was stopped: a request its split layout cannot serve, or a bypass, by reason."
+    );
+    describe_counter!(
+        SPLIT_REQUESTS,
+        "Requests for split keys turned into slice-key requests."
+    );
+    describe_counter!(SLICE_REQUESTS, "Slice-key requests sent to local servers.");
+    describe_counter!(
+        SPLIT_RESPONSES_MERGED,
+        "Responses merged from slice-key responses."
+    );
     describe_counter!(
         PARSE_ERRORS,
         "Streams closed because their bytes broke ZMTP framing or a limit, by kind."

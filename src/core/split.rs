@@ -245,7 +245,12 @@ pub enum ResponsePlan {
     /// A slice response, held for the merge.
     Absorb,
     /// The merged response, as wire pieces, instead of the last slice response.
-    Merged(Vec<Bytes>),
+    Merged {
+        /// The original key (its priority is the response's).
+        key: u64,
+        /// Wire pieces.
+        pieces: Vec<Bytes>,
+    },
     /// The server's traffic stops.
     Stop(Failure),
 }
@@ -893,7 +898,10 @@ impl Splitter {
             let p = self.pending.remove(&corr).expect("present");
             let meta = Pieces::one(meta_frame.clone());
             if !p.pull {
-                return ResponsePlan::Merged(encode_message(&[meta]));
+                return ResponsePlan::Merged {
+                    key: layout.key,
+                    pieces: encode_message(&[meta]),
+                };
             }
             let keys = Pieces::one(Bytes::copy_from_slice(&layout.key.to_le_bytes()));
             let vals = Pieces {
@@ -905,7 +913,10 @@ impl Splitter {
                 len: layout.total,
             };
             let lens = Pieces::one(Bytes::copy_from_slice(&(layout.total as i32).to_le_bytes()));
-            return ResponsePlan::Merged(encode_message(&[meta, keys, vals, lens]));
+            return ResponsePlan::Merged {
+                key: layout.key,
+                pieces: encode_message(&[meta, keys, vals, lens]),
+            };
         }
         if let Some(n) = self.outstanding.get_mut(&corr) {
             *n -= 1;

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
+use crate::core::split::Pieces;
 use crate::core::slice::{encode_slice_header, Announce, SliceFrame, MAX_ANNOUNCED_KEYS};
 use crate::metrics;
 
@@ -31,6 +32,8 @@ pub(crate) enum Body {
     Message(ZmtpMessage),
     /// Raw wire bytes (a ZMTP command).
     Raw(Bytes),
+    /// Wire bytes as pieces (a merged split response).
+    Pieces(Pieces),
 }
 
 impl Body {
@@ -38,6 +41,7 @@ impl Body {
         match self {
             Body::Message(m) => m.encoded_len() as u64,
             Body::Raw(b) => b.len() as u64,
+            Body::Pieces(p) => p.len,
         }
     }
 
@@ -46,6 +50,7 @@ impl Body {
         match self {
             Body::Message(m) => m.wire_range(o, l),
             Body::Raw(b) => vec![b.slice(o..o + l)],
+            Body::Pieces(p) => p.range(offset, len),
         }
     }
 }

@@ -8,6 +8,7 @@ mod relay;
 mod scheduled;
 mod server;
 mod session;
+mod split;
 
 pub use net::{Env, OrigDst};
 pub use server::{run, Bound, Shared};

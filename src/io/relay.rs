@@ -13,6 +13,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::server::Shared;
+use super::split::Outgoing;
+use crate::core::split::Failure;
 use crate::core::topology::MessageContext;
 use crate::metrics;
 
@@ -25,6 +27,8 @@ pub(crate) enum PumpEnd {
     Io(std::io::Error),
     /// The sender broke ZMTP framing or a limit.
     Parse(ZmtpError),
+    /// A split layout could not serve a message: the server's traffic stops.
+    Stopped(Failure),
 }
 
 /// One end of a relay: a socket and the decoder holding what was read from it.
@@ -51,6 +55,19 @@ async fn write_message(
 ) -> std::io::Result<usize> {
     let mut total = 0;
     for piece in msg.wire_pieces() {
+        out.write_all(&piece).await?;
+        total += piece.len();
+    }
+    Ok(total)
+}
+
+/// Writes messages given as wire pieces.
+async fn write_all_pieces(
+    out: &mut BufWriter<OwnedWriteHalf>,
+    msgs: Vec<Vec<Bytes>>,
+) -> std::io::Result<usize> {
+    let mut total = 0;
+    for piece in msgs.into_iter().flatten() {
         out.write_all(&piece).await?;
         total += piece.len();
     }
@@ -104,8 +121,26 @@ pub(crate) async fn pump(
             };
             let written = match event {
                 StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
-                    Ok(ps) => write_message(&mut out, &ps.to_zmtp()).await,
-                    Err(msg) => write_message(&mut out, &msg).await,
+                    Ok(ps) => match observe {
+                        Some((shared, info)) => match shared.split_route(info, &ps).await {
+                            Ok(Outgoing::Pass) => write_message(&mut out, &ps.to_zmtp()).await,
+                            Ok(Outgoing::Absorb) => Ok(0),
+                            Ok(Outgoing::Replace(msgs)) => write_all_pieces(&mut out, msgs).await,
+                            Ok(Outgoing::Merged(_, pieces)) => {
+                                write_all_pieces(&mut out, vec![pieces]).await
+                            }
+                            Err(f) => return PumpEnd::Stopped(f),
+                        },
+                        None => write_message(&mut out, &ps.to_zmtp()).await,
+                    },
+                    Err(msg) => {
+                        if let Some((shared, info)) = observe {
+                            if let Err(f) = shared.to_server(info, None).await {
+                                return PumpEnd::Stopped(f);
+                            }
+                        }
+                        write_message(&mut out, &msg).await
+                    }
                 },
                 StreamEvent::Command(cmd) => {
                     let bytes = cmd.encode();
@@ -155,6 +190,7 @@ pub(crate) async fn relay(
         end = to_far => match end {
             PumpEnd::Closed => tracing::debug!(dst = %info.dst, "app closed its session"),
             PumpEnd::Io(e) => tracing::debug!(dst = %info.dst, error = %e, "session ended"),
+            PumpEnd::Stopped(f) => tracing::error!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), reason = f.reason, "session closed: the server's traffic is stopped"),
             PumpEnd::Parse(e) => {
                 metrics::parse_error("zmtp_framing");
                 tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), error = %e, "closing session: ZMTP framing error from the sender");

@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 use super::egress::{run_lane, write_pieces, Body, Item};
 use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
+use super::split::{Outgoing, Unit};
+use crate::core::split::Pieces;
 use super::session::PeerInfo;
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
@@ -105,6 +107,10 @@ pub(crate) async fn run_origin(
                     tracing::debug!(dst = %info.dst, error = %e, "session ended");
                     break None;
                 }
+                PumpEnd::Stopped(f) => {
+                    tracing::error!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), reason = f.reason, "session closed: the server's traffic is stopped");
+                    break None;
+                }
             },
             done = writers.join_next() => match done {
                 None => {
@@ -154,12 +160,41 @@ async fn read_to_egress(
             };
             let (body, urgency, keys) = match event {
                 StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
-                    Ok(ps) => {
-                        let urgency = shared.prioritize(&ps);
-                        let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
-                        (Body::Message(ps.to_zmtp()), urgency, keys)
+                    Ok(ps) => match shared.split_route(info, &ps).await {
+                        Ok(Outgoing::Pass) => {
+                            let urgency = shared.prioritize(&ps);
+                            let keys: Vec<u64> =
+                                ps.keys().map(|k| k.collect()).unwrap_or_default();
+                            (Body::Message(ps.to_zmtp()), urgency, keys)
+                        }
+                        Ok(Outgoing::Absorb) => continue,
+                        Ok(Outgoing::Merged(key, parts)) => {
+                            // The merged response is as urgent as its key.
+                            let view = PsMessage::new(
+                                ps.meta.clone(),
+                                vec![Bytes::copy_from_slice(&key.to_le_bytes())],
+                            );
+                            let len = parts.iter().map(|p| p.len() as u64).sum();
+                            (
+                                Body::Pieces(Pieces { parts, len }),
+                                shared.prioritize(&view),
+                                vec![key],
+                            )
+                        }
+                        Ok(Outgoing::Replace(_)) => {
+                            // Requests to a local server never take this path (same host: relay).
+                            return PumpEnd::Io(std::io::Error::other(
+                                "split requests on a scheduled session",
+                            ));
+                        }
+                        Err(f) => return PumpEnd::Stopped(f),
+                    },
+                    Err(msg) => {
+                        if let Err(f) = shared.to_server(info, None).await {
+                            return PumpEnd::Stopped(f);
+                        }
+                        (Body::Message(msg), FENCE_URGENCY, Vec::new())
                     }
-                    Err(msg) => (Body::Message(msg), FENCE_URGENCY, Vec::new()),
                 },
                 StreamEvent::Command(cmd) => (
                     Body::Raw(Bytes::from(cmd.encode())),
@@ -416,11 +451,22 @@ fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
 /// Largest first frame read as a ps-lite meta for observation.
 const MAX_META_LEN: u64 = 64 * 1024;
 
+/// The shape of a reassembled unit, read from its frame headers.
+#[derive(Debug, PartialEq, Eq)]
+struct UnitShape {
+    /// Its first frame, if small enough to be a ps-lite meta (not for commands).
+    meta: Option<Bytes>,
+    /// (offset, length) of each frame body in the unit.
+    frames: Vec<(u64, u64)>,
+    /// A ZMTP command, not a message.
+    command: bool,
+}
+
 /// Checks that a reassembled message is exactly one ZMTP unit (frame headers
-/// consistent to its last byte, within the limits), without copying its bodies;
-/// returns a message's first frame (its meta) if small enough to be one.
-fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<Option<Bytes>, &'static str> {
-    let (mut off, mut frames, mut meta) = (0u64, 0usize, None);
+/// consistent to its last byte, within the limits), without copying its bodies.
+fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'static str> {
+    let (mut off, mut meta, mut command) = (0u64, None, false);
+    let mut frames = Vec::new();
     loop {
         let head = bytes_at(&msg.pieces, off, 9);
         let (rest, h) = parse_frame_header(&head, limits.max_frame_len)
@@ -433,25 +479,30 @@ fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<Option<Bytes>, &'sta
             return Err("a frame runs past the message");
         }
         if h.command {
-            if frames > 0 || h.more {
+            if !frames.is_empty() || h.more {
                 return Err("a command inside a message");
             }
-        } else if frames == 0 && h.size <= MAX_META_LEN {
+            command = true;
+        } else if frames.is_empty() && h.size <= MAX_META_LEN {
             meta = Some(Bytes::from(bytes_at(&msg.pieces, body, h.size as usize)));
         }
-        frames += 1;
+        frames.push((body, h.size));
         off = end;
         if !h.more {
             break;
         }
-        if frames >= limits.max_frames {
+        if frames.len() >= limits.max_frames {
             return Err("too many frames");
         }
     }
     if off != msg.len {
         return Err("bytes after the message's last frame");
     }
-    Ok(meta)
+    Ok(UnitShape {
+        meta,
+        frames,
+        command,
+    })
 }
 
 /// Observes complete messages and writes them to the destination app.
@@ -468,22 +519,61 @@ async fn deliver(
     }
     let mut pieces = Vec::new();
     for msg in ready {
-        let meta = check_unit(&msg, &shared.limits).map_err(|why| {
+        let shape = check_unit(&msg, &shared.limits).map_err(|why| {
             metrics::parse_error("tunnel_message");
             format!("a reassembled message is not one ZMTP unit: {why}")
         })?;
+        let meta = shape
+            .meta
+            .as_ref()
+            .and_then(|m| parse_meta(m).ok().map(|p| (m.clone(), p)));
         // Only the meta matters to the node table and the requests in flight.
-        if let Some(meta) = meta.and_then(|m| parse_meta(&m).ok()) {
+        if let Some((_, meta)) = &meta {
             let ctx = MessageContext {
                 sender_identity: &info.identity,
                 dst: info.dst,
                 first_on_connection: *first,
             };
-            shared.observe(&ctx, &PsMessage::new(meta, Vec::new()));
+            shared.observe(&ctx, &PsMessage::new(meta.clone(), Vec::new()));
         }
         *first = false;
         metrics::forwarded(direction, msg.len as usize);
-        pieces.extend(msg.pieces);
+        if shape.command {
+            pieces.extend(msg.pieces);
+            continue;
+        }
+        let routed = match &meta {
+            Some((frame, meta)) => {
+                let whole = Pieces {
+                    parts: msg.pieces.clone(),
+                    len: msg.len,
+                };
+                let data: Vec<Pieces> = shape.frames[1..]
+                    .iter()
+                    .map(|&(off, len)| Pieces {
+                        parts: whole.range(off, len),
+                        len,
+                    })
+                    .collect();
+                let unit = Unit {
+                    meta,
+                    meta_frame: frame,
+                    data: &data,
+                };
+                shared.to_server(info, Some(unit)).await
+            }
+            None => shared.to_server(info, None).await,
+        };
+        match routed {
+            Ok(Outgoing::Replace(msgs)) => pieces.extend(msgs.into_iter().flatten()),
+            Ok(_) => pieces.extend(msg.pieces),
+            Err(f) => {
+                return Err(format!(
+                    "the server's traffic is stopped ({}): {}",
+                    f.reason, f.detail
+                ))
+            }
+        }
     }
     write_pieces(out, pieces)
         .await
@@ -515,28 +605,30 @@ mod tests {
         ])
         .encode();
         for step in [1, 2, 3, 9, 100, msg.len()] {
-            assert_eq!(
-                check_unit(&pieces(&msg, step), &limits),
-                Ok(Some(meta.clone()))
-            );
+            let shape = check_unit(&pieces(&msg, step), &limits).unwrap();
+            assert_eq!(shape.meta, Some(meta.clone()));
+            let bodies: Vec<u64> = shape.frames.iter().map(|f| f.1).collect();
+            assert_eq!(bodies, vec![meta.len() as u64, 300, 4]);
+            assert_eq!(shape.frames[1].0, 2 + meta.len() as u64 + 9);
         }
         let cmd = Command::ready(&[("Socket-Type", b"DEALER")]).encode();
-        assert_eq!(check_unit(&pieces(&cmd, 5), &limits), Ok(None));
+        let shape = check_unit(&pieces(&cmd, 5), &limits).unwrap();
+        assert!(shape.command && shape.meta.is_none());
         let mut trailing = msg.clone();
         trailing.push(0);
         assert_eq!(
-            check_unit(&pieces(&trailing, 7), &limits),
-            Err("bytes after the message's last frame")
+            check_unit(&pieces(&trailing, 7), &limits).unwrap_err(),
+            "bytes after the message's last frame"
         );
         assert_eq!(
-            check_unit(&pieces(&msg[..msg.len() - 1], 7), &limits),
-            Err("a frame runs past the message")
+            check_unit(&pieces(&msg[..msg.len() - 1], 7), &limits).unwrap_err(),
+            "a frame runs past the message"
         );
         let mut two = vec![0x01, 0x01, b'x']; // a one-byte frame with MORE...
         two.extend(&cmd); // ...then a command
         assert_eq!(
-            check_unit(&pieces(&two, 4), &limits),
-            Err("a command inside a message")
+            check_unit(&pieces(&two, 4), &limits).unwrap_err(),
+            "a command inside a message"
         );
     }
 }

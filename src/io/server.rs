@@ -19,13 +19,16 @@ use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
 use super::scheduled::{run_origin, run_receiver, TunnelTable, Upstream};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
+use super::split::SplitLink;
 use crate::config::{Config, PrioritySource};
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
 use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
 };
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency, CLASSES};
+use crate::core::split::Splitter;
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
+use p3proxy_parsers::pslite::Role;
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
 
 /// Most connections handled at once; more wait in the accept queue.
@@ -41,6 +44,7 @@ pub struct Shared {
     priority: Mutex<PriorityTable>,
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
+    pub(crate) splitter: Mutex<Splitter>,
     next_session: AtomicU64,
 }
 
@@ -113,6 +117,7 @@ impl Shared {
         Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
+            splitter: Mutex::new(Splitter::new(config.split_config())),
             config,
             env,
             policy: Mutex::new(policy),
@@ -143,6 +148,11 @@ impl Shared {
                 }
                 match self.policy.lock().expect("policy lock").register(addr) {
                     Ok(true) => {
+                        if role == Role::Server {
+                            // This proxy relays the server's traffic from its registration on:
+                            // the history a split needs starts here.
+                            self.splitter.lock().expect("splitter lock").server_registered(addr);
+                        }
                         tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
                     }
                     Ok(false) => {}
@@ -152,6 +162,10 @@ impl Shared {
             Some(Learned::NodeTable) => {
                 let topo = self.topology.lock().expect("topology lock");
                 ::metrics::gauge!(metrics::NODES).set(topo.nodes().len() as f64);
+                self.splitter
+                    .lock()
+                    .expect("splitter lock")
+                    .node_table(topo.nodes());
                 let table: Vec<String> = topo
                     .nodes()
                     .iter()
@@ -174,6 +188,11 @@ impl Shared {
             Some(Learned::NodeExit(_)) => {}
             None => {}
         }
+    }
+
+    /// The node id listening at `addr`, from the node table.
+    pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<i32> {
+        self.topology.lock().expect("topology lock").id_at(addr)
     }
 
     /// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
@@ -459,6 +478,7 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         stream: app,
         dec: app_dec,
     };
+    let _link = SplitLink::new(&shared, &info);
     let scheduled = shared.config.schedule && route != Route::SameHost;
     if scheduled {
         let up = Upstream {
@@ -686,11 +706,12 @@ async fn send_answer(stream: &mut TcpStream, answer: &Answer) -> bool {
     stream.write_all(&answer.encode()).await.is_ok()
 }
 
-/// The answer admitting a tunnel to the destination app that sent `dst` in its READY.
-fn admitted_answer(dst: &PeerInfo) -> Answer {
+/// The answer admitting a tunnel to the destination app that sent `dst` in its READY;
+/// `pinned`: that app is a server holding split keys (never bypass it).
+fn admitted_answer(dst: &PeerInfo, pinned: bool) -> Answer {
     Answer {
         outcome: Outcome::Admitted,
-        pinned: false,
+        pinned,
         socket_type: dst.socket_type.clone(),
         identity: dst.identity.clone(),
     }
@@ -763,7 +784,7 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
             return;
         }
     };
-    if !send_answer(&mut stream, &admitted_answer(&dst_info)).await {
+    if !send_answer(&mut stream, &admitted_answer(&dst_info, shared.pinned(target))).await {
         return;
     }
     let _open = OpenConnection::new("tunnel_in");
@@ -772,6 +793,7 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
         dst: target,
     };
     tracing::debug!(%peer, %target, session = preamble.session, sliced = preamble.sliced, "tunnel admitted");
+    let _link = SplitLink::new(&shared, &info);
     let dst = End {
         stream: dst_stream,
         dec: dst_dec,
@@ -844,7 +866,8 @@ async fn attach_class(
         send_answer(&mut stream, &Answer::refused(Outcome::Unreachable)).await;
         return;
     };
-    if !send_answer(&mut stream, &admitted_answer(&dst_info)).await {
+    let pinned = shared.pinned(preamble.target);
+    if !send_answer(&mut stream, &admitted_answer(&dst_info, pinned)).await {
         return;
     }
     let open = OpenConnection::new("tunnel_class_in");

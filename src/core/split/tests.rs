@@ -221,7 +221,7 @@ fn an_init_push_becomes_slice_pushes_and_their_acks_one_ack() {
         );
     }
     let merged = sp.on_data_response(8, W9, &m, &frame, &[]);
-    let ResponsePlan::Merged(pieces) = merged else {
+    let ResponsePlan::Merged { key: 7, pieces } = merged else {
         panic!("{merged:?}")
     };
     // Byte for byte the ack the server sends for the whole key.
@@ -256,7 +256,7 @@ fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
             result = Some(plan);
         }
     }
-    let Some(ResponsePlan::Merged(pieces)) = result else {
+    let Some(ResponsePlan::Merged { key: 5, pieces }) = result else {
         panic!("{result:?}")
     };
     let (wm, _, _) = response(&pp.meta, 5, &new_value);

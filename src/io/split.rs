@@ -1,0 +1,270 @@
+//! The shell around `core::split`: feeds it the messages going to and coming from
+//! local servers, waits where it says hold, logs and counts what it reports, and
+//! tracks which workers' connections reach which server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use p3proxy_parsers::pslite::{Meta, MessageKind, PsMessage};
+
+use super::relay::SessionInfo;
+use super::server::Shared;
+use crate::core::split::{
+    DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
+};
+use crate::core::topology::node_id_from_identity;
+use crate::metrics;
+
+/// How long rank 0's first init push waits for every worker to reach the server.
+const HOLD_POLL: Duration = Duration::from_millis(5);
+
+/// What goes out instead of one message.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// The message itself.
+    Pass,
+    /// These messages (wire pieces) instead.
+    Replace(Vec<Vec<Bytes>>),
+    /// Nothing (a slice response held for its merge).
+    Absorb,
+    /// A merged response for `key` (wire pieces) instead.
+    Merged(u64, Vec<Bytes>),
+}
+
+/// A ps-lite message as frames of pieces (a relayed message, or a reassembled one).
+pub(crate) struct Unit<'a> {
+    pub(crate) meta: &'a Meta,
+    pub(crate) meta_frame: &'a Bytes,
+    pub(crate) data: &'a [Pieces],
+}
+
+impl<'a> Unit<'a> {
+    /// Data frames of a decoded message as single pieces.
+    pub(crate) fn data_of(ps: &PsMessage) -> Vec<Pieces> {
+        ps.data.iter().map(|f| Pieces::one(f.body.clone())).collect()
+    }
+}
+
+fn le_u64s(p: &Pieces) -> Option<Vec<u64>> {
+    let bytes = p.to_vec();
+    (bytes.len() % 8 == 0).then(|| {
+        bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    })
+}
+
+fn le_i32s(p: &Pieces) -> Option<Vec<i32>> {
+    let bytes = p.to_vec();
+    (bytes.len() % 4 == 0).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    })
+}
+
+impl Shared {
+    /// Logs and counts what the splitter reports.
+    fn split_events(&self, sp: &mut Splitter) {
+        while let Some(event) = sp.poll_event() {
+            match event {
+                SplitEvent::Split { server, layout } => {
+                    ::metrics::counter!(metrics::KEYS_SPLIT).increment(1);
+                    tracing::info!(%server, key = layout.key, bytes = layout.total, slices = layout.count, first_slice_key = layout.first, "key split");
+                }
+                SplitEvent::Refused { server, key, reason } => {
+                    ::metrics::counter!(metrics::SPLIT_REFUSED, "reason" => reason.label())
+                        .increment(1);
+                    tracing::warn!(%server, key, reason = reason.label(), "key not split");
+                }
+                SplitEvent::Failed(f) => {
+                    ::metrics::counter!(metrics::SPLIT_FAILURES, "reason" => f.reason)
+                        .increment(1);
+                    tracing::error!(server = %f.server, key = ?f.key, reason = f.reason, detail = %f.detail,
+                        "STOPPING the server's traffic: a request its split layout cannot serve (closing its connections rather than corrupting the job)");
+                }
+            }
+        }
+    }
+
+    fn splitter(&self) -> std::sync::MutexGuard<'_, Splitter> {
+        self.splitter.lock().expect("splitter lock")
+    }
+
+    /// A message on its way to the ROUTER of `info.dst`: if that is a local server,
+    /// the splitter decides what goes instead. `None` frames: not ps-lite (a fence).
+    pub(crate) async fn to_server(
+        &self,
+        info: &SessionInfo,
+        unit: Option<Unit<'_>>,
+    ) -> Result<Outgoing, Failure> {
+        if !self.splitter().is_server(info.dst) {
+            return Ok(Outgoing::Pass);
+        }
+        let Some(unit) = unit else {
+            let mut sp = self.splitter();
+            let r = sp.on_fence(info.dst);
+            self.split_events(&mut sp);
+            return r.map_or(Ok(Outgoing::Pass), Err);
+        };
+        let checked = match PsMessage::new(unit.meta.clone(), Vec::new()).kind() {
+            MessageKind::Control(cmd) => Some(self.splitter().on_control(info.dst, cmd)),
+            MessageKind::Command { request: true, head } => {
+                let body = unit.meta.body.as_deref().unwrap_or_default();
+                Some(self.splitter().on_command(info.dst, head, body))
+            }
+            MessageKind::Command { .. } => Some(None),
+            MessageKind::Data { request, .. } => (!request).then_some(None),
+        };
+        if let Some(result) = checked {
+            self.split_events(&mut self.splitter());
+            return result.map_or(Ok(Outgoing::Pass), Err);
+        }
+        let Some(sender) = node_id_from_identity(&info.identity) else {
+            return Ok(Outgoing::Pass);
+        };
+        let keys = unit.data.first().and_then(le_u64s).unwrap_or_default();
+        let empty = Pieces::default();
+        let vals = unit.data.get(1).unwrap_or(&empty);
+        let lens = unit.data.get(2).and_then(le_i32s);
+        let req = DataRequest {
+            meta: unit.meta,
+            meta_frame: unit.meta_frame,
+            keys: &keys,
+            vals,
+            lens: lens.as_deref(),
+        };
+        let deadline = Instant::now() + self.config.split_hold();
+        loop {
+            let plan = {
+                let mut sp = self.splitter();
+                let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
+                self.split_events(&mut sp);
+                plan
+            };
+            match plan {
+                RequestPlan::Forward => return Ok(Outgoing::Pass),
+                RequestPlan::Split(msgs) => {
+                    ::metrics::counter!(metrics::SPLIT_REQUESTS).increment(1);
+                    ::metrics::counter!(metrics::SLICE_REQUESTS).increment(msgs.len() as u64);
+                    return Ok(Outgoing::Replace(msgs));
+                }
+                RequestPlan::Stop(f) => return Err(f),
+                RequestPlan::Hold => {
+                    tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
+                    tokio::time::sleep(HOLD_POLL).await;
+                }
+            }
+        }
+    }
+
+    /// A message from a local app's DEALER: if it is a local server's data response,
+    /// the splitter may hold or merge it.
+    pub(crate) fn from_server(&self, info: &SessionInfo, ps: &PsMessage) -> Result<Outgoing, Failure> {
+        if !matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
+            return Ok(Outgoing::Pass);
+        }
+        let Some(server) = node_id_from_identity(&info.identity) else {
+            return Ok(Outgoing::Pass);
+        };
+        if self.splitter().server_addr(server).is_none() {
+            return Ok(Outgoing::Pass);
+        }
+        let Some(worker) = self.node_at(info.dst) else {
+            return Ok(Outgoing::Pass);
+        };
+        let data = Unit::data_of(ps);
+        let plan = {
+            let mut sp = self.splitter();
+            let plan = sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data);
+            self.split_events(&mut sp);
+            plan
+        };
+        match plan {
+            ResponsePlan::Forward => Ok(Outgoing::Pass),
+            ResponsePlan::Absorb => Ok(Outgoing::Absorb),
+            ResponsePlan::Merged { key, pieces } => {
+                ::metrics::counter!(metrics::SPLIT_RESPONSES_MERGED).increment(1);
+                Ok(Outgoing::Merged(key, pieces))
+            }
+            ResponsePlan::Stop(f) => Err(f),
+        }
+    }
+
+    /// Where a decoded message from a session's DEALER goes: a local server's
+    /// response may be merged, a request to a local server split.
+    pub(crate) async fn split_route(&self, info: &SessionInfo, ps: &PsMessage) -> Result<Outgoing, Failure> {
+        if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
+            return self.from_server(info, ps);
+        }
+        let data = Unit::data_of(ps);
+        let unit = Unit {
+            meta: &ps.meta,
+            meta_frame: &ps.meta_frame.body,
+            data: &data,
+        };
+        self.to_server(info, Some(unit)).await
+    }
+
+    /// A split server holds keys a bypass would corrupt.
+    pub(crate) fn pinned(&self, addr: SocketAddr) -> bool {
+        self.splitter().pinned(addr)
+    }
+}
+
+/// While a session lives, the splitter knows its worker reaches a local server (or
+/// that a local server's responses reach a worker); when it ends, its requests in
+/// flight are forgotten.
+pub(crate) struct SplitLink {
+    shared: Arc<Shared>,
+    link: Link,
+}
+
+enum Link {
+    Requests { server: SocketAddr, worker: i32 },
+    Responses { server: i32, worker: i32 },
+}
+
+impl SplitLink {
+    /// The link a session from `info.identity` to `info.dst` makes, if any.
+    pub(crate) fn new(shared: &Arc<Shared>, info: &SessionInfo) -> Option<SplitLink> {
+        let id = node_id_from_identity(&info.identity)?;
+        // The topology lock is never taken while the splitter's is held.
+        let dst_node = shared.node_at(info.dst);
+        let link = {
+            let mut sp = shared.splitter();
+            if sp.is_server(info.dst) {
+                sp.worker_connected(info.dst, id);
+                Link::Requests {
+                    server: info.dst,
+                    worker: id,
+                }
+            } else if sp.server_addr(id).is_some() {
+                Link::Responses {
+                    server: id,
+                    worker: dst_node?,
+                }
+            } else {
+                return None;
+            }
+        };
+        Some(SplitLink {
+            shared: shared.clone(),
+            link,
+        })
+    }
+}
+
+impl Drop for SplitLink {
+    fn drop(&mut self) {
+        let mut sp = self.shared.splitter();
+        match self.link {
+            Link::Requests { server, worker } => sp.worker_disconnected(server, worker),
+            Link::Responses { server, worker } => sp.responses_closed(server, worker),
+        }
+    }
+}
