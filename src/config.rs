@@ -278,7 +278,10 @@ impl Config {
                 "must be between 1024 and 1073741824 bytes",
             );
         }
-        if self.split_min_bytes.is_some_and(|m| m < self.split_slice_bytes) {
+        if self
+            .split_min_bytes
+            .is_some_and(|m| m < self.split_slice_bytes)
+        {
             return invalid(
                 "split_min_bytes",
                 "must be at least `split_slice_bytes` (a smaller key would become one slice)",

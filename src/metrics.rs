@@ -85,7 +85,10 @@ pub fn describe() {
         "Bytes relayed, by direction (outbound: from a local app; inbound: to a local app)."
     );
     describe_counter!(FORWARDED_MESSAGES, "ZMTP messages relayed, by direction.");
-    describe_counter!(KEYS_SPLIT, "Keys split into slice keys in front of a local server.");
+    describe_counter!(
+        KEYS_SPLIT,
+        "Keys split into slice keys in front of a local server."
+    );
     describe_counter!(
         SPLIT_REFUSED,
         "Keys above the split threshold left whole, by reason."

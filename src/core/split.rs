@@ -223,6 +223,17 @@ pub struct DataRequest<'a> {
     pub lens: Option<&'a [i32]>,
 }
 
+/// The keys of a request that name stored values: MXNet's row-sparse requests carry
+/// the key then one key per row (`begin + key + row`, which may equal another key),
+/// compressed pushes a dummy size key then the key (PROTOCOL.md §6).
+fn real_keys(head: i32, keys: &[u64]) -> &[u64] {
+    match DataHandleType::from_head(head).map(|h| h.request_type) {
+        Some(RequestType::RowSparse) => &keys[..keys.len().min(1)],
+        Some(RequestType::Compressed) if keys.len() == 2 => &keys[1..],
+        _ => keys,
+    }
+}
+
 /// What to do with a request to a local server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestPlan {
@@ -600,12 +611,10 @@ impl Splitter {
             return RequestPlan::Forward; // Not a server this proxy saw register.
         };
         let server_id = state.id;
-        let known: Vec<Option<KeyState>> = req
-            .keys
-            .iter()
-            .map(|k| state.keys.get(k).copied())
-            .collect();
-        let split_key = known.iter().zip(req.keys).find_map(|(s, k)| match s {
+        let real = real_keys(req.meta.head(), req.keys);
+        let known: Vec<Option<KeyState>> =
+            real.iter().map(|k| state.keys.get(k).copied()).collect();
+        let split_key = known.iter().zip(real).find_map(|(s, k)| match s {
             Some(KeyState::Split(l)) => Some((*k, *l)),
             _ => None,
         });
@@ -614,8 +623,7 @@ impl Splitter {
             return self.split_request(server, corr, key, layout, req);
         }
         let push = req.meta.is_push();
-        let new_keys: Vec<u64> = req
-            .keys
+        let new_keys: Vec<u64> = real
             .iter()
             .zip(&known)
             .filter(|(_, s)| s.is_none())
@@ -738,6 +746,21 @@ impl Splitter {
         let stop = |this: &mut Self, reason: &'static str, detail: String| {
             RequestPlan::Stop(this.fail(server, Some(key), reason, detail))
         };
+        if req.meta.head() != layout.head {
+            let shape = |head: i32| match DataHandleType::from_head(head) {
+                Some(h) => format!("{:?} {:?}", h.request_type, h.dtype),
+                None => format!("head {head}"),
+            };
+            return stop(
+                self,
+                "layout_mismatch",
+                format!(
+                    "a {} request; the split layout holds {}",
+                    shape(req.meta.head()),
+                    shape(layout.head)
+                ),
+            );
+        }
         if req.keys.len() != 1 {
             return stop(
                 self,
@@ -745,17 +768,6 @@ impl Splitter {
                 format!(
                     "a request for {} keys includes split key {key}",
                     req.keys.len()
-                ),
-            );
-        }
-        if req.meta.head() != layout.head {
-            return stop(
-                self,
-                "layout_mismatch",
-                format!(
-                    "head {} (dtype or request type) differs from the split layout's {}",
-                    req.meta.head(),
-                    layout.head
                 ),
             );
         }

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
-use crate::core::split::Pieces;
 use crate::core::slice::{encode_slice_header, Announce, SliceFrame, MAX_ANNOUNCED_KEYS};
+use crate::core::split::Pieces;
 use crate::metrics;
 
 /// What a whole lane writes per wake-up at most, after its first message: small

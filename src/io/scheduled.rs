@@ -25,12 +25,12 @@ use tokio::task::JoinSet;
 use super::egress::{run_lane, write_pieces, Body, Item};
 use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
-use super::split::{Outgoing, Unit};
-use crate::core::split::Pieces;
 use super::session::PeerInfo;
+use super::split::{Outgoing, Unit};
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
 use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
+use crate::core::split::Pieces;
 use crate::core::topology::MessageContext;
 use crate::metrics::{self, OpenConnection};
 
@@ -163,8 +163,7 @@ async fn read_to_egress(
                     Ok(ps) => match shared.split_route(info, &ps).await {
                         Ok(Outgoing::Pass) => {
                             let urgency = shared.prioritize(&ps);
-                            let keys: Vec<u64> =
-                                ps.keys().map(|k| k.collect()).unwrap_or_default();
+                            let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                             (Body::Message(ps.to_zmtp()), urgency, keys)
                         }
                         Ok(Outgoing::Absorb) => continue,

@@ -28,8 +28,8 @@ use crate::core::preamble::{
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency, CLASSES};
 use crate::core::split::Splitter;
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
-use p3proxy_parsers::pslite::Role;
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
+use p3proxy_parsers::pslite::Role;
 
 /// Most connections handled at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 8192;
@@ -151,7 +151,10 @@ impl Shared {
                         if role == Role::Server {
                             // This proxy relays the server's traffic from its registration on:
                             // the history a split needs starts here.
-                            self.splitter.lock().expect("splitter lock").server_registered(addr);
+                            self.splitter
+                                .lock()
+                                .expect("splitter lock")
+                                .server_registered(addr);
                         }
                         tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
                     }
@@ -784,7 +787,12 @@ async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketA
             return;
         }
     };
-    if !send_answer(&mut stream, &admitted_answer(&dst_info, shared.pinned(target))).await {
+    if !send_answer(
+        &mut stream,
+        &admitted_answer(&dst_info, shared.pinned(target)),
+    )
+    .await
+    {
         return;
     }
     let _open = OpenConnection::new("tunnel_in");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use p3proxy_parsers::pslite::{Meta, MessageKind, PsMessage};
+use p3proxy_parsers::pslite::{MessageKind, Meta, PsMessage};
 
 use super::relay::SessionInfo;
 use super::server::Shared;
@@ -43,7 +43,10 @@ pub(crate) struct Unit<'a> {
 impl<'a> Unit<'a> {
     /// Data frames of a decoded message as single pieces.
     pub(crate) fn data_of(ps: &PsMessage) -> Vec<Pieces> {
-        ps.data.iter().map(|f| Pieces::one(f.body.clone())).collect()
+        ps.data
+            .iter()
+            .map(|f| Pieces::one(f.body.clone()))
+            .collect()
     }
 }
 
@@ -76,14 +79,17 @@ impl Shared {
                     ::metrics::counter!(metrics::KEYS_SPLIT).increment(1);
                     tracing::info!(%server, key = layout.key, bytes = layout.total, slices = layout.count, first_slice_key = layout.first, "key split");
                 }
-                SplitEvent::Refused { server, key, reason } => {
+                SplitEvent::Refused {
+                    server,
+                    key,
+                    reason,
+                } => {
                     ::metrics::counter!(metrics::SPLIT_REFUSED, "reason" => reason.label())
                         .increment(1);
                     tracing::warn!(%server, key, reason = reason.label(), "key not split");
                 }
                 SplitEvent::Failed(f) => {
-                    ::metrics::counter!(metrics::SPLIT_FAILURES, "reason" => f.reason)
-                        .increment(1);
+                    ::metrics::counter!(metrics::SPLIT_FAILURES, "reason" => f.reason).increment(1);
                     tracing::error!(server = %f.server, key = ?f.key, reason = f.reason, detail = %f.detail,
                         "STOPPING the server's traffic: a request its split layout cannot serve (closing its connections rather than corrupting the job)");
                 }
@@ -113,7 +119,10 @@ impl Shared {
         };
         let checked = match PsMessage::new(unit.meta.clone(), Vec::new()).kind() {
             MessageKind::Control(cmd) => Some(self.splitter().on_control(info.dst, cmd)),
-            MessageKind::Command { request: true, head } => {
+            MessageKind::Command {
+                request: true,
+                head,
+            } => {
                 let body = unit.meta.body.as_deref().unwrap_or_default();
                 Some(self.splitter().on_command(info.dst, head, body))
             }
@@ -138,6 +147,7 @@ impl Shared {
             vals,
             lens: lens.as_deref(),
         };
+        tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
         let deadline = Instant::now() + self.config.split_hold();
         loop {
             let plan = {
@@ -164,7 +174,11 @@ impl Shared {
 
     /// A message from a local app's DEALER: if it is a local server's data response,
     /// the splitter may hold or merge it.
-    pub(crate) fn from_server(&self, info: &SessionInfo, ps: &PsMessage) -> Result<Outgoing, Failure> {
+    pub(crate) fn from_server(
+        &self,
+        info: &SessionInfo,
+        ps: &PsMessage,
+    ) -> Result<Outgoing, Failure> {
         if !matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return Ok(Outgoing::Pass);
         }
@@ -197,7 +211,11 @@ impl Shared {
 
     /// Where a decoded message from a session's DEALER goes: a local server's
     /// response may be merged, a request to a local server split.
-    pub(crate) async fn split_route(&self, info: &SessionInfo, ps: &PsMessage) -> Result<Outgoing, Failure> {
+    pub(crate) async fn split_route(
+        &self,
+        info: &SessionInfo,
+        ps: &PsMessage,
+    ) -> Result<Outgoing, Failure> {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return self.from_server(info, ps);
         }

@@ -5,6 +5,7 @@ through tunnels.
 
 Two workers everywhere: float sums of more workers depend on arrival order."""
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -30,7 +31,14 @@ TWO_SERVERS = Topology("h1", ["h2", "h3"], ["h4", "h5"])
 COLOCATED = Topology("h1", ["h2", "h3"], ["h2", "h3"])
 
 
-def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True, proxy_args=()):
+def server_total(metrics, topo, name, **labels):
+    """Sum of a metric over the proxies of the server hosts."""
+    return sum(metric(metrics[h], name, **labels) for h in dict.fromkeys(topo.servers) if h in metrics)
+
+
+def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True, proxy_args=(), split=None, refused=()):
+    """Runs `workload` without and with proxies; `split`: the number of keys the
+    servers' proxies must have split; `refused`: reasons they must have refused for."""
     direct = run_job(topo, workload, f"{tag}-direct", env)
     assert len(direct.results) == len(topo.workers), direct.logs
     hosts = topo.hosts() if proxied_hosts is None else proxied_hosts
@@ -44,6 +52,14 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
         assert metric(text, "p3proxy_forwarded_messages_total", direction="outbound") > 0, f"{h} carried traffic"
         assert metric(text, "p3proxy_parse_errors_total") == 0, f"{h}: parse errors"
         assert metric(text, "p3proxy_requests_lost_total") == 0, f"{h}: requests lost"
+        assert metric(text, "p3proxy_split_failures_total") == 0, f"{h}: a split layout failed"
+    if split is not None:
+        assert server_total(metrics, topo, "p3proxy_keys_split_total") == split, "keys split"
+        if split:
+            assert server_total(metrics, topo, "p3proxy_slice_requests_total") > server_total(metrics, topo, "p3proxy_split_requests_total") > 0
+            assert server_total(metrics, topo, "p3proxy_split_responses_merged_total") > 0
+    for reason in refused:
+        assert server_total(metrics, topo, "p3proxy_split_refused_total", reason=reason) > 0, f"refused: {reason}"
     if expect_tunnels:
         for w in topo.workers:
             if w in hosts and any(s in hosts and s != w for s in topo.servers):
@@ -67,33 +83,72 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
     return direct, metrics
 
 
+# kv_raw's keys above one slice (160,000 bytes): key 1 (4.4 MB; with two servers MXNet
+# already spreads it over both) and key 9 (360 KB).
 def test_raw_one_server():
-    compare(ONE_SERVER, "kv_raw.py", "raw1")
+    compare(ONE_SERVER, "kv_raw.py", "raw1", split=2)
 
 
 def test_raw_two_servers():
-    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "raw2")
+    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "raw2", split=3)
     # The node table was learned (1 scheduler + 2 servers + 2 workers).
     assert metric(metrics["h4"], "p3proxy_nodes") == 5
 
 
 def test_colocated_servers_and_workers():
-    _, metrics = compare(COLOCATED, "kv_raw.py", "coloc")
+    _, metrics = compare(COLOCATED, "kv_raw.py", "coloc", split=3)
     for h in ("h2", "h3"):
         assert metric(metrics[h], "p3proxy_connections_total", route="same_host") > 0
 
 
 def test_proxies_on_worker_hosts_only():
-    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "workersonly", proxied_hosts=["h4", "h5"], expect_tunnels=False)
+    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "workersonly", proxied_hosts=["h4", "h5"], expect_tunnels=False, split=0)
     for w in ("h4", "h5"):
         # No proxy on the server hosts: the workers' proxies went direct.
         assert metric(metrics[w], "p3proxy_connections_total", route="direct") > 0
         assert metric(metrics[w], "p3proxy_connections_total", route="tunnel") == 0
 
 
-def test_gluon_model_with_server_side_optimizer():
-    direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon")
-    assert all("update_on_kvstore=True" in r for r in direct.results.values())
+# The Gluon model's one key above a slice: the 300x576 Dense weight (691 KB).
+@pytest.mark.parametrize("topo", [ONE_SERVER, TWO_SERVERS, COLOCATED], ids=["1server", "2servers", "colocated"])
+def test_gluon_model_with_server_side_optimizer(topo):
+    direct, _ = compare(topo, "gluon_train.py", "gluon", split=1)
+    assert all("update_on_kvstore=True optimizer=sgd" in r for r in direct.results.values())
+
+
+def test_gluon_model_with_adam_on_the_servers():
+    direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon-adam", env={"OPTIMIZER": "adam"}, split=1)
+    assert all("update_on_kvstore=True optimizer=adam" in r for r in direct.results.values())
+
+
+def test_gluon_model_with_worker_side_updates():
+    env = {"MXNET_UPDATE_ON_KVSTORE": "0"}
+    direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon-noupd", env=env, split=1)
+    assert all("update_on_kvstore=False" in r for r in direct.results.values())
+
+
+def test_lamb_on_the_servers_is_left_unsplit():
+    """LAMB normalises by the whole tensor: slices would train differently."""
+    compare(TWO_SERVERS, "gluon_train.py", "gluon-lamb", env={"OPTIMIZER": "lamb"}, split=0, refused=["optimizer_not_allowed"])
+
+
+def test_module_style_per_key_multipliers_are_left_unsplit():
+    compare(TWO_SERVERS, "kv_module.py", "module", split=0, refused=["optimizer_multipliers"])
+
+
+def test_a_request_the_layout_cannot_serve_stops_the_job():
+    """Key 9 is split, then pushed row-sparse: the job must stop, loudly, not train on."""
+    with Proxies(ONE_SERVER.hosts(), "break") as proxies:
+        with pytest.raises(RuntimeError) as failed:
+            run_job(ONE_SERVER, "kv_break.py", "break-proxied", timeout=25)
+        metrics = proxies.metrics()
+    # The dense round went through the split key; the row-sparse push never reached the server.
+    assert str(failed.value).count("dense round done") == 2 and "RESULT" not in str(failed.value)
+    assert metric(metrics["h2"], "p3proxy_keys_split_total") == 1
+    assert metric(metrics["h2"], "p3proxy_split_failures_total", reason="layout_mismatch") == 1
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(os.path.join(cluster.LOGS, "break-proxy-h2.log")).read())
+    assert "STOPPING the server's traffic" in log and "key=Some(9)" in log, log[-3000:]
+    assert "a RowSparse Float32 request; the split layout holds Default Float32" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("source", ["key", "map"])
@@ -111,11 +166,12 @@ def test_gluon_model_with_each_priority_source(source, tmp_path):
 
 
 def test_heartbeats_fp16_rowsparse_pushpull():
-    compare(TWO_SERVERS, "kv_ext.py", "ext", env={"PS_HEARTBEAT_INTERVAL": "1"})
+    """fp16 key 11 (200 KB) is split under a multi-precision optimizer."""
+    compare(TWO_SERVERS, "kv_ext.py", "ext", env={"PS_HEARTBEAT_INTERVAL": "1"}, split=1)
 
 
 def test_two_bit_compression():
-    compare(TWO_SERVERS, "kv_gc.py", "gc")
+    compare(TWO_SERVERS, "kv_gc.py", "gc", split=0, refused=["compression"])
 
 
 def echo_server(host, port, stop):

@@ -590,3 +590,34 @@ fn bad_slice_responses_stop_and_closed_connections_leave_nothing_behind() {
     sp.responses_closed(8, W11);
     assert_eq!(sp.tracked(), 0);
 }
+
+#[test]
+fn row_sparse_row_keys_are_not_keys() {
+    // Key 7 row-sparse: keys [7, 7+0, 7+1, ...] name rows; key 11 (= 7 + 4) is its own.
+    let mut sp = ready(1, None);
+    let mut rows = Req::push(7, values(160, 0), 1, false, 1);
+    rows.keys.extend(7..17);
+    rows.lens = Some(vec![0; 11]);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &rows.view(), false),
+        RequestPlan::Forward
+    );
+    let init = Req::push(11, values(800, 0), 2, false, 0);
+    assert!(matches!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Split(_)
+    ));
+    // Row-sparse traffic of key 7 names row 11 again: not a request for key 11.
+    rows.meta.timestamp = Some(3);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &rows.view(), false),
+        RequestPlan::Forward
+    );
+    // A compressed push names its key second.
+    let mut sp = split_job();
+    let mut gc = Req::push(7, values(100, 0), 2, false, 3);
+    gc.keys = vec![1000, 7];
+    gc.lens = Some(vec![0, 100]);
+    let f = stopped(sp.on_data_request(addr(S8), W9, &gc.view(), false));
+    assert_eq!((f.reason, f.key), ("layout_mismatch", Some(7)));
+}

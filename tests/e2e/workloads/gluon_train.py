@@ -33,7 +33,10 @@ def main():
     kv = mx.kv.create("dist_sync")
     net = build_net()
     net.initialize(mx.init.Xavier())
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05, "momentum": 0.9, "wd": 1e-4}, kvstore=kv)
+    # OPTIMIZER picks Gluon's optimizer (the default: SGD with momentum and weight decay).
+    optimizer = os.environ.get("OPTIMIZER", "sgd")
+    params = {"sgd": {"learning_rate": 0.05, "momentum": 0.9, "wd": 1e-4}}.get(optimizer, {"learning_rate": 0.01})
+    trainer = gluon.Trainer(net.collect_params(), optimizer, params, kvstore=kv)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     rng = np.random.RandomState(7 + kv.rank)
     for step in range(int(os.environ.get("STEPS", "4"))):
@@ -45,7 +48,7 @@ def main():
         trainer.step(16)
     mx.nd.waitall()
     params = net.collect_params()
-    report(kv, [params[n].data() for n in sorted(params.keys())], f"update_on_kvstore={trainer._update_on_kvstore}")
+    report(kv, [params[n].data() for n in sorted(params.keys())], f"update_on_kvstore={trainer._update_on_kvstore} optimizer={optimizer}")
 
 
 if __name__ == "__main__":
