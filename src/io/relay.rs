@@ -135,7 +135,7 @@ pub(crate) async fn pump(
                     },
                     Err(msg) => {
                         if let Some((shared, info)) = observe {
-                            if let Err(f) = shared.to_server(info, None).await {
+                            if let Err(f) = shared.split_request(info, None).await {
                                 return PumpEnd::Stopped(f);
                             }
                         }

@@ -189,7 +189,7 @@ async fn read_to_egress(
                         Err(f) => return PumpEnd::Stopped(f),
                     },
                     Err(msg) => {
-                        if let Err(f) = shared.to_server(info, None).await {
+                        if let Err(f) = shared.split_request(info, None).await {
                             return PumpEnd::Stopped(f);
                         }
                         (Body::Message(msg), FENCE_URGENCY, Vec::new())
@@ -559,9 +559,9 @@ async fn deliver(
                     meta_frame: frame,
                     data: &data,
                 };
-                shared.to_server(info, Some(unit)).await
+                shared.split_request(info, Some(unit)).await
             }
-            None => shared.to_server(info, None).await,
+            None => shared.split_request(info, None).await,
         };
         match routed {
             Ok(Outgoing::Replace(msgs)) => pieces.extend(msgs.into_iter().flatten()),

@@ -103,7 +103,7 @@ impl Shared {
 
     /// A message on its way to the ROUTER of `info.dst`: if that is a local server,
     /// the splitter decides what goes instead. `None` frames: not ps-lite (a fence).
-    pub(crate) async fn to_server(
+    pub(crate) async fn split_request(
         &self,
         info: &SessionInfo,
         unit: Option<Unit<'_>>,
@@ -174,7 +174,7 @@ impl Shared {
 
     /// A message from a local app's DEALER: if it is a local server's data response,
     /// the splitter may hold or merge it.
-    pub(crate) fn from_server(
+    pub(crate) fn split_response(
         &self,
         info: &SessionInfo,
         ps: &PsMessage,
@@ -217,7 +217,7 @@ impl Shared {
         ps: &PsMessage,
     ) -> Result<Outgoing, Failure> {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
-            return self.from_server(info, ps);
+            return self.split_response(info, ps);
         }
         let data = Unit::data_of(ps);
         let unit = Unit {
@@ -225,7 +225,7 @@ impl Shared {
             meta_frame: &ps.meta_frame.body,
             data: &data,
         };
-        self.to_server(info, Some(unit)).await
+        self.split_request(info, Some(unit)).await
     }
 
     /// A split server holds keys a bypass would corrupt.
