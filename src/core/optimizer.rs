@@ -25,8 +25,8 @@ pub const ALLOWED_OPTIMIZERS: [&str; 10] = [
 
 /// Learning-rate schedules: they follow the global update count, which every slice
 /// advances once per round like the whole key.
-pub const ALLOWED_SCHEDULERS: [&str; 5] = [
-    "mxnet.lr_scheduler.LRScheduler",
+/// (The abstract base `LRScheduler` is not one: its `__call__` raises.)
+pub const ALLOWED_SCHEDULERS: [&str; 4] = [
     "mxnet.lr_scheduler.FactorScheduler",
     "mxnet.lr_scheduler.MultiFactorScheduler",
     "mxnet.lr_scheduler.PolyScheduler",
