@@ -47,7 +47,10 @@ def stream(sender_host, receiver_host, target, size, count, recv_listen):
 
 def proxy(host, args, tag):
     log = open(os.path.join(cluster.LOGS, f"cost-{tag}.log"), "w")
-    p = subprocess.Popen(cluster.netns(host) + [cluster.PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT)
+    journal = os.path.join(cluster.LOGS, f"cost-{tag}-journal.jsonl")
+    if os.path.exists(journal):
+        os.remove(journal)
+    p = subprocess.Popen(cluster.netns(host) + [cluster.PROXY, "run", "--journal", journal, *args], stdout=log, stderr=subprocess.STDOUT)
     return p
 
 

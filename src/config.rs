@@ -20,6 +20,8 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 pub const DEFAULT_MARK: u32 = 0x1000;
 /// Default slice: 40,000 float32 parameters (P3's default).
 pub const DEFAULT_SLICE_BYTES: u64 = 160_000;
+/// Where the journal lives by default (an `emptyDir` in Kubernetes).
+pub const DEFAULT_JOURNAL: &str = "/run/p3proxy/journal.jsonl";
 
 /// Why a configuration is refused.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,9 @@ pub struct Config {
     /// How long rank 0's first init push waits for every worker to reach the server
     /// through this proxy before splitting is refused, in milliseconds.
     pub split_hold_ms: u64,
+    /// The journal a restarted proxy continues the job from (split layouts, node
+    /// table, learned ports). `None`: no journal, and no splitting.
+    pub journal: Option<std::path::PathBuf>,
 }
 
 /// `priority` in the config.
@@ -180,6 +185,7 @@ impl Default for Config {
             split_slice_bytes: DEFAULT_SLICE_BYTES,
             split_min_bytes: None,
             split_hold_ms: 10_000,
+            journal: Some(DEFAULT_JOURNAL.into()),
         }
     }
 }
@@ -318,7 +324,8 @@ impl Config {
     /// What the splitter is told.
     pub fn split_config(&self) -> crate::core::split::SplitConfig {
         crate::core::split::SplitConfig {
-            enabled: self.split,
+            // A split cannot be undone: only where a restart can continue it.
+            enabled: self.split && self.journal.is_some(),
             slice_bytes: self.split_slice_bytes,
             min_bytes: self.split_min_bytes.unwrap_or(self.split_slice_bytes),
         }

@@ -68,6 +68,13 @@ struct RunArgs {
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Journal file [default: /run/p3proxy/journal.jsonl]: split layouts and what a
+    /// restarted proxy needs to continue the job.
+    #[arg(long, value_name = "PATH")]
+    journal: Option<PathBuf>,
+    /// Never split keys in front of local servers.
+    #[arg(long)]
+    no_split: bool,
     /// Slice payload between proxies, in bytes [default: 160000, 40,000 float32 parameters].
     #[arg(long, value_name = "BYTES")]
     slice_bytes: Option<u64>,
@@ -159,6 +166,12 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     if let Some(n) = args.threads {
         config.threads = n;
     }
+    if let Some(j) = &args.journal {
+        config.journal = Some(j.clone());
+    }
+    if args.no_split {
+        config.split = false;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -174,7 +187,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         env = env.with_static_upstream(up);
     }
     tracing::info!(listen = ?bound.addrs(), metrics = ?config.metrics, upstream = ?config.upstream, "p3proxy running");
-    let shared = Shared::new(config, env, &bound);
+    let shared = Shared::new(config, env, &bound)?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");

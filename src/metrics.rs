@@ -65,6 +65,9 @@ pub const SLICE_REQUESTS: &str = "p3proxy_slice_requests_total";
 /// Responses merged from slice-key responses.
 pub const SPLIT_RESPONSES_MERGED: &str = "p3proxy_split_responses_merged_total";
 
+/// Journal writes that failed.
+pub const JOURNAL_ERRORS: &str = "p3proxy_journal_errors_total";
+
 /// Class labels (no allocation per sample).
 const CLASS_LABELS: [&str; 4] = ["0", "1", "2", "3"];
 /// Queue delay buckets, seconds: from a slice time at 10 Gbit/s to seconds.
@@ -102,6 +105,7 @@ pub fn describe() {
         "Requests for split keys turned into slice-key requests."
     );
     describe_counter!(SLICE_REQUESTS, "Slice-key requests sent to local servers.");
+    describe_counter!(JOURNAL_ERRORS, "Journal writes that failed.");
     describe_counter!(
         SPLIT_RESPONSES_MERGED,
         "Responses merged from slice-key responses."

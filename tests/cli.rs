@@ -76,6 +76,32 @@ fn run_fails_with_exit_code_1_when_a_listener_cannot_bind() {
 }
 
 #[test]
+fn a_damaged_journal_stops_the_proxy_at_start_naming_the_line() {
+    let dir = std::env::temp_dir().join(format!("p3proxy-cli-journal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let journal = dir.join("journal.jsonl");
+    std::fs::write(&journal, "{\"record\":\"scheduler_port\",\"port\":9091}\nnot json\n").unwrap();
+    let (code, _, stderr) = p3proxy(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--tunnel",
+        "127.0.0.2:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--journal",
+        journal.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("journal.jsonl: journal line 2: expected ident")
+            && stderr.contains("move the file away to start afresh"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn version() {
     let (code, stdout, _) = p3proxy(&["version"]);
     assert_eq!(code, 0);

@@ -84,6 +84,7 @@ async fn proxy(
         probe_timeout_ms: 300,
         handshake_timeout_ms: 2000,
         detect_timeout_ms: 300,
+        journal: None,
         ..Config::default()
     };
     config.exempt = p3proxy::config::Exempt::by_uid(0); // no SO_MARK needed on loopback
@@ -96,7 +97,7 @@ async fn proxy(
         is_listening: Arc::new(|_| true),
         is_loopback: Arc::new(|ip| ip == host(1)),
     };
-    let shared = Shared::new(config, env, &bound);
+    let shared = Shared::new(config, env, &bound).expect("no journal");
     tokio::spawn(run(bound, shared, std::future::pending::<()>()));
     (addrs[0], addrs.get(1).copied())
 }

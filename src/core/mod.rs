@@ -2,6 +2,7 @@
 //! shell (`crate::io`) feeds events in and does what these types say.
 
 pub mod dscp;
+pub mod journal;
 pub mod learner;
 pub mod optimizer;
 pub mod policy;

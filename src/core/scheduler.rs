@@ -366,7 +366,7 @@ mod tests {
         assert!(!tx.last);
         assert!(s.enqueue(data(2, 2, 9, 300, &[3]), t0).is_err());
         assert_eq!(s.drop_session(1), vec![0]);
-        assert_eq!(s.drop_session(1), vec![]);
+        assert_eq!(s.drop_session(1), Vec::<MsgId>::new());
         s.remove_lane(1);
         assert_eq!((s.used(), s.queued()), (300, 1));
         s.enqueue(data(2, 2, 9, 300, &[3]), t0).unwrap();

@@ -62,6 +62,8 @@ pub enum Refusal {
     /// The init push is not one dense key with one length (row-sparse, compressed,
     /// several keys, an unknown dtype).
     NotDense,
+    /// This proxy restarted: it continues the journaled layouts and splits nothing new.
+    Restarted,
 }
 
 impl Refusal {
@@ -78,6 +80,7 @@ impl Refusal {
             Refusal::NotPslite => "not_pslite",
             Refusal::Optimizer(label) => label,
             Refusal::NotDense => "not_dense",
+            Refusal::Restarted => "restarted",
         }
     }
 }
@@ -104,6 +107,8 @@ pub enum SplitEvent {
         server: SocketAddr,
         /// Its layout.
         layout: Layout,
+        /// Slice keys the server has handed out now (for the journal).
+        next_slice: u64,
     },
     /// A key above the threshold stays whole (reported once per key).
     Refused {
@@ -302,6 +307,8 @@ struct ServerState {
     next_slice: u64,
     /// Number of split keys (pinned when > 0).
     split: usize,
+    /// Restored from the journal after a restart: no new split.
+    restored: bool,
     failed: Option<Failure>,
 }
 
@@ -355,9 +362,28 @@ impl Splitter {
         self.events.pop_front()
     }
 
-    /// A local server registered with the scheduler through this proxy.
+    /// A local server registered with the scheduler through this proxy: a new
+    /// server process (a new job), whatever was known of that address before.
     pub fn server_registered(&mut self, addr: SocketAddr) {
-        self.servers.entry(addr).or_default();
+        self.servers.insert(addr, ServerState::default());
+        self.bind_ids();
+    }
+
+    /// A local server exited.
+    pub fn server_exited(&mut self, addr: SocketAddr) {
+        self.servers.remove(&addr);
+    }
+
+    /// A layout from the journal of this proxy's previous run: its key goes on being
+    /// split; no other key of that server will be.
+    pub fn restore(&mut self, server: SocketAddr, layout: Layout, next_slice: u64) {
+        let s = self.servers.entry(server).or_default();
+        s.restored = true;
+        s.first_init = true;
+        if s.keys.insert(layout.key, KeyState::Split(layout)).is_none() {
+            s.split += 1;
+        }
+        s.next_slice = s.next_slice.max(next_slice);
         self.bind_ids();
     }
 
@@ -558,6 +584,9 @@ impl Splitter {
     /// (besides workers that have not connected yet).
     fn history_refusal(&self, server: SocketAddr) -> Option<Refusal> {
         let s = self.servers.get(&server)?;
+        if s.restored {
+            return Some(Refusal::Restarted);
+        }
         if let Some(r) = s.blockers.first() {
             return Some(r.clone());
         }
@@ -630,9 +659,13 @@ impl Splitter {
             .map(|(k, _)| *k)
             .collect();
         if push && !new_keys.is_empty() {
-            // An init push (the server takes a push to an unknown key as its init).
-            let candidate = self.candidate(req);
-            if let Some(total) = candidate {
+            // An init push (the server takes a push to an unknown key as its init),
+            // unless this proxy restarted: then the key was initialized before.
+            let restored = self.servers.get(&server).is_some_and(|s| s.restored);
+            let candidate = self.candidate(req).filter(|_| !restored);
+            if restored && self.config.enabled && req.keys.len() == 1 && req.vals.len > self.config.min_bytes {
+                self.refuse(server, req.keys[0], Refusal::Restarted);
+            } else if let Some(total) = candidate {
                 if let Some(plan) = self.decide_init(server, sender, corr, req, total, waited) {
                     return plan;
                 }
@@ -731,7 +764,12 @@ impl Splitter {
         s.first_init = true;
         s.keys.insert(key, KeyState::Split(layout));
         let _ = sender;
-        self.events.push_back(SplitEvent::Split { server, layout });
+        let next_slice = s.next_slice;
+        self.events.push_back(SplitEvent::Split {
+            server,
+            layout,
+            next_slice,
+        });
         Some(self.split_request(server, corr, key, layout, req))
     }
 

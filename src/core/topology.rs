@@ -82,6 +82,11 @@ impl Topology {
             .map(|n| n.id)
     }
 
+    /// Sets the node table (from the journal of a previous run).
+    pub fn set_nodes(&mut self, nodes: Vec<NodeInfo>) {
+        self.nodes = nodes;
+    }
+
     /// Number of servers in the node table.
     pub fn num_servers(&self) -> usize {
         self.nodes.iter().filter(|n| n.role == Role::Server).count()

@@ -3,6 +3,7 @@
 //! do and does it, like quinn over quinn-proto.
 
 mod egress;
+mod journal;
 mod net;
 mod relay;
 mod scheduled;
@@ -10,5 +11,6 @@ mod server;
 mod session;
 mod split;
 
+pub use journal::JournalFileError;
 pub use net::{Env, OrigDst};
 pub use server::{run, Bound, Shared};

@@ -19,6 +19,7 @@ use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
 use super::scheduled::{run_origin, run_receiver, TunnelTable, Upstream};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
+use super::journal::{JournalFile, JournalFileError};
 use super::split::SplitLink;
 use crate::config::{Config, PrioritySource};
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
@@ -26,7 +27,9 @@ use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
 };
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency, CLASSES};
+use crate::core::journal::Record;
 use crate::core::split::Splitter;
+use crate::core::topology::NodeInfo;
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
 use p3proxy_parsers::pslite::Role;
@@ -45,6 +48,7 @@ pub struct Shared {
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
     pub(crate) splitter: Mutex<Splitter>,
+    journal: Option<Mutex<JournalFile>>,
     next_session: AtomicU64,
 }
 
@@ -87,8 +91,9 @@ impl Bound {
 }
 
 impl Shared {
-    /// Shared state for a proxy with these listeners (its own addresses are never relayed to).
-    pub fn new(config: Config, env: Env, bound: &Bound) -> Arc<Shared> {
+    /// Shared state for a proxy with these listeners (its own addresses are never
+    /// relayed to), continuing from the journal if there is one.
+    pub fn new(config: Config, env: Env, bound: &Bound) -> Result<Arc<Shared>, JournalFileError> {
         let mut own = bound.addrs();
         own.extend(config.metrics);
         let policy = Policy::new(
@@ -114,7 +119,14 @@ impl Shared {
             "key priorities"
         );
         metrics::priority_source(priority.in_use().label());
-        Arc::new(Shared {
+        let (journal, records) = match &config.journal {
+            Some(path) => {
+                let (file, records) = JournalFile::open(path)?;
+                (Some(Mutex::new(file)), records)
+            }
+            None => (None, Vec::new()),
+        };
+        let shared = Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
             splitter: Mutex::new(Splitter::new(config.split_config())),
@@ -125,7 +137,77 @@ impl Shared {
             priority: Mutex::new(priority),
             tunnels: TunnelTable::default(),
             next_session: AtomicU64::new(rand_seed()),
-        })
+            journal,
+        });
+        shared.replay(&records);
+        Ok(shared)
+    }
+
+    /// Rebuilds what the journal's records say (this proxy's previous run).
+    fn replay(&self, records: &[Record]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut policy = self.policy.lock().expect("policy lock");
+        let mut topology = self.topology.lock().expect("topology lock");
+        let mut splitter = self.splitter.lock().expect("splitter lock");
+        let mut layouts = 0;
+        for r in records {
+            match r {
+                Record::Registered { addr, server } => {
+                    let _ = policy.register(*addr);
+                    if *server {
+                        splitter.server_registered(*addr);
+                    }
+                }
+                Record::Exited { addr } => {
+                    policy.forget(*addr);
+                    splitter.server_exited(*addr);
+                }
+                Record::Nodes { nodes } => {
+                    let nodes: Vec<NodeInfo> = nodes
+                        .iter()
+                        .map(|&(id, role, addr)| NodeInfo {
+                            id,
+                            role: Role::from(role),
+                            addr,
+                        })
+                        .collect();
+                    splitter.node_table(&nodes);
+                    topology.set_nodes(nodes);
+                }
+                Record::SchedulerPort { port } => {
+                    policy.learn_scheduler(*port);
+                }
+                Record::Layout { .. } => {
+                    let (server, layout, next) = r.as_layout().expect("a layout");
+                    splitter.restore(server, layout, next);
+                    layouts += 1;
+                }
+            }
+        }
+        tracing::warn!(
+            records = records.len(),
+            layouts,
+            split_keys = splitter.split_keys(),
+            "continuing from the journal of a previous run"
+        );
+    }
+
+    /// Appends a record to the journal; `sync`: a layout, on disk before it is used.
+    pub(crate) fn journal(&self, record: &Record, sync: bool) -> bool {
+        let Some(journal) = &self.journal else {
+            return true;
+        };
+        let mut file = journal.lock().expect("journal lock");
+        match file.append(record, sync) {
+            Ok(()) => true,
+            Err(e) => {
+                ::metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
+                tracing::error!(path = %file.path().display(), error = %e, "journal write failed");
+                false
+            }
+        }
     }
 
     /// Looks at a message going from a session's DEALER to its ROUTER, before it
@@ -148,6 +230,13 @@ impl Shared {
                 }
                 match self.policy.lock().expect("policy lock").register(addr) {
                     Ok(true) => {
+                        self.journal(
+                            &Record::Registered {
+                                addr,
+                                server: role == Role::Server,
+                            },
+                            false,
+                        );
                         if role == Role::Server {
                             // This proxy relays the server's traffic from its registration on:
                             // the history a split needs starts here.
@@ -169,6 +258,12 @@ impl Shared {
                     .lock()
                     .expect("splitter lock")
                     .node_table(topo.nodes());
+                let nodes = topo
+                    .nodes()
+                    .iter()
+                    .map(|n| (n.id, role_code(n.role), n.addr))
+                    .collect();
+                self.journal(&Record::Nodes { nodes }, false);
                 let table: Vec<String> = topo
                     .nodes()
                     .iter()
@@ -186,6 +281,8 @@ impl Shared {
             Some(Learned::NodeExit(addr))
                 if self.policy.lock().expect("policy lock").forget(addr) =>
             {
+                self.splitter.lock().expect("splitter lock").server_exited(addr);
+                self.journal(&Record::Exited { addr }, false);
                 tracing::info!(%addr, "local node exited: its registration is forgotten");
             }
             Some(Learned::NodeExit(_)) => {}
@@ -263,6 +360,15 @@ impl Shared {
 
     fn session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn role_code(role: Role) -> i32 {
+    match role {
+        Role::Server => 0,
+        Role::Worker => 1,
+        Role::Scheduler => 2,
+        Role::Other(v) => v,
     }
 }
 
@@ -539,6 +645,7 @@ async fn open_upstream(
             .expect("policy lock")
             .learn_scheduler(dst.port())
         {
+            shared.journal(&Record::SchedulerPort { port: dst.port() }, false);
             tracing::info!(
                 port = dst.port(),
                 "scheduler port learned from its self connection"

@@ -11,6 +11,7 @@ use p3proxy_parsers::pslite::{MessageKind, Meta, PsMessage};
 
 use super::relay::SessionInfo;
 use super::server::Shared;
+use crate::core::journal::Record;
 use crate::core::split::{
     DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
 };
@@ -75,7 +76,13 @@ impl Shared {
     fn split_events(&self, sp: &mut Splitter) {
         while let Some(event) = sp.poll_event() {
             match event {
-                SplitEvent::Split { server, layout } => {
+                SplitEvent::Split {
+                    server,
+                    layout,
+                    next_slice,
+                } => {
+                    // On disk before the first slice request goes out.
+                    self.journal(&Record::layout(server, &layout, next_slice), true);
                     ::metrics::counter!(metrics::KEYS_SPLIT).increment(1);
                     tracing::info!(%server, key = layout.key, bytes = layout.total, slices = layout.count, first_slice_key = layout.first, "key split");
                 }

@@ -89,7 +89,14 @@ class Proxies:
         for h in self.hosts:
             log = open(os.path.join(LOGS, f"{self.tag}-proxy-{h}.log"), "w")
             env = dict(os.environ, P3PROXY_LOG=os.environ.get("P3PROXY_LOG", "info"))
-            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+            args = list(self.args)
+            if "--journal" not in args:
+                # Every proxy its own fresh journal (they share this machine's filesystem).
+                journal = os.path.join(LOGS, f"{self.tag}-journal-{h}.jsonl")
+                if os.path.exists(journal):
+                    os.remove(journal)
+                args += ["--journal", journal]
+            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         for h in self.hosts:
             deadline = time.time() + 10
             while sh(*netns(h), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":

@@ -55,6 +55,10 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
         assert metric(text, "p3proxy_split_failures_total") == 0, f"{h}: a split layout failed"
     if split is not None:
         assert server_total(metrics, topo, "p3proxy_keys_split_total") == split, "keys split"
+        # Every layout was journaled (before its first slice request went out).
+        journaled = sum(open(os.path.join(cluster.LOGS, f"{tag}-journal-{h}.jsonl")).read().count('"record":"layout"')
+                        for h in dict.fromkeys(topo.servers) if h in hosts)
+        assert journaled == split, "layouts in the journals"
         if split:
             assert server_total(metrics, topo, "p3proxy_slice_requests_total") > server_total(metrics, topo, "p3proxy_split_requests_total") > 0
             assert server_total(metrics, topo, "p3proxy_split_responses_merged_total") > 0

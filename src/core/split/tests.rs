@@ -207,7 +207,7 @@ fn an_init_push_becomes_slice_pushes_and_their_acks_one_ack() {
     assert_eq!(joined, value);
     assert_eq!(slices[10].vals().unwrap().len(), 4);
     match &events(&mut sp)[..] {
-        [SplitEvent::Split { layout, .. }] => {
+        [SplitEvent::Split { layout, next_slice: 11, .. }] => {
             assert_eq!((layout.key, layout.count, layout.total), (7, 11, 4004))
         }
         other => panic!("{other:?}"),
@@ -620,4 +620,34 @@ fn row_sparse_row_keys_are_not_keys() {
     gc.lens = Some(vec![0, 100]);
     let f = stopped(sp.on_data_request(addr(S8), W9, &gc.view(), false));
     assert_eq!((f.reason, f.key), ("layout_mismatch", Some(7)));
+}
+
+#[test]
+fn a_restored_layout_goes_on_and_nothing_new_is_split() {
+    let mut live = split_job();
+    let layout = match live.servers[&addr(S8)].keys[&7] {
+        KeyState::Split(l) => l,
+        KeyState::Whole => unreachable!(),
+    };
+    // The restarted proxy: the journal's records, then the node table and connections.
+    let mut sp = Splitter::new(CONFIG);
+    sp.restore(addr(S8), layout, 10);
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    assert!(sp.pinned(addr(S8)));
+    let pp = Req::push(7, values(4000, 2), 5, true, 0);
+    let a = split(live.on_data_request(addr(S8), W9, &pp.view(), false));
+    let b = split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    assert_eq!(a, b, "the same slice requests as before the restart");
+    // A key it does not know was initialized before the restart: never an init now.
+    let other = Req::push(12, values(800, 0), 6, true, 0);
+    assert_eq!(sp.on_data_request(addr(S8), W9, &other.view(), false), RequestPlan::Forward);
+    assert_eq!(
+        events(&mut sp),
+        vec![SplitEvent::Refused { server: addr(S8), key: 12, reason: Refusal::Restarted }]
+    );
+    // A new registration of that address is a new server: its history starts again.
+    sp.server_registered(addr(S8));
+    assert!(!sp.pinned(addr(S8)));
 }
