@@ -80,7 +80,11 @@ fn a_damaged_journal_stops_the_proxy_at_start_naming_the_line() {
     let dir = std::env::temp_dir().join(format!("p3proxy-cli-journal-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let journal = dir.join("journal.jsonl");
-    std::fs::write(&journal, "{\"record\":\"scheduler_port\",\"port\":9091}\nnot json\n").unwrap();
+    std::fs::write(
+        &journal,
+        "{\"record\":\"scheduler_port\",\"port\":9091}\nnot json\n",
+    )
+    .unwrap();
     let (code, _, stderr) = p3proxy(&[
         "run",
         "--listen",

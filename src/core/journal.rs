@@ -159,7 +159,10 @@ mod tests {
             count: 11,
         };
         let records = vec![
-            Record::Registered { addr: server, server: true },
+            Record::Registered {
+                addr: server,
+                server: true,
+            },
             Record::SchedulerPort { port: 9091 },
             Record::Nodes {
                 nodes: vec![(8, 0, Some(server)), (9, 1, None)],
@@ -180,7 +183,10 @@ mod tests {
         let text = "{\"record\":\"scheduler_port\",\"port\":9091}\n{\"record\":\"layout\"}\n";
         let err = parse_journal(text).unwrap_err();
         assert_eq!(err.line, 2);
-        assert!(err.to_string().starts_with("journal line 2: missing field"), "{err}");
+        assert!(
+            err.to_string().starts_with("journal line 2: missing field"),
+            "{err}"
+        );
         let unknown = "{\"record\":\"scheduler_port\",\"port\":9091,\"x\":1}\n";
         assert_eq!(parse_journal(unknown).unwrap_err().line, 1);
     }

@@ -4,6 +4,8 @@
 //! ```text
 //! announce (class 0 connection, in session order, before any slice of the message):
 //!   0x41 seq:u64 total:u64 priority:u32 fence:u8 nkeys:u16 keys:u64*nkeys
+//! announce of a part (a slice-key response the receiver merges, DESIGN.md §7):
+//!   0x50 (as 0x41) key:u64 index:u32 count:u32 slice:u64 value_total:u64
 //! slice (the message's class connection, in offset order):
 //!   0x53 seq:u64 offset:u64 len:u32 payload
 //! ```
@@ -29,6 +31,7 @@ pub const MAX_SLICE_LEN: u32 = 16 << 20;
 /// How far past the last announcement an early slice may point.
 pub const MAX_EARLY_MESSAGES: u64 = 4096;
 const TAG_ANNOUNCE: u8 = 0x41;
+const TAG_ANNOUNCE_PART: u8 = 0x50;
 const TAG_SLICE: u8 = 0x53;
 
 /// What a message is, told before its bytes.
@@ -44,6 +47,24 @@ pub struct Announce {
     pub fence: bool,
     /// Its keys (empty for fences).
     pub keys: Vec<u64>,
+    /// It is one slice-key response of a split key, for the receiver to merge.
+    pub part: Option<Part>,
+}
+
+/// Which part of a split key's response a message is: the response to slice key
+/// `index` of `count`, each `slice` bytes but the last, of a `total`-byte value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// The original ps-lite key.
+    pub key: u64,
+    /// The slice.
+    pub index: u32,
+    /// Slices of the key.
+    pub count: u32,
+    /// Bytes per slice.
+    pub slice: u64,
+    /// Bytes of the whole value.
+    pub total: u64,
 }
 
 /// A frame on a tunnel class connection.
@@ -127,7 +148,11 @@ impl SliceFrame {
     pub fn encode_header(&self, out: &mut Vec<u8>) {
         match self {
             SliceFrame::Announce(a) => {
-                out.push(TAG_ANNOUNCE);
+                out.push(if a.part.is_some() {
+                    TAG_ANNOUNCE_PART
+                } else {
+                    TAG_ANNOUNCE
+                });
                 out.extend_from_slice(&a.seq.to_be_bytes());
                 out.extend_from_slice(&a.total.to_be_bytes());
                 out.extend_from_slice(&a.priority.to_be_bytes());
@@ -136,6 +161,13 @@ impl SliceFrame {
                 out.extend_from_slice(&(keys.len() as u16).to_be_bytes());
                 for k in keys {
                     out.extend_from_slice(&k.to_be_bytes());
+                }
+                if let Some(p) = &a.part {
+                    out.extend_from_slice(&p.key.to_be_bytes());
+                    out.extend_from_slice(&p.index.to_be_bytes());
+                    out.extend_from_slice(&p.count.to_be_bytes());
+                    out.extend_from_slice(&p.slice.to_be_bytes());
+                    out.extend_from_slice(&p.total.to_be_bytes());
                 }
             }
             SliceFrame::Slice {
@@ -177,7 +209,7 @@ enum Head {
 fn parse_head(input: &[u8]) -> IResult<&[u8], Head, SliceError> {
     let (rest, tag) = be_u8(input)?;
     match tag {
-        TAG_ANNOUNCE => {
+        TAG_ANNOUNCE | TAG_ANNOUNCE_PART => {
             let (rest, (seq, total, priority, fence, n)) =
                 (be_u64, be_u64, be_u32, be_u8, be_u16).parse(rest)?;
             if usize::from(n) > MAX_ANNOUNCED_KEYS {
@@ -189,12 +221,27 @@ fn parse_head(input: &[u8]) -> IResult<&[u8], Head, SliceError> {
                 return Err(nom::Err::Failure(e));
             }
             let (rest, keys) = nom::multi::count(be_u64, usize::from(n)).parse(rest)?;
+            let (rest, part) = if tag == TAG_ANNOUNCE_PART {
+                let (rest, (key, index, count, slice, total)) =
+                    (be_u64, be_u32, be_u32, be_u64, be_u64).parse(rest)?;
+                let part = Part {
+                    key,
+                    index,
+                    count,
+                    slice,
+                    total,
+                };
+                (rest, Some(part))
+            } else {
+                (rest, None)
+            };
             let a = Announce {
                 seq,
                 total,
                 priority,
                 fence: fence != 0,
                 keys,
+                part,
             };
             Ok((rest, Head::Announce(a)))
         }
@@ -276,12 +323,30 @@ struct Pending {
 /// A complete message, as the payload pieces that make it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reassembled {
+    /// Its number in the session.
+    pub seq: u64,
     /// Its bytes, in order.
     pub pieces: Vec<Bytes>,
     /// Their total length.
     pub len: u64,
     /// Announced as a fence (a command, control message, or not ps-lite).
     pub fence: bool,
+    /// Announced as a part of a split key's response.
+    pub part: Option<Part>,
+}
+
+/// How far an unfinished message has arrived.
+#[derive(Debug)]
+pub struct Progress<'a> {
+    /// Its bytes so far, in order.
+    pub pieces: &'a [Bytes],
+    /// Their length.
+    pub have: u64,
+    /// The message's length.
+    pub total: u64,
+    /// It may go to the app now as far as the order rules go (every earlier message
+    /// still undelivered is announced, not a fence, and shares no key with it).
+    pub may_pass: bool,
 }
 
 impl Reassembled {
@@ -390,6 +455,26 @@ impl Reassembler {
         Ok(self.deliverable())
     }
 
+    /// How far announced message `seq` has arrived, while it is not delivered.
+    pub fn progress(&self, seq: u64) -> Option<Progress<'_>> {
+        let p = self.pending.get(&seq)?;
+        let me = p.announce.as_ref()?;
+        Some(Progress {
+            pieces: &p.pieces,
+            have: p.have,
+            total: me.total,
+            may_pass: !self.blocked(seq, me),
+        })
+    }
+
+    fn blocked(&self, seq: u64, me: &Announce) -> bool {
+        self.pending.range(..seq).any(|(_, e)| {
+            e.announce
+                .as_ref()
+                .is_none_or(|e| e.fence || me.fence || e.keys.iter().any(|k| me.keys.contains(k)))
+        })
+    }
+
     fn complete(p: &Pending) -> bool {
         p.announce.as_ref().is_some_and(|a| p.have == a.total)
     }
@@ -404,11 +489,7 @@ impl Reassembler {
                     continue;
                 }
                 let me = p.announce.as_ref().expect("complete means announced");
-                let blocked = self.pending.range(..seq).any(|(_, e)| {
-                    let e = e.announce.as_ref().expect("earlier than an announced one");
-                    e.fence || me.fence || e.keys.iter().any(|k| me.keys.contains(k))
-                });
-                if !blocked {
+                if !self.blocked(seq, me) {
                     pick = Some(seq);
                     break;
                 }
@@ -416,10 +497,13 @@ impl Reassembler {
             let Some(seq) = pick else { return out };
             let p = self.pending.remove(&seq).expect("picked");
             self.held -= p.have;
+            let announce = p.announce.expect("complete means announced");
             out.push(Reassembled {
+                seq,
                 pieces: p.pieces,
                 len: p.have,
-                fence: p.announce.is_some_and(|a| a.fence),
+                fence: announce.fence,
+                part: announce.part,
             });
         }
     }
@@ -436,7 +520,67 @@ mod tests {
             priority: 1,
             fence,
             keys: keys.to_vec(),
+            part: None,
         })
+    }
+
+    #[test]
+    fn a_part_announcement_round_trips_and_reaches_the_reassembled_message() {
+        let part = Part {
+            key: 9,
+            index: 2,
+            count: 3,
+            slice: 400,
+            total: 1000,
+        };
+        let a = SliceFrame::Announce(Announce {
+            seq: 0,
+            total: 3,
+            priority: 7,
+            fence: false,
+            keys: vec![9],
+            part: Some(part),
+        });
+        let wire = Bytes::from(a.encode());
+        assert_eq!(wire[0], TAG_ANNOUNCE_PART);
+        let (rest, back) = parse_frame(&wire).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(back, a);
+        for n in 0..wire.len() {
+            assert!(matches!(
+                parse_frame(&wire.slice(..n)),
+                Err(nom::Err::Incomplete(_))
+            ));
+        }
+        let mut r = Reassembler::new(1 << 20);
+        r.on_frame(a).unwrap();
+        let out = r.on_frame(slice(0, 0, b"abc")).unwrap();
+        assert_eq!(out[0].part, Some(part));
+        assert_eq!(out[0].seq, 0);
+    }
+
+    #[test]
+    fn progress_shows_the_prefix_and_whether_the_order_rules_let_it_pass() {
+        let mut r = Reassembler::new(1 << 20);
+        r.on_frame(announce(0, 10, false, &[1])).unwrap();
+        r.on_frame(announce(1, 6, false, &[2])).unwrap();
+        r.on_frame(announce(2, 4, false, &[1])).unwrap();
+        r.on_frame(slice(1, 0, b"abc")).unwrap();
+        let p = r.progress(1).unwrap();
+        assert_eq!((p.have, p.total, p.may_pass), (3, 6, true));
+        assert_eq!(p.pieces.concat(), b"abc");
+        r.on_frame(slice(2, 0, b"xy")).unwrap();
+        assert!(
+            !r.progress(2).unwrap().may_pass,
+            "shares key 1 with message 0"
+        );
+        r.on_frame(announce(3, 2, true, &[])).unwrap();
+        assert!(!r.progress(3).unwrap().may_pass, "a fence passes nothing");
+        assert!(r.progress(9).is_none());
+        // Delivered messages have no progress.
+        let out = r.on_frame(slice(1, 3, b"def")).unwrap();
+        assert_eq!(out[0].seq, 1);
+        assert!(r.progress(1).is_none());
     }
 
     /// Each delivered message's bytes.

@@ -22,6 +22,7 @@ use p3proxy_parsers::pslite::{ControlCommand, Meta, Role};
 use p3proxy_parsers::zmtp::FrameHeader;
 
 use super::optimizer::optimizer_verdict;
+use super::slice::Part;
 use super::topology::NodeInfo;
 
 /// Slice keys start here above their server's range begin: the server reads
@@ -267,6 +268,20 @@ pub enum ResponsePlan {
         /// Wire pieces.
         pieces: Vec<Bytes>,
     },
+    /// Forward this slice response as a part for the peer proxy to merge.
+    Part(Part),
+    /// The server's traffic stops.
+    Stop(Failure),
+}
+
+/// What to do with a request whose bytes still arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadPlan {
+    /// Wait for the whole message.
+    Whole,
+    /// Send its slice requests as their bytes arrive (`slice_request`), then
+    /// `finish_streamed`.
+    Stream(Layout),
     /// The server's traffic stops.
     Stop(Failure),
 }
@@ -312,16 +327,6 @@ struct ServerState {
     failed: Option<Failure>,
 }
 
-/// A split request waiting for its slice responses.
-#[derive(Debug)]
-struct Pending {
-    layout: Layout,
-    pull: bool,
-    got: u32,
-    meta_frame: Option<Bytes>,
-    vals: Vec<Option<Vec<Bytes>>>,
-}
-
 /// The split decisions and the requests in flight of every local server.
 #[derive(Debug)]
 pub struct Splitter {
@@ -334,7 +339,7 @@ pub struct Splitter {
     workers: Option<Vec<i32>>,
     /// Number of servers (key ranges).
     num_servers: u64,
-    pending: HashMap<Correlation, Pending>,
+    pending: HashMap<Correlation, Merge>,
     /// Forwarded requests awaiting their response.
     outstanding: HashMap<Correlation, u32>,
     refused_logged: HashSet<(SocketAddr, u64)>,
@@ -663,7 +668,11 @@ impl Splitter {
             // unless this proxy restarted: then the key was initialized before.
             let restored = self.servers.get(&server).is_some_and(|s| s.restored);
             let candidate = self.candidate(req).filter(|_| !restored);
-            if restored && self.config.enabled && req.keys.len() == 1 && req.vals.len > self.config.min_bytes {
+            if restored
+                && self.config.enabled
+                && req.keys.len() == 1
+                && req.vals.len > self.config.min_bytes
+            {
                 self.refuse(server, req.keys[0], Refusal::Restarted);
             } else if let Some(total) = candidate {
                 if let Some(plan) = self.decide_init(server, sender, corr, req, total, waited) {
@@ -848,44 +857,87 @@ impl Splitter {
                 format!("more than {MAX_TRACKED} requests in flight"),
             );
         }
-        let pull = req.meta.is_pull();
-        self.pending.insert(
-            corr,
-            Pending {
-                layout,
-                pull,
-                got: 0,
-                meta_frame: None,
-                vals: if pull {
-                    vec![None; layout.count as usize]
-                } else {
-                    Vec::new()
-                },
-            },
-        );
+        self.pending
+            .insert(corr, Merge::new(layout, req.meta.is_pull()));
         let meta = Pieces::one(req.meta_frame.clone());
         let messages = (0..layout.count)
             .map(|i| {
-                let keys = Pieces::one(Bytes::copy_from_slice(
-                    &(layout.first + u64::from(i)).to_le_bytes(),
-                ));
-                if push {
+                let vals = push.then(|| {
                     let (off, len) = layout.range(i);
-                    let vals = Pieces {
+                    Pieces {
                         parts: req.vals.range(off, len),
                         len,
-                    };
-                    let lens = Pieces::one(Bytes::copy_from_slice(&(len as i32).to_le_bytes()));
-                    encode_message(&[meta.clone(), keys, vals, lens])
-                } else {
-                    encode_message(&[meta.clone(), keys, Pieces::default()])
-                }
+                    }
+                });
+                slice_request(&meta, &layout, i, vals)
             })
             .collect();
         RequestPlan::Split(messages)
     }
 
-    /// A data response from local server `server_id` to `worker`.
+    /// The head of a data request to local server `server` whose bytes still arrive
+    /// (its meta, keys, and the length of its vals frame): a push of a split key may
+    /// go to the server slice by slice as its bytes come in. Anything unusual waits
+    /// for the whole message, where every check runs.
+    pub fn on_request_head(
+        &mut self,
+        server: SocketAddr,
+        sender: i32,
+        meta: &Meta,
+        keys: &[u64],
+        vals_len: u64,
+    ) -> HeadPlan {
+        if let Some(f) = self.failed(server) {
+            return HeadPlan::Stop(f);
+        }
+        let Some(state) = self.servers.get(&server) else {
+            return HeadPlan::Whole;
+        };
+        let (Some(id), [key]) = (state.id, keys) else {
+            return HeadPlan::Whole;
+        };
+        let Some(KeyState::Split(layout)) = state.keys.get(key).copied() else {
+            return HeadPlan::Whole;
+        };
+        let corr = (id, sender, meta.customer_id(), meta.timestamp());
+        let fits = meta.is_request()
+            && meta.is_push()
+            && !meta.is_simple_app()
+            && meta.head() == layout.head
+            && vals_len == layout.total;
+        let tracked = self.pending.contains_key(&corr) || self.outstanding.contains_key(&corr);
+        if !fits || tracked || self.tracked() >= MAX_TRACKED {
+            return HeadPlan::Whole;
+        }
+        self.pending
+            .insert(corr, Merge::new(layout, meta.is_pull()));
+        HeadPlan::Stream(layout)
+    }
+
+    /// A streamed request is complete: its lens frame must be the layout's.
+    pub fn finish_streamed(
+        &mut self,
+        server: SocketAddr,
+        layout: &Layout,
+        lens: Option<&[i32]>,
+    ) -> Option<Failure> {
+        if lens == Some(&[layout.total as i32][..]) {
+            return None;
+        }
+        Some(self.fail(
+            server,
+            Some(layout.key),
+            "layout_mismatch",
+            format!(
+                "lens {lens:?} after {} bytes streamed as slices",
+                layout.total
+            ),
+        ))
+    }
+
+    /// A data response from local server `server_id` to `worker`. `defer`: the
+    /// response goes to a peer proxy, which merges the parts (so the pull side
+    /// pipelines too); else this proxy merges them.
     pub fn on_data_response(
         &mut self,
         server_id: i32,
@@ -893,6 +945,7 @@ impl Splitter {
         meta: &Meta,
         meta_frame: &Bytes,
         data: &[Pieces],
+        defer: bool,
     ) -> ResponsePlan {
         let Some(server) = self.server_addr(server_id) else {
             return ResponsePlan::Forward;
@@ -901,71 +954,50 @@ impl Splitter {
             return ResponsePlan::Stop(f);
         }
         let corr = (server_id, worker, meta.customer_id(), meta.timestamp());
-        if let Some(p) = self.pending.get_mut(&corr) {
-            let layout = p.layout;
-            let mut bad = None;
-            if p.meta_frame.as_ref().is_some_and(|m| m != meta_frame) {
-                bad = Some("slice responses of one request differ in their meta".to_string());
-            }
-            if p.pull {
+        if let Some(m) = self.pending.get_mut(&corr) {
+            let layout = m.layout;
+            let index = if m.pull {
                 let keys = data.first().map(Pieces::to_vec).unwrap_or_default();
-                let index = (keys.len() == 8)
+                (keys.len() == 8)
                     .then(|| u64::from_le_bytes(keys.try_into().expect("8 bytes")))
-                    .and_then(|k| layout.index_of(k));
-                match index {
-                    Some(i) if data.len() == 3 && p.vals[i as usize].is_none() => {
-                        let (_, len) = layout.range(i);
-                        let lens = data[2].to_vec();
-                        if data[1].len != len || lens != (len as i32).to_le_bytes() {
-                            bad = Some(format!(
-                                "slice {i} answered with {} bytes, lens {lens:?}; expected {len}",
-                                data[1].len
-                            ));
-                        } else {
-                            p.vals[i as usize] = Some(data[1].parts.clone());
-                        }
-                    }
-                    _ => bad = Some("a slice response with unexpected keys or frames".into()),
-                }
-            } else if !data.is_empty() {
-                bad = Some("a push ack with data".into());
-            }
-            if let Some(detail) = bad {
-                let key = layout.key;
-                self.pending.remove(&corr);
-                return ResponsePlan::Stop(self.fail(
-                    server,
-                    Some(key),
-                    "bad_slice_response",
-                    detail,
-                ));
-            }
-            p.got += 1;
-            p.meta_frame = Some(meta_frame.clone());
-            if p.got < layout.count {
-                return ResponsePlan::Absorb;
-            }
-            let p = self.pending.remove(&corr).expect("present");
-            let meta = Pieces::one(meta_frame.clone());
-            if !p.pull {
-                return ResponsePlan::Merged {
-                    key: layout.key,
-                    pieces: encode_message(&[meta]),
-                };
-            }
-            let keys = Pieces::one(Bytes::copy_from_slice(&layout.key.to_le_bytes()));
-            let vals = Pieces {
-                parts: p
-                    .vals
-                    .into_iter()
-                    .flat_map(|v| v.expect("all slices in"))
-                    .collect(),
-                len: layout.total,
+                    .and_then(|k| layout.index_of(k))
+            } else {
+                Some(m.got) // acks carry no keys: numbered as they come
             };
-            let lens = Pieces::one(Bytes::copy_from_slice(&(layout.total as i32).to_le_bytes()));
-            return ResponsePlan::Merged {
-                key: layout.key,
-                pieces: encode_message(&[meta, keys, vals, lens]),
+            let outcome = match index {
+                Some(i) => m.absorb(i, meta_frame, data, !defer),
+                None => Err("a slice response with unexpected keys".to_string()),
+            };
+            let done = match outcome {
+                Err(detail) => {
+                    self.pending.remove(&corr);
+                    return ResponsePlan::Stop(self.fail(
+                        server,
+                        Some(layout.key),
+                        "bad_slice_response",
+                        detail,
+                    ));
+                }
+                Ok(done) => done,
+            };
+            if done.is_some() {
+                self.pending.remove(&corr);
+            }
+            if defer {
+                return ResponsePlan::Part(Part {
+                    key: layout.key,
+                    index: index.expect("absorbed"),
+                    count: layout.count,
+                    slice: layout.slice,
+                    total: layout.total,
+                });
+            }
+            return match done {
+                None => ResponsePlan::Absorb,
+                Some(pieces) => ResponsePlan::Merged {
+                    key: layout.key,
+                    pieces,
+                },
             };
         }
         if let Some(n) = self.outstanding.get_mut(&corr) {
@@ -988,6 +1020,162 @@ impl Splitter {
             ));
         }
         ResponsePlan::Forward
+    }
+}
+
+/// The wire pieces of the request for slice `i` of `layout`: the request's meta frame
+/// unchanged, the slice key, and for a push the slice's bytes and their length (a
+/// pull sends an empty vals frame, as ZPull does).
+pub fn slice_request(meta: &Pieces, layout: &Layout, i: u32, vals: Option<Pieces>) -> Vec<Bytes> {
+    let key = layout.first + u64::from(i);
+    let keys = Pieces::one(Bytes::copy_from_slice(&key.to_le_bytes()));
+    match vals {
+        Some(vals) => {
+            let lens = Pieces::one(Bytes::copy_from_slice(&(vals.len as i32).to_le_bytes()));
+            encode_message(&[meta.clone(), keys, vals, lens])
+        }
+        None => encode_message(&[meta.clone(), keys, Pieces::default()]),
+    }
+}
+
+/// The slice responses of one request, merged into the response the server would
+/// have sent for the whole key.
+#[derive(Debug)]
+struct Merge {
+    layout: Layout,
+    pull: bool,
+    got: u32,
+    seen: Vec<bool>,
+    meta_frame: Option<Bytes>,
+    vals: Vec<Vec<Bytes>>,
+}
+
+impl Merge {
+    fn new(layout: Layout, pull: bool) -> Merge {
+        Merge {
+            layout,
+            pull,
+            got: 0,
+            seen: vec![false; layout.count as usize],
+            meta_frame: None,
+            vals: vec![Vec::new(); if pull { layout.count as usize } else { 0 }],
+        }
+    }
+
+    /// Takes the response to slice `index`; once every slice is in, the merged
+    /// response (`keep`: built from the values kept; else empty: the peer merges).
+    fn absorb(
+        &mut self,
+        index: u32,
+        meta_frame: &Bytes,
+        data: &[Pieces],
+        keep: bool,
+    ) -> Result<Option<Vec<Bytes>>, String> {
+        let layout = self.layout;
+        if self.meta_frame.as_ref().is_some_and(|m| m != meta_frame) {
+            return Err("slice responses of one request differ in their meta".into());
+        }
+        if index >= layout.count || self.seen[index as usize] {
+            return Err(format!(
+                "slice {index} of {} answered twice or out of range",
+                layout.count
+            ));
+        }
+        if self.pull {
+            let (_, len) = layout.range(index);
+            let lens = data.get(2).map(Pieces::to_vec).unwrap_or_default();
+            if data.len() != 3 || data[1].len != len || lens != (len as i32).to_le_bytes() {
+                let got = data.get(1).map_or(0, |v| v.len);
+                return Err(format!(
+                    "slice {index} answered with {got} bytes, lens {lens:?}; expected {len}"
+                ));
+            }
+            if keep {
+                self.vals[index as usize] = data[1].parts.clone();
+            }
+        } else if !data.is_empty() {
+            return Err("a push ack with data".into());
+        }
+        self.seen[index as usize] = true;
+        self.got += 1;
+        self.meta_frame = Some(meta_frame.clone());
+        if self.got < layout.count {
+            return Ok(None);
+        }
+        if !keep {
+            return Ok(Some(Vec::new()));
+        }
+        let meta = Pieces::one(meta_frame.clone());
+        if !self.pull {
+            return Ok(Some(encode_message(&[meta])));
+        }
+        let keys = Pieces::one(Bytes::copy_from_slice(&layout.key.to_le_bytes()));
+        let vals = Pieces {
+            parts: std::mem::take(&mut self.vals)
+                .into_iter()
+                .flatten()
+                .collect(),
+            len: layout.total,
+        };
+        let lens = Pieces::one(Bytes::copy_from_slice(&(layout.total as i32).to_le_bytes()));
+        Ok(Some(encode_message(&[meta, keys, vals, lens])))
+    }
+}
+
+/// The receiving side of deferred merges: a peer proxy's parts of split keys'
+/// responses, merged into the one response the worker expects (per tunnel session,
+/// which is one server's responses to one worker).
+#[derive(Debug, Default)]
+pub struct Merger {
+    merges: HashMap<(i32, i32), Merge>,
+}
+
+impl Merger {
+    /// Takes one part (a slice-key response and what the peer said it is); the merged
+    /// response once every part is in.
+    pub fn on_part(
+        &mut self,
+        meta: &Meta,
+        meta_frame: &Bytes,
+        data: &[Pieces],
+        part: Part,
+    ) -> Result<Option<Vec<Bytes>>, String> {
+        let sane = part.slice > 0
+            && part.total <= i32::MAX as u64
+            && part.count > 0
+            && u64::from(part.count) == part.total.div_ceil(part.slice);
+        if !sane || meta.is_request() {
+            return Err(format!("a part that describes no layout: {part:?}"));
+        }
+        let corr = (meta.customer_id(), meta.timestamp());
+        if !self.merges.contains_key(&corr) && self.merges.len() >= MAX_TRACKED {
+            return Err(format!("more than {MAX_TRACKED} merges in flight"));
+        }
+        let layout = Layout {
+            key: part.key,
+            head: meta.head(),
+            total: part.total,
+            slice: part.slice,
+            first: 0,
+            count: part.count,
+        };
+        let m = self
+            .merges
+            .entry(corr)
+            .or_insert_with(|| Merge::new(layout, meta.is_pull()));
+        if m.layout != layout || m.pull != meta.is_pull() {
+            return Err(format!("part {part:?} does not match the parts before it"));
+        }
+        let merged = m.absorb(part.index, meta_frame, data, true);
+        if !matches!(merged, Ok(None)) {
+            self.merges.remove(&corr);
+        }
+        merged
+    }
+
+    /// Merges waiting for parts.
+    pub fn waiting(&self) -> usize {
+        self.merges.len()
     }
 }
 

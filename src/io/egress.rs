@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
-use crate::core::slice::{encode_slice_header, Announce, SliceFrame, MAX_ANNOUNCED_KEYS};
+use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_ANNOUNCED_KEYS};
 use crate::core::split::Pieces;
 use crate::metrics;
 
@@ -69,6 +69,8 @@ pub(crate) struct Item {
     pub(crate) urgency: Urgency,
     /// Its ps-lite keys (overtaking needs disjoint keys).
     pub(crate) keys: Vec<u64>,
+    /// A slice-key response the peer proxy merges.
+    pub(crate) part: Option<Part>,
     /// Its bytes.
     pub(crate) body: Body,
 }
@@ -188,6 +190,7 @@ impl Egress {
                             priority: spec.priority,
                             fence: spec.fence,
                             keys: spec.keys,
+                            part: item.part,
                         });
                         if let Some(lane) = st.lanes.get_mut(&main) {
                             frame.encode_header(&mut lane.control);

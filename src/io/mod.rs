@@ -10,6 +10,7 @@ mod scheduled;
 mod server;
 mod session;
 mod split;
+mod streamed;
 
 pub use journal::JournalFileError;
 pub use net::{Env, OrigDst};

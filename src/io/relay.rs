@@ -122,8 +122,10 @@ pub(crate) async fn pump(
             let written = match event {
                 StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
                     Ok(ps) => match observe {
-                        Some((shared, info)) => match shared.split_route(info, &ps).await {
-                            Ok(Outgoing::Pass) => write_message(&mut out, &ps.to_zmtp()).await,
+                        Some((shared, info)) => match shared.split_route(info, &ps, false).await {
+                            Ok(Outgoing::Pass | Outgoing::Part(_)) => {
+                                write_message(&mut out, &ps.to_zmtp()).await
+                            }
                             Ok(Outgoing::Absorb) => Ok(0),
                             Ok(Outgoing::Replace(msgs)) => write_all_pieces(&mut out, msgs).await,
                             Ok(Outgoing::Merged(_, pieces)) => {

@@ -27,6 +27,7 @@ use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
 use super::session::PeerInfo;
 use super::split::{Outgoing, Unit};
+use super::streamed::ReceiverSplit;
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
 use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
@@ -158,13 +159,27 @@ async fn read_to_egress(
                 Ok(None) => break,
                 Err(e) => return PumpEnd::Parse(e),
             };
+            let mut part = None;
             let (body, urgency, keys) = match event {
                 StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
-                    Ok(ps) => match shared.split_route(info, &ps).await {
+                    Ok(ps) => match shared.split_route(info, &ps, sliced).await {
                         Ok(Outgoing::Pass) => {
                             let urgency = shared.prioritize(&ps);
                             let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                             (Body::Message(ps.to_zmtp()), urgency, keys)
+                        }
+                        Ok(Outgoing::Part(p)) => {
+                            // A slice-key response: as urgent as its key, merged by the peer.
+                            part = Some(p);
+                            let view = PsMessage::new(
+                                ps.meta.clone(),
+                                vec![Bytes::copy_from_slice(&p.key.to_le_bytes())],
+                            );
+                            (
+                                Body::Message(ps.to_zmtp()),
+                                shared.prioritize(&view),
+                                vec![p.key],
+                            )
                         }
                         Ok(Outgoing::Absorb) => continue,
                         Ok(Outgoing::Merged(key, parts)) => {
@@ -215,6 +230,7 @@ async fn read_to_egress(
                 announce: sliced.then_some((lanes[0], seq)),
                 urgency,
                 keys,
+                part,
                 body,
             };
             shared.egress.enqueue(item).await;
@@ -343,6 +359,13 @@ pub(crate) async fn run_receiver(
     let back = pump(dst_rd, dst.dec, main_wr, labels.1, None);
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
+    let mut split = ReceiverSplit::default();
+    // In front of a local server this proxy saw register: its requests may stream.
+    let splitting = shared
+        .splitter
+        .lock()
+        .expect("splitter lock")
+        .is_server(info.dst);
     let mut held = 0u64;
     // The session ends when its main stream and every class connection that attached
     // have closed (the origin closes them all; one that failed to open never attaches).
@@ -390,12 +413,16 @@ pub(crate) async fn run_receiver(
                     Some((_, FrameEvent::Io(e))) => break Err(format!("tunnel connection: {e}")),
                     None => break Err("every tunnel reader ended".into()),
                 };
-                match &frame {
-                    SliceFrame::Slice { .. } => {
+                let seq = match &frame {
+                    SliceFrame::Slice { seq, .. } => {
                         ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+                        *seq
                     }
-                    SliceFrame::Announce(a) => shared.priority_hint(&a.keys, a.priority),
-                }
+                    SliceFrame::Announce(a) => {
+                        shared.priority_hint(&a.keys, a.priority);
+                        a.seq
+                    }
+                };
                 let ready = match reasm.on_frame(frame) {
                     Ok(ready) => ready,
                     Err(e) => {
@@ -406,7 +433,12 @@ pub(crate) async fn run_receiver(
                 let now_held = reasm.held();
                 metrics::reassembly_held(held, now_held);
                 held = now_held;
-                if let Err(e) = deliver(&shared, &info, ready, &mut dst_wr, &mut first, labels.0).await {
+                if splitting {
+                    if let Err(e) = split.on_progress(&shared, &info, &reasm, seq, &mut dst_wr).await {
+                        break Err(e);
+                    }
+                }
+                if let Err(e) = deliver(&shared, &info, ready, &mut dst_wr, &mut first, &mut split, labels.0).await {
                     break Err(e);
                 }
             }
@@ -429,7 +461,7 @@ pub(crate) async fn run_receiver(
 }
 
 /// Bytes `off..off + n` of a message held as pieces (fewer at its end).
-fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
+pub(crate) fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n);
     for p in pieces {
         let len = p.len() as u64;
@@ -448,17 +480,17 @@ fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
 }
 
 /// Largest first frame read as a ps-lite meta for observation.
-const MAX_META_LEN: u64 = 64 * 1024;
+pub(crate) const MAX_META_LEN: u64 = 64 * 1024;
 
 /// The shape of a reassembled unit, read from its frame headers.
 #[derive(Debug, PartialEq, Eq)]
-struct UnitShape {
+pub(crate) struct UnitShape {
     /// Its first frame, if small enough to be a ps-lite meta (not for commands).
-    meta: Option<Bytes>,
+    pub(crate) meta: Option<Bytes>,
     /// (offset, length) of each frame body in the unit.
-    frames: Vec<(u64, u64)>,
+    pub(crate) frames: Vec<(u64, u64)>,
     /// A ZMTP command, not a message.
-    command: bool,
+    pub(crate) command: bool,
 }
 
 /// Checks that a reassembled message is exactly one ZMTP unit (frame headers
@@ -511,6 +543,7 @@ async fn deliver(
     ready: Vec<Reassembled>,
     out: &mut OwnedWriteHalf,
     first: &mut bool,
+    split: &mut ReceiverSplit,
     direction: &'static str,
 ) -> Result<(), String> {
     if ready.is_empty() {
@@ -526,6 +559,10 @@ async fn deliver(
             .meta
             .as_ref()
             .and_then(|m| parse_meta(m).ok().map(|p| (m.clone(), p)));
+        let replaced = split.on_complete(shared, info, &msg, &shape, meta.as_ref())?;
+        if msg.part.is_some() && replaced.as_ref().is_some_and(|r| r.is_empty()) {
+            continue; // A part of a response still missing others: nothing to observe yet.
+        }
         // Only the meta matters to the node table and the requests in flight.
         if let Some((_, meta)) = &meta {
             let ctx = MessageContext {
@@ -537,6 +574,10 @@ async fn deliver(
         }
         *first = false;
         metrics::forwarded(direction, msg.len as usize);
+        if let Some(replaced) = replaced {
+            pieces.extend(replaced);
+            continue;
+        }
         if shape.command {
             pieces.extend(msg.pieces);
             continue;
@@ -587,6 +628,8 @@ mod tests {
     /// `bytes` cut into pieces at every `step` bytes.
     fn pieces(bytes: &[u8], step: usize) -> Reassembled {
         Reassembled {
+            seq: 0,
+            part: None,
             pieces: bytes.chunks(step).map(Bytes::copy_from_slice).collect(),
             len: bytes.len() as u64,
             fence: false,

@@ -15,19 +15,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::egress::Egress;
+use super::journal::{JournalFile, JournalFileError};
 use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
 use super::scheduled::{run_origin, run_receiver, TunnelTable, Upstream};
 use super::session::{accept_app, connect_as, HandshakeError, PeerInfo};
-use super::journal::{JournalFile, JournalFileError};
 use super::split::SplitLink;
 use crate::config::{Config, PrioritySource};
+use crate::core::journal::Record;
 use crate::core::policy::{Policy, ProbeFailed, Refusal, Route};
 use crate::core::preamble::{
     parse_answer, parse_preamble, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN,
 };
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency, CLASSES};
-use crate::core::journal::Record;
 use crate::core::split::Splitter;
 use crate::core::topology::NodeInfo;
 use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topology};
@@ -281,7 +281,10 @@ impl Shared {
             Some(Learned::NodeExit(addr))
                 if self.policy.lock().expect("policy lock").forget(addr) =>
             {
-                self.splitter.lock().expect("splitter lock").server_exited(addr);
+                self.splitter
+                    .lock()
+                    .expect("splitter lock")
+                    .server_exited(addr);
                 self.journal(&Record::Exited { addr }, false);
                 tracing::info!(%addr, "local node exited: its registration is forgotten");
             }

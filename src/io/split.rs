@@ -12,8 +12,9 @@ use p3proxy_parsers::pslite::{MessageKind, Meta, PsMessage};
 use super::relay::SessionInfo;
 use super::server::Shared;
 use crate::core::journal::Record;
+use crate::core::slice::Part;
 use crate::core::split::{
-    DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
+    DataRequest, Failure, HeadPlan, Layout, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
 };
 use crate::core::topology::node_id_from_identity;
 use crate::metrics;
@@ -32,6 +33,8 @@ pub(crate) enum Outgoing {
     Absorb,
     /// A merged response for `key` (wire pieces) instead.
     Merged(u64, Vec<Bytes>),
+    /// The message itself, as a part the peer proxy merges.
+    Part(Part),
 }
 
 /// A ps-lite message as frames of pieces (a relayed message, or a reassembled one).
@@ -185,6 +188,7 @@ impl Shared {
         &self,
         info: &SessionInfo,
         ps: &PsMessage,
+        defer: bool,
     ) -> Result<Outgoing, Failure> {
         if !matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return Ok(Outgoing::Pass);
@@ -201,7 +205,8 @@ impl Shared {
         let data = Unit::data_of(ps);
         let plan = {
             let mut sp = self.splitter();
-            let plan = sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data);
+            let plan =
+                sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data, defer);
             self.split_events(&mut sp);
             plan
         };
@@ -212,19 +217,22 @@ impl Shared {
                 ::metrics::counter!(metrics::SPLIT_RESPONSES_MERGED).increment(1);
                 Ok(Outgoing::Merged(key, pieces))
             }
+            ResponsePlan::Part(part) => Ok(Outgoing::Part(part)),
             ResponsePlan::Stop(f) => Err(f),
         }
     }
 
     /// Where a decoded message from a session's DEALER goes: a local server's
     /// response may be merged, a request to a local server split.
+    /// `defer`: the session is a sliced tunnel, whose peer proxy merges parts.
     pub(crate) async fn split_route(
         &self,
         info: &SessionInfo,
         ps: &PsMessage,
+        defer: bool,
     ) -> Result<Outgoing, Failure> {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
-            return self.split_response(info, ps);
+            return self.split_response(info, ps, defer);
         }
         let data = Unit::data_of(ps);
         let unit = Unit {
@@ -233,6 +241,37 @@ impl Shared {
             data: &data,
         };
         self.split_request(info, Some(unit)).await
+    }
+
+    /// The head of a request to a local server whose bytes still arrive.
+    pub(crate) fn split_head(
+        &self,
+        info: &SessionInfo,
+        sender: i32,
+        meta: &Meta,
+        keys: &[u64],
+        vals_len: u64,
+    ) -> HeadPlan {
+        let mut sp = self.splitter();
+        if !sp.is_server(info.dst) {
+            return HeadPlan::Whole;
+        }
+        let plan = sp.on_request_head(info.dst, sender, meta, keys, vals_len);
+        self.split_events(&mut sp);
+        plan
+    }
+
+    /// A streamed request is complete, with these lens.
+    pub(crate) fn split_finished(
+        &self,
+        info: &SessionInfo,
+        layout: &Layout,
+        lens: Option<&[i32]>,
+    ) -> Option<Failure> {
+        let mut sp = self.splitter();
+        let f = sp.finish_streamed(info.dst, layout, lens);
+        self.split_events(&mut sp);
+        f
     }
 
     /// A split server holds keys a bypass would corrupt.

@@ -207,7 +207,11 @@ fn an_init_push_becomes_slice_pushes_and_their_acks_one_ack() {
     assert_eq!(joined, value);
     assert_eq!(slices[10].vals().unwrap().len(), 4);
     match &events(&mut sp)[..] {
-        [SplitEvent::Split { layout, next_slice: 11, .. }] => {
+        [SplitEvent::Split {
+            layout,
+            next_slice: 11,
+            ..
+        }] => {
             assert_eq!((layout.key, layout.count, layout.total), (7, 11, 4004))
         }
         other => panic!("{other:?}"),
@@ -216,11 +220,11 @@ fn an_init_push_becomes_slice_pushes_and_their_acks_one_ack() {
     let (m, frame) = ack(&init.meta);
     for _ in 0..10 {
         assert_eq!(
-            sp.on_data_response(8, W9, &m, &frame, &[]),
+            sp.on_data_response(8, W9, &m, &frame, &[], false),
             ResponsePlan::Absorb
         );
     }
-    let merged = sp.on_data_response(8, W9, &m, &frame, &[]);
+    let merged = sp.on_data_response(8, W9, &m, &frame, &[], false);
     let ResponsePlan::Merged { key: 7, pieces } = merged else {
         panic!("{merged:?}")
     };
@@ -238,7 +242,7 @@ fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
     split(sp.on_data_request(addr(S8), W9, &init.view(), false));
     let (m, f) = ack(&init.meta);
     for _ in 0..5 {
-        sp.on_data_response(8, W9, &m, &f, &[]);
+        sp.on_data_response(8, W9, &m, &f, &[], false);
     }
     let pp = Req::push(5, values(2000, 9), 2, true, 0);
     let slices = split(sp.on_data_request(addr(S8), W11, &pp.view(), false));
@@ -249,7 +253,7 @@ fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
     for (n, i) in order.drain(..).enumerate() {
         let key = SLICE_KEY_BASE + i as u64;
         let (rm, rf, data) = response(&pp.meta, key, &new_value[i * 400..(i + 1) * 400]);
-        let plan = sp.on_data_response(8, W11, &rm, &rf, &data);
+        let plan = sp.on_data_response(8, W11, &rm, &rf, &data, false);
         if n < 4 {
             assert_eq!(plan, ResponsePlan::Absorb);
         } else {
@@ -359,7 +363,7 @@ fn small_keys_and_commands_pass_and_are_not_refusals() {
     // Its ack is forwarded and its tracking ends.
     let (m, f) = ack(&small.meta);
     assert_eq!(
-        sp.on_data_response(8, W9, &m, &f, &[]),
+        sp.on_data_response(8, W9, &m, &f, &[], false),
         ResponsePlan::Forward
     );
     assert_eq!(sp.tracked(), 0);
@@ -478,7 +482,7 @@ fn split_job() -> Splitter {
     split(sp.on_data_request(addr(S8), W9, &init.view(), false));
     let (m, f) = ack(&init.meta);
     for _ in 0..10 {
-        sp.on_data_response(8, W9, &m, &f, &[]);
+        sp.on_data_response(8, W9, &m, &f, &[], false);
     }
     events(&mut sp);
     sp
@@ -558,7 +562,7 @@ fn a_response_to_a_request_never_relayed_is_a_bypass() {
     let mut sp = split_job();
     let stray = Req::push(1, values(8, 0), 9, true, 0);
     let (m, f, data) = response(&stray.meta, 1, &values(8, 0));
-    match sp.on_data_response(8, W11, &m, &f, &data) {
+    match sp.on_data_response(8, W11, &m, &f, &data, false) {
         ResponsePlan::Stop(f) => assert_eq!(f.reason, "bypass"),
         other => panic!("{other:?}"),
     }
@@ -570,7 +574,7 @@ fn bad_slice_responses_stop_and_closed_connections_leave_nothing_behind() {
     let pp = Req::push(7, values(4000, 2), 2, true, 0);
     split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
     let (m, f, data) = response(&pp.meta, SLICE_KEY_BASE, &values(399, 0));
-    match sp.on_data_response(8, W9, &m, &f, &data) {
+    match sp.on_data_response(8, W9, &m, &f, &data, false) {
         ResponsePlan::Stop(f) => assert_eq!((f.reason, f.key), ("bad_slice_response", Some(7))),
         other => panic!("{other:?}"),
     }
@@ -642,12 +646,150 @@ fn a_restored_layout_goes_on_and_nothing_new_is_split() {
     assert_eq!(a, b, "the same slice requests as before the restart");
     // A key it does not know was initialized before the restart: never an init now.
     let other = Req::push(12, values(800, 0), 6, true, 0);
-    assert_eq!(sp.on_data_request(addr(S8), W9, &other.view(), false), RequestPlan::Forward);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &other.view(), false),
+        RequestPlan::Forward
+    );
     assert_eq!(
         events(&mut sp),
-        vec![SplitEvent::Refused { server: addr(S8), key: 12, reason: Refusal::Restarted }]
+        vec![SplitEvent::Refused {
+            server: addr(S8),
+            key: 12,
+            reason: Refusal::Restarted
+        }]
     );
     // A new registration of that address is a new server: its history starts again.
     sp.server_registered(addr(S8));
     assert!(!sp.pinned(addr(S8)));
+}
+
+#[test]
+fn deferred_parts_merge_on_the_peer_into_the_same_bytes() {
+    let value = values(4000, 2);
+    let new_value = values(4000, 99);
+    // Server side: parts instead of a merge.
+    let mut sp = split_job();
+    let pp = Req::push(7, value.clone(), 2, true, 0);
+    split(sp.on_data_request(addr(S8), W9, &pp.view(), false));
+    let mut merger = Merger::default();
+    let mut merged = None;
+    for (n, i) in [9u32, 0, 5, 1, 2, 3, 4, 6, 7, 8].into_iter().enumerate() {
+        let (rm, rf, data) = response(
+            &pp.meta,
+            SLICE_KEY_BASE + u64::from(i),
+            &new_value[i as usize * 400..][..400],
+        );
+        let part = match sp.on_data_response(8, W9, &rm, &rf, &data, true) {
+            ResponsePlan::Part(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (part.key, part.index, part.count, part.total),
+            (7, i, 10, 4000)
+        );
+        // Worker side.
+        let out = merger.on_part(&rm, &rf, &data, part).unwrap();
+        assert_eq!(out.is_some(), n == 9);
+        merged = out.or(merged);
+    }
+    assert_eq!(sp.tracked(), 0, "the server side forgot the request");
+    assert_eq!(merger.waiting(), 0);
+    let (wm, _, _) = response(&pp.meta, 7, &new_value);
+    let whole = PsMessage::new(
+        wm,
+        vec![
+            Bytes::copy_from_slice(&7u64.to_le_bytes()),
+            Bytes::from(new_value),
+            Bytes::copy_from_slice(&4000i32.to_le_bytes()),
+        ],
+    )
+    .to_zmtp()
+    .encode();
+    assert_eq!(concat(&merged.unwrap()), whole);
+}
+
+#[test]
+fn the_peer_refuses_parts_that_do_not_add_up() {
+    let mut merger = Merger::default();
+    let pp = Req::push(7, values(8, 0), 2, true, 0);
+    let (rm, rf, data) = response(&pp.meta, 1, &values(400, 0));
+    let part = Part {
+        key: 7,
+        index: 0,
+        count: 10,
+        slice: 400,
+        total: 4000,
+    };
+    assert_eq!(merger.on_part(&rm, &rf, &data, part), Ok(None));
+    let twice = merger.on_part(&rm, &rf, &data, part).unwrap_err();
+    assert!(twice.contains("answered twice"), "{twice}");
+    let mut merger = Merger::default();
+    let lies = Part { count: 3, ..part };
+    assert!(merger
+        .on_part(&rm, &rf, &data, lies)
+        .unwrap_err()
+        .contains("describes no layout"));
+    let mut merger = Merger::default();
+    merger.on_part(&rm, &rf, &data, part).unwrap();
+    let other = Part {
+        total: 3999,
+        ..part
+    };
+    let e = merger
+        .on_part(&rm, &rf, &data, Part { index: 1, ..other })
+        .unwrap_err();
+    assert!(e.contains("does not match"), "{e}");
+    let short = response(&pp.meta, 1, &values(399, 0));
+    let mut merger = Merger::default();
+    assert!(merger
+        .on_part(&short.0, &short.1, &short.2, part)
+        .unwrap_err()
+        .contains("399 bytes"));
+}
+
+#[test]
+fn a_streamed_push_is_tracked_and_its_lens_checked() {
+    let mut sp = split_job();
+    let pp = Req::push(7, values(4000, 2), 2, true, 0);
+    let layout = match sp.on_request_head(addr(S8), W9, &pp.meta, &[7], 4000) {
+        HeadPlan::Stream(l) => l,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(layout.count, 10);
+    assert_eq!(sp.tracked(), 1);
+    assert_eq!(sp.finish_streamed(addr(S8), &layout, Some(&[4000])), None);
+    // Its responses merge like any split request's.
+    let (m, f, d) = response(&pp.meta, SLICE_KEY_BASE, &values(400, 0));
+    assert_eq!(
+        sp.on_data_response(8, W9, &m, &f, &d, false),
+        ResponsePlan::Absorb
+    );
+    // Anything unusual waits for the whole message.
+    assert_eq!(
+        sp.on_request_head(addr(S8), W9, &pp.meta, &[7], 3996),
+        HeadPlan::Whole
+    );
+    assert_eq!(
+        sp.on_request_head(addr(S8), W9, &pp.meta, &[7], 4000),
+        HeadPlan::Whole,
+        "in flight"
+    );
+    assert_eq!(
+        sp.on_request_head(addr(S8), W9, &Req::pull(7, 3).meta, &[7], 0),
+        HeadPlan::Whole
+    );
+    assert_eq!(
+        sp.on_request_head(
+            addr(S8),
+            W9,
+            &Req::push(1, values(8, 0), 4, true, 0).meta,
+            &[1],
+            8
+        ),
+        HeadPlan::Whole
+    );
+    let f = sp
+        .finish_streamed(addr(S8), &layout, Some(&[3996]))
+        .unwrap();
+    assert_eq!((f.reason, f.key), ("layout_mismatch", Some(7)));
 }
