@@ -45,18 +45,20 @@ SYSTEM_ENV = {
 # proxy with scheduling off (plain relay), to show what the relay costs and what
 # scheduling adds; p3proxy-key and p3proxy-map use MXNet key order and a map from the
 # model (scripts/priority-map, written into the output folder).
-PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None}
+PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None,
+              "p3proxy-nosplit": ["--no-split"]}
+EXTRA_PROXY_ARGS = []  # --proxy-args: added to every p3proxy system's
 
 
 def proxy_args(system, job_args, out):
     if PROXY_ARGS[system] is not None:
-        return PROXY_ARGS[system]
+        return PROXY_ARGS[system] + EXTRA_PROXY_ARGS
     model = job_args[job_args.index("--model") + 1]
     path = os.path.abspath(os.path.join(out, f"priority-map-{model}.toml"))
     if not os.path.exists(path):
         subprocess.run([os.path.join(cluster.ROOT, "scripts", "priority-map"), "--model", model, "--out", path],
                        check=True, capture_output=True)
-    return ["--priority", "map", "--priority-map", path]
+    return ["--priority", "map", "--priority-map", path] + EXTRA_PROXY_ARGS
 
 
 def rate_bps(rate):
@@ -140,6 +142,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--hosts", type=int, default=2, help="hosts of topology b")
     ap.add_argument("--systems", default="direct,mxnet-p3,p3proxy")
+    ap.add_argument("--proxy-args", default="", help="extra `p3proxy run` flags for every p3proxy system, e.g. '--split-slice-bytes 640000'")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -153,6 +156,7 @@ def main():
                     help="a tiny real Gluon model with real forward/backward and gluon.Trainer (bench/real_job.py) "
                          "instead of the emulated loop; compute is real, so the ideal bound counts the network only")
     a = ap.parse_args()
+    EXTRA_PROXY_ARGS.extend(a.proxy_args.split())
     if a.proxy_cost:
         import proxy_cost
 
@@ -192,6 +196,8 @@ def main():
                             r = run_system(s, topo, job_args, f"bench-{s}", timeout, job, a.out)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
+                            progress(f"{label}: {s} run {run + 1}: median {per_system[s][-1]:.3f} s, iterations "
+                                     + " ".join(f"{t:.2f}" for t in it_times))
                             shas[s].append(r["sha"])
                             if r["hung"]:
                                 hung[s] += 1

@@ -75,6 +75,9 @@ struct RunArgs {
     /// Never split keys in front of local servers.
     #[arg(long)]
     no_split: bool,
+    /// Bytes per slice key a split key becomes [default: 160000].
+    #[arg(long, value_name = "N")]
+    split_slice_bytes: Option<u64>,
     /// Slice payload between proxies, in bytes [default: 160000, 40,000 float32 parameters].
     #[arg(long, value_name = "BYTES")]
     slice_bytes: Option<u64>,
@@ -171,6 +174,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if args.no_split {
         config.split = false;
+    }
+    if let Some(n) = args.split_slice_bytes {
+        config.split_slice_bytes = n;
     }
     config.validate()?;
     Ok(config)

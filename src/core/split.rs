@@ -175,30 +175,47 @@ impl Pieces {
     }
 
     /// Bytes `off..off + n`, zero-copy.
-    pub fn range(&self, mut off: u64, n: u64) -> Vec<Bytes> {
-        let mut out = Vec::new();
-        let mut left = n;
-        for p in &self.parts {
-            if left == 0 {
-                break;
-            }
-            let len = p.len() as u64;
-            if off >= len {
-                off -= len;
-                continue;
-            }
-            let take = left.min(len - off);
-            out.push(p.slice(off as usize..(off + take) as usize));
-            left -= take;
-            off = 0;
-        }
-        out
+    pub fn range(&self, off: u64, n: u64) -> Vec<Bytes> {
+        byte_range(&self.parts, off, n)
+    }
+
+    /// The bytes as little-endian words of `N` bytes (keys: u64, lens: i32), if they
+    /// divide evenly.
+    pub fn le_words<const N: usize, T>(&self, word: fn([u8; N]) -> T) -> Option<Vec<T>> {
+        let bytes = self.to_vec();
+        (bytes.len() % N == 0).then(|| {
+            bytes
+                .chunks_exact(N)
+                .map(|c| word(c.try_into().expect("N bytes")))
+                .collect()
+        })
     }
 
     /// The bytes, copied (small frames: keys, lens).
     pub fn to_vec(&self) -> Vec<u8> {
         self.parts.iter().flat_map(|p| p.iter().copied()).collect()
     }
+}
+
+/// Bytes `off..off + n` of the message held as `parts`, zero-copy.
+pub fn byte_range(parts: &[Bytes], mut off: u64, n: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut left = n;
+    for p in parts {
+        if left == 0 {
+            break;
+        }
+        let len = p.len() as u64;
+        if off >= len {
+            off -= len;
+            continue;
+        }
+        let take = left.min(len - off);
+        out.push(p.slice(off as usize..(off + take) as usize));
+        left -= take;
+        off = 0;
+    }
+    out
 }
 
 /// The wire encoding of a message whose frames are given as pieces: libzmq's header

@@ -54,26 +54,6 @@ impl<'a> Unit<'a> {
     }
 }
 
-fn le_u64s(p: &Pieces) -> Option<Vec<u64>> {
-    let bytes = p.to_vec();
-    (bytes.len() % 8 == 0).then(|| {
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect()
-    })
-}
-
-fn le_i32s(p: &Pieces) -> Option<Vec<i32>> {
-    let bytes = p.to_vec();
-    (bytes.len() % 4 == 0).then(|| {
-        bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect()
-    })
-}
-
 impl Shared {
     /// Logs and counts what the splitter reports.
     fn split_events(&self, sp: &mut Splitter) {
@@ -146,10 +126,17 @@ impl Shared {
         let Some(sender) = node_id_from_identity(&info.identity) else {
             return Ok(Outgoing::Pass);
         };
-        let keys = unit.data.first().and_then(le_u64s).unwrap_or_default();
+        let keys = unit
+            .data
+            .first()
+            .and_then(|p| p.le_words(u64::from_le_bytes))
+            .unwrap_or_default();
         let empty = Pieces::default();
         let vals = unit.data.get(1).unwrap_or(&empty);
-        let lens = unit.data.get(2).and_then(le_i32s);
+        let lens = unit
+            .data
+            .get(2)
+            .and_then(|p| p.le_words(i32::from_le_bytes));
         let req = DataRequest {
             meta: unit.meta,
             meta_frame: unit.meta_frame,

@@ -16,7 +16,7 @@ use super::relay::SessionInfo;
 use super::scheduled::{bytes_at, UnitShape, MAX_META_LEN};
 use super::server::Shared;
 use crate::core::slice::{Reassembled, Reassembler};
-use crate::core::split::{slice_request, HeadPlan, Layout, Merger, Pieces};
+use crate::core::split::{byte_range, slice_request, HeadPlan, Layout, Merger, Pieces};
 use crate::core::topology::node_id_from_identity;
 use crate::metrics;
 
@@ -100,23 +100,10 @@ fn scan_head(pieces: &[Bytes], have: u64, limits: &Limits) -> HeadScan {
 
 /// Bytes `off..off + n` of `pieces`, zero-copy.
 fn range(pieces: &[Bytes], off: u64, n: u64) -> Pieces {
-    let mut out = Vec::new();
-    let (mut skip, mut left) = (off, n);
-    for p in pieces {
-        if left == 0 {
-            break;
-        }
-        let len = p.len() as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let take = left.min(len - skip);
-        out.push(p.slice(skip as usize..(skip + take) as usize));
-        left -= take;
-        skip = 0;
+    Pieces {
+        parts: byte_range(pieces, off, n),
+        len: n,
     }
-    Pieces { parts: out, len: n }
 }
 
 fn stopped(f: crate::core::split::Failure) -> String {
@@ -245,14 +232,9 @@ impl ReceiverSplit {
         };
         let data = frames();
         // The head said where the vals are; the lens frame must be the layout's.
-        let lens: Option<Vec<i32>> =
-            (data.len() == 3 && shape.frames[2].0 == vals_off && data[2].len % 4 == 0).then(|| {
-                data[2]
-                    .to_vec()
-                    .chunks_exact(4)
-                    .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect()
-            });
+        let lens = (data.len() == 3 && shape.frames[2].0 == vals_off)
+            .then(|| data[2].le_words(i32::from_le_bytes))
+            .flatten();
         if let Some(f) = shared.split_finished(info, &layout, lens.as_deref()) {
             return Err(stopped(f));
         }
