@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the proxy (as root, next to the redirect installed by scripts/redirect).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a configuration file and exit.
     Check {
         /// The TOML file.

@@ -4,6 +4,7 @@
 //! the wire); in front of a worker, the parts of a split key's response that the
 //! server's proxy streamed are merged into the one response the worker expects.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -127,7 +128,7 @@ impl ReceiverSplit {
         let Some(p) = reasm.progress(seq) else {
             return Ok(());
         };
-        if !self.streams.contains_key(&seq) {
+        if let Entry::Vacant(slot) = self.streams.entry(seq) {
             if !p.may_pass {
                 return Ok(()); // Asked again when more of it arrives.
             }
@@ -161,7 +162,7 @@ impl ReceiverSplit {
                     }
                 }
             };
-            self.streams.insert(seq, decided);
+            slot.insert(decided);
         }
         let Some(Stream::Slicing {
             layout,
