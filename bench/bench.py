@@ -40,6 +40,7 @@ SYSTEM_ENV = {
     "p3proxy-relay": {},
     "p3proxy-key": {},
     "p3proxy-map": {},
+    "p3proxy-nosplit": {},
 }
 # Proxy flags per system: p3proxy (the default: learned priorities); p3proxy-relay is the
 # proxy with scheduling off (plain relay), to show what the relay costs and what
