@@ -98,7 +98,11 @@ def test_class_connections_carry_their_dscp_and_urgent_data_overtakes(testbed):
     assert all(len(c["dscp"]) == 1 for c in tunnels), tunnels
     assert {c["dscp"][0] for c in tunnels} == {48, 32, 16, 0}, tunnels
     bulk = max(tunnels, key=lambda c: c["bytes"])
-    assert bulk["dscp"] == [0] and bulk["bytes"] > BIG, "the 40 MB push went on the CS0 connection"
+    # The packet capture (AF_PACKET, default socket buffer) may drop a few percent of the
+    # packets when the 2 cores are busy; the proxy's own byte count below is exact.
+    others = sum(c["bytes"] for c in tunnels if c is not bulk)
+    assert bulk["dscp"] == [0] and bulk["bytes"] > 0.9 * BIG and others < 0.01 * BIG, \
+        "the 40 MB push went on the CS0 connection, nothing big on the others"
     urgent = [c for c in tunnels if c["dscp"] == [32]]
     assert sum(c["bytes"] for c in urgent) > SMALL, "the first layer's push went on the CS4 connection"
     h1 = metrics["h1"]
