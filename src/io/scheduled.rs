@@ -359,13 +359,14 @@ pub(crate) async fn run_receiver(
     let back = pump(dst_rd, dst.dec, main_wr, labels.1, None);
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
-    let mut split = ReceiverSplit::default();
-    // In front of a local server this proxy saw register: its requests may stream.
-    let splitting = shared
-        .splitter
-        .lock()
-        .expect("splitter lock")
-        .is_server(info.dst);
+    // In front of a local server this proxy saw register: its requests may be split.
+    let mut split = ReceiverSplit::new(
+        shared
+            .splitter
+            .lock()
+            .expect("splitter lock")
+            .is_server(info.dst),
+    );
     let mut held = 0u64;
     // The session ends when its main stream and every class connection that attached
     // have closed (the origin closes them all; one that failed to open never attaches).
@@ -433,7 +434,7 @@ pub(crate) async fn run_receiver(
                 let now_held = reasm.held();
                 metrics::reassembly_held(held, now_held);
                 held = now_held;
-                if splitting {
+                if split.in_front_of_server() {
                     if let Err(e) = split.on_progress(&shared, &info, &reasm, seq, &mut dst_wr).await {
                         break Err(e);
                     }
@@ -578,7 +579,7 @@ async fn deliver(
             pieces.extend(replaced);
             continue;
         }
-        if shape.command {
+        if shape.command || !split.in_front_of_server() {
             pieces.extend(msg.pieces);
             continue;
         }

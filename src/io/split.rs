@@ -221,6 +221,9 @@ impl Shared {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return self.split_response(info, ps, defer);
         }
+        if !self.splitter().is_server(info.dst) {
+            return Ok(Outgoing::Pass);
+        }
         let data = Unit::data_of(ps);
         let unit = Unit {
             meta: &ps.meta,

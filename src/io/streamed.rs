@@ -38,8 +38,10 @@ enum Stream {
 }
 
 /// The split state of one receiving tunnel session.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ReceiverSplit {
+    /// The session goes to a local server this proxy fronts.
+    to_server: bool,
     streams: HashMap<u64, Stream>,
     merger: Merger,
 }
@@ -115,6 +117,20 @@ fn stopped(f: crate::core::split::Failure) -> String {
 }
 
 impl ReceiverSplit {
+    /// The state of a session going to a local server (`to_server`) or elsewhere.
+    pub(crate) fn new(to_server: bool) -> ReceiverSplit {
+        ReceiverSplit {
+            to_server,
+            streams: HashMap::new(),
+            merger: Merger::default(),
+        }
+    }
+
+    /// Its requests go to a local server: they may be split.
+    pub(crate) fn in_front_of_server(&self) -> bool {
+        self.to_server
+    }
+
     /// Message `seq` got bytes: in front of a local server, a push of a split key
     /// sends the slice requests whose bytes are in.
     pub(crate) async fn on_progress(
