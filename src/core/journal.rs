@@ -42,38 +42,14 @@ pub enum Record {
     Layout {
         /// The server's address.
         server: SocketAddr,
-        /// The original ps-lite key.
-        key: u64,
-        /// Its init push's head.
-        head: i32,
-        /// Bytes of the value.
-        total: u64,
-        /// Bytes per slice.
-        slice: u64,
-        /// First slice key.
-        first: u64,
-        /// Number of slices.
-        count: u32,
+        /// How the key is stored.
+        layout: Layout,
         /// Slice keys the server had handed out after this one.
         next_slice: u64,
     },
 }
 
 impl Record {
-    /// The layout record of `layout`.
-    pub fn layout(server: SocketAddr, layout: &Layout, next_slice: u64) -> Record {
-        Record::Layout {
-            server,
-            key: layout.key,
-            head: layout.head,
-            total: layout.total,
-            slice: layout.slice,
-            first: layout.first,
-            count: layout.count,
-            next_slice,
-        }
-    }
-
     /// The line written for this record (with its newline).
     pub fn encode(&self) -> String {
         let mut line = serde_json::to_string(self).expect("records serialize");
@@ -113,36 +89,6 @@ pub fn parse_journal(text: &str) -> Result<(Vec<Record>, bool), JournalError> {
     Ok((records, torn))
 }
 
-impl Record {
-    /// The layout a `Layout` record describes.
-    pub fn as_layout(&self) -> Option<(SocketAddr, Layout, u64)> {
-        match *self {
-            Record::Layout {
-                server,
-                key,
-                head,
-                total,
-                slice,
-                first,
-                count,
-                next_slice,
-            } => Some((
-                server,
-                Layout {
-                    key,
-                    head,
-                    total,
-                    slice,
-                    first,
-                    count,
-                },
-                next_slice,
-            )),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,12 +113,15 @@ mod tests {
             Record::Nodes {
                 nodes: vec![(8, 0, Some(server)), (9, 1, None)],
             },
-            Record::layout(server, &layout, 11),
+            Record::Layout {
+                server,
+                layout,
+                next_slice: 11,
+            },
             Record::Exited { addr: server },
         ];
         let text: String = records.iter().map(Record::encode).collect();
         assert_eq!(parse_journal(&text), Ok((records.clone(), false)));
-        assert_eq!(records[3].as_layout(), Some((server, layout, 11)));
         let torn = format!("{text}{}", &records[3].encode()[..20]);
         assert_eq!(parse_journal(&torn), Ok((records, true)));
         assert_eq!(parse_journal(""), Ok((vec![], false)));

@@ -126,7 +126,8 @@ pub enum SplitEvent {
 
 /// How one big key is stored on its server: `count` slice keys from `first`, each
 /// `slice` bytes but the last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Layout {
     /// The original ps-lite key.
     pub key: u64,

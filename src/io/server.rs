@@ -179,9 +179,12 @@ impl Shared {
                 Record::SchedulerPort { port } => {
                     policy.learn_scheduler(*port);
                 }
-                Record::Layout { .. } => {
-                    let (server, layout, next) = r.as_layout().expect("a layout");
-                    splitter.restore(server, layout, next);
+                Record::Layout {
+                    server,
+                    layout,
+                    next_slice,
+                } => {
+                    splitter.restore(*server, *layout, *next_slice);
                     layouts += 1;
                 }
             }

@@ -65,7 +65,14 @@ impl Shared {
                     next_slice,
                 } => {
                     // On disk before the first slice request goes out.
-                    self.journal(&Record::layout(server, &layout, next_slice), true);
+                    self.journal(
+                        &Record::Layout {
+                            server,
+                            layout,
+                            next_slice,
+                        },
+                        true,
+                    );
                     ::metrics::counter!(metrics::KEYS_SPLIT).increment(1);
                     tracing::info!(%server, key = layout.key, bytes = layout.total, slices = layout.count, first_slice_key = layout.first, "key split");
                 }
