@@ -31,7 +31,10 @@ def netns(host):
 
 
 def sh(*cmd, check=True, **kw):
-    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+    done = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 def testbed_up(hosts, rate="1gbit", qdisc=False):
