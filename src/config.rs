@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::core::optimizer::{OptimizerSet, ALLOWED_OPTIMIZERS};
 use crate::core::policy::Cidr;
 
 /// Default redirect listener (DESIGN.md §2: not 15001, Istio owns 15000-15090).
@@ -140,6 +141,9 @@ pub struct Config {
     /// How long rank 0's first init push waits for every worker to reach the server
     /// through this proxy before splitting is refused, in milliseconds.
     pub split_hold_ms: u64,
+    /// Server-side optimizers under which keys may be split, by class name (`SGD`,
+    /// `Adam`, ...): a subset of the built-in allowlist. `None`: the whole allowlist.
+    pub split_optimizers: Option<Vec<String>>,
     /// The journal a restarted proxy continues the job from (split layouts, node
     /// table, learned ports). `None`: no journal, and no splitting.
     pub journal: Option<std::path::PathBuf>,
@@ -185,6 +189,7 @@ impl Default for Config {
             split_slice_bytes: DEFAULT_SLICE_BYTES,
             split_min_bytes: None,
             split_hold_ms: 10_000,
+            split_optimizers: None,
             journal: Some(DEFAULT_JOURNAL.into()),
         }
     }
@@ -293,6 +298,7 @@ impl Config {
                 "must be at least `split_slice_bytes` (a smaller key would become one slice)",
             );
         }
+        self.optimizer_set()?;
         if !(1..=64).contains(&self.threads) {
             return invalid("threads", "must be between 1 and 64");
         }
@@ -321,6 +327,25 @@ impl Config {
     pub fn split_hold(&self) -> Duration {
         Duration::from_millis(self.split_hold_ms)
     }
+    /// `split_optimizers` as a set, or the name that is not allowlisted.
+    pub fn optimizer_set(&self) -> Result<OptimizerSet, ConfigError> {
+        let Some(names) = &self.split_optimizers else {
+            return Ok(OptimizerSet::ALL);
+        };
+        OptimizerSet::from_names(names.iter().map(String::as_str)).map_err(|name| {
+            let known: Vec<&str> = ALLOWED_OPTIMIZERS
+                .iter()
+                .filter_map(|p| p.rsplit('.').next())
+                .collect();
+            ConfigError::Invalid {
+                field: "split_optimizers",
+                reason: format!(
+                    "{name:?} is not an optimizer p3proxy has checked to update slices like the whole key; choose from {}",
+                    known.join(", ")
+                ),
+            }
+        })
+    }
     /// What the splitter is told.
     pub fn split_config(&self) -> crate::core::split::SplitConfig {
         crate::core::split::SplitConfig {
@@ -328,6 +353,8 @@ impl Config {
             enabled: self.split && self.journal.is_some(),
             slice_bytes: self.split_slice_bytes,
             min_bytes: self.split_min_bytes.unwrap_or(self.split_slice_bytes),
+            // Validated before use; an invalid list splits under no optimizer.
+            optimizers: self.optimizer_set().unwrap_or(OptimizerSet::NONE),
         }
     }
     /// Reads and checks the priority map, if the source is `map`.

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use p3proxy::capture::{collect_connections, read_packets};
+use p3proxy::core::optimizer::OptimizerSet;
 use p3proxy::core::split::{
     DataRequest, Merger, Pieces, RequestPlan, ResponsePlan, SplitConfig, Splitter, SLICE_KEY_BASE,
 };
@@ -108,6 +109,7 @@ fn a_real_jobs_big_array_parts_split_and_merge_back_to_the_captured_bytes() {
         enabled: true,
         slice_bytes: 160_000,
         min_bytes: 160_000,
+        optimizers: OptimizerSet::ALL,
     };
     let mut split_keys = Vec::new();
     for &(server_id, server) in &servers {

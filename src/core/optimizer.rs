@@ -75,8 +75,54 @@ impl OptimizerRefusal {
 /// Per-key fields that must be empty: the server would apply them by MXNet key.
 const PER_KEY_FIELDS: [&str; 4] = ["idx2name", "lr_mult", "wd_mult", "param_dict"];
 
+/// The optimizers a proxy lets split keys: all of `ALLOWED_OPTIMIZERS`, or a subset the
+/// operator chose (`split_optimizers`). Never more: a class outside the list has not been
+/// checked to update slices like the whole key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptimizerSet(u16);
+
+impl OptimizerSet {
+    /// Every allowlisted optimizer.
+    pub const ALL: OptimizerSet = OptimizerSet((1 << ALLOWED_OPTIMIZERS.len()) - 1);
+    /// No optimizer: nothing is split.
+    pub const NONE: OptimizerSet = OptimizerSet(0);
+
+    /// The set of these class names, each either the full path
+    /// (`mxnet.optimizer.optimizer.SGD`) or the class alone (`SGD`); the first name that
+    /// is not allowlisted is the error.
+    pub fn from_names<'a>(
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<OptimizerSet, String> {
+        let mut bits = 0u16;
+        for name in names {
+            let index = ALLOWED_OPTIMIZERS
+                .iter()
+                .position(|path| *path == name || path.rsplit('.').next() == Some(name))
+                .ok_or_else(|| name.to_string())?;
+            bits |= 1 << index;
+        }
+        Ok(OptimizerSet(bits))
+    }
+
+    /// Whether the class path is in the set.
+    pub fn contains(self, path: &str) -> bool {
+        ALLOWED_OPTIMIZERS
+            .iter()
+            .position(|p| *p == path)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+}
+
 /// The class path of an allowlisted optimizer, or why it is refused.
 pub fn optimizer_verdict(pickle: &[u8]) -> Result<String, OptimizerRefusal> {
+    optimizer_verdict_in(pickle, OptimizerSet::ALL)
+}
+
+/// `optimizer_verdict` against the operator's subset of the allowlist.
+pub fn optimizer_verdict_in(
+    pickle: &[u8],
+    allowed: OptimizerSet,
+) -> Result<String, OptimizerRefusal> {
     let value = read_pickle(pickle).map_err(|e| OptimizerRefusal::Unreadable(e.to_string()))?;
     let Value::Object {
         module,
@@ -87,7 +133,7 @@ pub fn optimizer_verdict(pickle: &[u8]) -> Result<String, OptimizerRefusal> {
         return Err(OptimizerRefusal::Unreadable("not an object".into()));
     };
     let path = format!("{module}.{class}");
-    if !ALLOWED_OPTIMIZERS.contains(&path.as_str()) {
+    if !allowed.contains(&path) {
         return Err(OptimizerRefusal::NotAllowed(path));
     }
     let Some(Value::Dict(items)) = state.as_deref() else {

@@ -21,7 +21,7 @@ use p3proxy_parsers::mxnet::{CommandType, DataHandleType, RequestType, ServerRan
 use p3proxy_parsers::pslite::{ControlCommand, Meta, Role};
 use p3proxy_parsers::zmtp::FrameHeader;
 
-use super::optimizer::optimizer_verdict;
+use super::optimizer::{optimizer_verdict_in, OptimizerSet};
 use super::slice::Part;
 use super::topology::NodeInfo;
 
@@ -313,6 +313,8 @@ pub struct SplitConfig {
     pub slice_bytes: u64,
     /// Keys larger than this many bytes are split.
     pub min_bytes: u64,
+    /// Server-side optimizers under which keys may be split.
+    pub optimizers: OptimizerSet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,7 +587,7 @@ impl Splitter {
                 }
                 return None;
             }
-            CommandType::Controller => match optimizer_verdict(body) {
+            CommandType::Controller => match optimizer_verdict_in(body, self.config.optimizers) {
                 Ok(class) => {
                     s.optimizer = Some(class);
                     return None;

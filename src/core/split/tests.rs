@@ -38,6 +38,7 @@ const CONFIG: SplitConfig = SplitConfig {
     enabled: true,
     slice_bytes: 400,
     min_bytes: 400,
+    optimizers: OptimizerSet::ALL,
 };
 
 /// A splitter in front of S8 (of `servers`) with full history: registration, node
@@ -429,6 +430,29 @@ fn every_missing_condition_refuses_with_its_reason() {
         RequestPlan::Forward
     );
     assert_eq!(events(&mut sp), vec![]);
+}
+
+#[test]
+fn an_optimizer_the_operator_left_out_of_split_optimizers_is_refused() {
+    let adam_only = SplitConfig {
+        optimizers: OptimizerSet::from_names(["Adam"]).unwrap(),
+        ..CONFIG
+    };
+    let mut sp = Splitter::new(adam_only);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    sp.on_command(addr(S8), 3, b"");
+    sp.on_command(addr(S8), 0, &fixture("gluon-sgd.pickle"));
+    assert_eq!(refused(&mut sp, 4), vec!["optimizer_not_allowed"]);
+    assert_eq!(
+        OptimizerSet::from_names(["SGD", "LAMB"]),
+        Err("LAMB".into())
+    );
+    assert!(OptimizerSet::from_names(["mxnet.optimizer.optimizer.SGD"])
+        .unwrap()
+        .contains("mxnet.optimizer.optimizer.SGD"));
 }
 
 #[test]
