@@ -94,6 +94,11 @@ pub struct Config {
     pub tunnel: Option<SocketAddr>,
     /// Port of the peer proxies' tunnel listeners.
     pub peer_tunnel_port: u16,
+    /// Inbound-capture listener (DESIGN.md §2, for worker hosts that run no proxy):
+    /// connections from other hosts to this host's registered ps-lite ports are
+    /// redirected here (nat PREROUTING rules the proxy keeps; needs CAP_NET_ADMIN).
+    /// `None` (the default): inbound traffic is never captured.
+    pub inbound: Option<SocketAddr>,
     /// Prometheus endpoint. `None` disables it.
     pub metrics: Option<SocketAddr>,
     /// Addresses of the cluster: only peers from here may open tunnels.
@@ -166,6 +171,7 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid"),
             tunnel: Some(DEFAULT_TUNNEL.parse().expect("valid")),
+            inbound: None,
             peer_tunnel_port: 15302,
             metrics: Some(DEFAULT_METRICS.parse().expect("valid")),
             cluster_cidr: vec![Cidr::ANY_V4],
@@ -256,6 +262,24 @@ impl Config {
         }
         if Some(self.listen) == self.tunnel {
             return invalid("tunnel", "must differ from `listen`");
+        }
+        if let Some(inbound) = self.inbound {
+            let ports = [Some(self.listen), self.tunnel, self.metrics];
+            if ports.iter().flatten().any(|a| a.port() == inbound.port()) {
+                return invalid(
+                    "inbound",
+                    "needs a port of its own (not `listen`'s, `tunnel`'s or `metrics`')",
+                );
+            }
+            if inbound.ip().is_loopback() {
+                return invalid(
+                    "inbound",
+                    "must listen on the host address (or 0.0.0.0): a REDIRECT in PREROUTING goes to the receiving interface's address",
+                );
+            }
+            if self.upstream.is_some() {
+                return invalid("inbound", "not with `upstream` (static mode)");
+            }
         }
         let max_slice = u64::from(crate::core::slice::MAX_SLICE_LEN);
         if !(1024..=max_slice).contains(&self.slice_bytes) {

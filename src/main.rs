@@ -49,6 +49,9 @@ struct RunArgs {
     /// Prometheus endpoint [default: 127.0.0.1:9464].
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Inbound-capture listener, e.g. 0.0.0.0:15303, for worker hosts that run no proxy [default: off]: connections from other hosts to this host's registered ps-lite ports are captured (iptables nat PREROUTING; needs CAP_NET_ADMIN)
+    #[arg(long, value_name = "ADDR")]
+    inbound: Option<SocketAddr>,
     /// Static mode, for tests only: relay every accepted connection to HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     upstream: Option<SocketAddr>,
@@ -150,6 +153,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(a) = args.tunnel {
         config.tunnel = Some(a);
+    }
+    if let Some(a) = args.inbound {
+        config.inbound = Some(a);
     }
     if args.no_schedule {
         config.schedule = false;

@@ -75,6 +75,17 @@ const QUEUE_DELAY_BUCKETS: [f64; 12] = [
     0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
 ];
 
+/// Every `kind` of `PARSE_ERRORS`, each exported from the start at zero, so that the
+/// first error is an increase a rate or an alert sees.
+pub const PARSE_ERROR_KINDS: [&str; 6] = [
+    "zmtp_framing",
+    "zmtp_handshake",
+    "zmtp_mechanism",
+    "tunnel_frame",
+    "tunnel_reassembly",
+    "tunnel_message",
+];
+
 /// Direction label: bytes from a local app, leaving through this proxy.
 pub const OUTBOUND: &str = "outbound";
 /// Direction label: bytes delivered to a local app.
@@ -176,8 +187,22 @@ pub fn describe() {
         counter!(FORWARDED_BYTES, "direction" => d).increment(0);
         counter!(FORWARDED_MESSAGES, "direction" => d).increment(0);
     }
-    counter!(REQUESTS_LOST).increment(0);
-    counter!(PREEMPTIONS).increment(0);
+    for kind in PARSE_ERROR_KINDS {
+        counter!(PARSE_ERRORS, "kind" => kind).increment(0);
+    }
+    for name in [
+        REQUESTS_LOST,
+        PREEMPTIONS,
+        NOT_PSLITE,
+        KEYS_SPLIT,
+        SPLIT_REQUESTS,
+        SLICE_REQUESTS,
+        SPLIT_RESPONSES_MERGED,
+        JOURNAL_ERRORS,
+    ] {
+        counter!(name).increment(0);
+    }
+    gauge!(NODES).set(0.0);
     counter!(SLICES_SENT).increment(0);
     counter!(SLICES_REASSEMBLED).increment(0);
     gauge!(REASSEMBLY_BYTES).set(0.0);
@@ -288,8 +313,9 @@ pub fn priority_source(source: &'static str) {
     }
 }
 
-/// Counts a stream closed on a parse error.
+/// Counts a stream closed on a parse error (`kind`: one of `PARSE_ERROR_KINDS`).
 pub fn parse_error(kind: &'static str) {
+    debug_assert!(PARSE_ERROR_KINDS.contains(&kind), "{kind}");
     counter!(PARSE_ERRORS, "kind" => kind).increment(1);
 }
 
@@ -309,5 +335,41 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_an_alert_relies_on_exists_at_zero_with_help_text() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = handle.render();
+        for name in [
+            REQUESTS_LOST,
+            KEYS_SPLIT,
+            JOURNAL_ERRORS,
+            NODES,
+            PARSE_ERRORS,
+        ] {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}:\n{text}");
+        }
+        assert!(text.contains("p3proxy_requests_lost_total 0\n"), "{text}");
+        for kind in PARSE_ERROR_KINDS {
+            assert!(
+                text.contains(&format!("{PARSE_ERRORS}{{kind=\"{kind}\"}} 0\n")),
+                "{kind}:\n{text}"
+            );
+        }
+        // Prometheus conventions: counters end in _total, and every name is ours.
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = line.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert!(name.starts_with("p3proxy_"), "{line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+        }
     }
 }

@@ -288,6 +288,11 @@ impl Policy {
         Ok(self.registered.insert(addr))
     }
 
+    /// The registered local node addresses.
+    pub fn registered(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.registered.iter().copied()
+    }
+
     /// Forgets a node that exited.
     pub fn forget(&mut self, addr: SocketAddr) -> bool {
         self.registered.remove(&addr)

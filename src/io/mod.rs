@@ -3,6 +3,7 @@
 //! do and does it, like quinn over quinn-proto.
 
 mod egress;
+mod inbound;
 mod journal;
 mod net;
 mod relay;
@@ -12,6 +13,7 @@ mod session;
 mod split;
 mod streamed;
 
+pub use inbound::InboundError;
 pub use journal::JournalFileError;
 pub use net::{Env, OrigDst};
-pub use server::{run, Bound, Shared};
+pub use server::{run, Bound, Shared, StartError};

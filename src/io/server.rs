@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::egress::Egress;
+use super::inbound::{InboundError, InboundRules};
 use super::journal::{JournalFile, JournalFileError};
 use super::net::{self, Env};
 use super::relay::{relay, End, PumpEnd, SessionInfo};
@@ -49,7 +50,20 @@ pub struct Shared {
     pub(crate) tunnels: TunnelTable,
     pub(crate) splitter: Mutex<Splitter>,
     journal: Option<Mutex<JournalFile>>,
+    /// Inbound capture of registered ports, if on.
+    inbound: Option<InboundRules>,
     next_session: AtomicU64,
+}
+
+/// Why a proxy could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The journal could not be opened or is damaged.
+    #[error(transparent)]
+    Journal(#[from] JournalFileError),
+    /// The inbound capture rules could not be installed.
+    #[error("inbound capture: {0}")]
+    Inbound(#[from] InboundError),
 }
 
 impl std::fmt::Debug for Shared {
@@ -67,6 +81,8 @@ pub struct Bound {
     pub redirect: TcpListener,
     /// Tunnel listener, if any.
     pub tunnel: Option<TcpListener>,
+    /// Inbound-capture listener, if any.
+    pub inbound: Option<TcpListener>,
 }
 
 impl Bound {
@@ -77,14 +93,22 @@ impl Bound {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        Ok(Bound { redirect, tunnel })
+        let inbound = match config.inbound {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Bound {
+            redirect,
+            tunnel,
+            inbound,
+        })
     }
 
     /// The addresses actually bound.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         let mut v = vec![self.redirect.local_addr().expect("bound")];
-        if let Some(t) = &self.tunnel {
-            v.push(t.local_addr().expect("bound"));
+        for l in self.tunnel.iter().chain(&self.inbound) {
+            v.push(l.local_addr().expect("bound"));
         }
         v
     }
@@ -93,7 +117,7 @@ impl Bound {
 impl Shared {
     /// Shared state for a proxy with these listeners (its own addresses are never
     /// relayed to), continuing from the journal if there is one.
-    pub fn new(config: Config, env: Env, bound: &Bound) -> Result<Arc<Shared>, JournalFileError> {
+    pub fn new(config: Config, env: Env, bound: &Bound) -> Result<Arc<Shared>, StartError> {
         let mut own = bound.addrs();
         own.extend(config.metrics);
         let policy = Policy::new(
@@ -126,6 +150,12 @@ impl Shared {
             }
             None => (None, Vec::new()),
         };
+        let inbound = match &bound.inbound {
+            Some(l) => Some(InboundRules::install(
+                l.local_addr().expect("bound").port(),
+            )?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
@@ -138,9 +168,38 @@ impl Shared {
             tunnels: TunnelTable::default(),
             next_session: AtomicU64::new(rand_seed()),
             journal,
+            inbound,
         });
         shared.replay(&records);
+        let registered: Vec<SocketAddr> = shared
+            .policy
+            .lock()
+            .expect("policy lock")
+            .registered()
+            .collect();
+        for addr in registered {
+            shared.capture_inbound(addr);
+        }
         Ok(shared)
+    }
+
+    /// Sends connections from other hosts to the local node at `addr` through the
+    /// inbound listener, if inbound capture is on. A failure is loud but safe: peers
+    /// then reach the node directly, and its keys are not split (`worker_not_proxied`).
+    fn capture_inbound(&self, addr: SocketAddr) {
+        if let Some(rules) = &self.inbound {
+            match rules.capture(addr) {
+                Ok(()) => tracing::info!(%addr, "inbound connections to this node are captured"),
+                Err(e) => tracing::error!(%addr, error = %e, "inbound capture failed"),
+            }
+        }
+    }
+
+    /// Removes the inbound capture rules (at shutdown).
+    pub fn remove_inbound_rules(&self) {
+        if let Some(rules) = &self.inbound {
+            rules.remove();
+        }
     }
 
     /// Rebuilds what the journal's records say (this proxy's previous run).
@@ -240,6 +299,7 @@ impl Shared {
                             },
                             false,
                         );
+                        self.capture_inbound(addr);
                         if role == Role::Server {
                             // This proxy relays the server's traffic from its registration on:
                             // the history a split needs starts here.
@@ -289,6 +349,11 @@ impl Shared {
                     .expect("splitter lock")
                     .server_exited(addr);
                 self.journal(&Record::Exited { addr }, false);
+                if let Some(rules) = &self.inbound {
+                    if let Err(e) = rules.release(addr) {
+                        tracing::warn!(%addr, error = %e, "inbound capture rule not removed");
+                    }
+                }
                 tracing::info!(%addr, "local node exited: its registration is forgotten");
             }
             Some(Learned::NodeExit(_)) => {}
@@ -400,17 +465,29 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
             None => std::future::pending().await,
         }
     };
+    let inbound = async {
+        match bound.inbound {
+            Some(l) => accept_loop(l, shared.clone(), limit.clone(), Kind::Inbound).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = redirect => {}
         _ = tunnel => {}
+        _ = inbound => {}
         _ = shutdown => tracing::info!("shutting down"),
     }
+    shared.remove_inbound_rules();
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    /// Captured from a local process (nat OUTPUT).
     Redirect,
+    /// From a peer proxy.
     Tunnel,
+    /// Captured from another host for a registered local node (nat PREROUTING).
+    Inbound,
 }
 
 async fn accept_loop(
@@ -438,7 +515,8 @@ async fn accept_loop(
         let shared = shared.clone();
         tokio::spawn(async move {
             match kind {
-                Kind::Redirect => handle_captured(shared, stream, peer).await,
+                Kind::Redirect => handle_captured(shared, stream, peer, false).await,
+                Kind::Inbound => handle_captured(shared, stream, peer, true).await,
                 Kind::Tunnel => handle_tunnel(shared, stream, peer).await,
             }
             drop(permit);
@@ -454,8 +532,9 @@ fn refuse(reason: Refusal, what: &str, peer: SocketAddr, dst: Option<SocketAddr>
     }
 }
 
-/// A connection captured by the redirect.
-async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr) {
+/// A connection captured by the redirect (`inbound`: from another host, for a
+/// registered local node; else from a local process).
+async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAddr, inbound: bool) {
     let dst = match (shared.env.orig_dst)(&app) {
         Ok(d) => d,
         Err(e) => {
@@ -464,11 +543,21 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         }
     };
     let dst_local = (shared.env.is_local)(dst.ip());
-    let checked = shared
-        .policy
-        .lock()
-        .expect("policy lock")
-        .check_captured(dst, dst_local);
+    let checked = if inbound {
+        // Exactly what a tunnel may reach: a registered local node, from the cluster.
+        shared.policy.lock().expect("policy lock").admit(
+            peer.ip(),
+            dst,
+            dst_local,
+            (shared.env.is_loopback)(dst.ip()),
+        )
+    } else {
+        shared
+            .policy
+            .lock()
+            .expect("policy lock")
+            .check_captured(dst, dst_local)
+    };
     if let Err(r) = checked {
         return refuse(r, "captured connection", peer, Some(dst));
     }
@@ -579,9 +668,16 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
         return;
     }
     let label = match route {
+        _ if inbound => "inbound",
         Route::Tunnel => "tunnel",
         Route::Direct => "direct",
         Route::SameHost => "same_host",
+    };
+    // Bytes from a remote peer to a local node are inbound.
+    let directions = if inbound {
+        (INBOUND, OUTBOUND)
+    } else {
+        (OUTBOUND, INBOUND)
     };
     let _open = OpenConnection::new(label);
     tracing::debug!(%dst, route = label, identity = %String::from_utf8_lossy(&app_info.identity), "relaying");
@@ -601,9 +697,9 @@ async fn handle_captured(shared: Arc<Shared>, mut app: TcpStream, peer: SocketAd
             sliced: route == Route::Tunnel,
             classes,
         };
-        run_origin(shared, info, session, app, up, (OUTBOUND, INBOUND)).await;
+        run_origin(shared, info, session, app, up, directions).await;
     } else {
-        relay(shared, info, app, far, (OUTBOUND, INBOUND), true).await;
+        relay(shared, info, app, far, directions, true).await;
     }
 }
 

@@ -57,9 +57,9 @@ class Topology:
         return sorted({self.scheduler, *self.servers, *self.workers}, key=lambda h: int(h[1:]))
 
 
-def scrape(host, port=9464):
+def scrape(host, port=9464, address="127.0.0.1"):
     """The proxy's Prometheus text, fetched inside the host's namespace."""
-    out = sh(*netns(host), PYTHON, "-c", f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
+    out = sh(*netns(host), PYTHON, "-c", f"import urllib.request;print(urllib.request.urlopen('http://{address}:{port}/metrics', timeout=5).read().decode())")
     return out.stdout
 
 
@@ -81,11 +81,14 @@ def metric(text, name, **labels):
 class Proxies:
     """p3proxy and its redirect on some hosts; stopped and removed on exit."""
 
-    def __init__(self, hosts, tag, args=()):
+    def __init__(self, hosts, tag, args=(), metrics_on_host=False):
+        """`metrics_on_host`: each proxy serves metrics on its host address (port 9464),
+        reachable from the other hosts, instead of its 127.0.0.1."""
         self.hosts = list(hosts)
         self.procs = {}
         self.tag = tag
         self.args = list(args)
+        self.metrics_on_host = metrics_on_host
 
     def __enter__(self):
         os.makedirs(LOGS, exist_ok=True)
@@ -99,6 +102,8 @@ class Proxies:
                 if os.path.exists(journal):
                     os.remove(journal)
                 args += ["--journal", journal]
+            if self.metrics_on_host:
+                args += ["--metrics", f"{ip(h)}:9464"]
             self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         for h in self.hosts:
             deadline = time.time() + 10
@@ -110,7 +115,7 @@ class Proxies:
         return self
 
     def metrics(self):
-        return {h: scrape(h) for h in self.hosts}
+        return {h: scrape(h, address=ip(h) if self.metrics_on_host else "127.0.0.1") for h in self.hosts}
 
     def cpu_seconds(self):
         """CPU time (user + system) each proxy has used so far."""

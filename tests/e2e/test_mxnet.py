@@ -115,6 +115,44 @@ def test_proxies_on_worker_hosts_only():
         assert metric(metrics[w], "p3proxy_connections_total", route="tunnel") == 0
 
 
+def test_unproxied_workers_leave_keys_whole_without_inbound_capture():
+    """Proxies on the scheduler's and servers' hosts only: the workers reach the servers
+    directly, so the servers' proxies never see a request and split nothing."""
+    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "noworkerproxy", proxied_hosts=["h1", "h2", "h3"],
+                         expect_tunnels=False, split=0)
+    for s in ("h2", "h3"):
+        assert metric(metrics[s], "p3proxy_split_requests_total") == 0
+        assert metric(metrics[s], "p3proxy_connections_total", route="inbound") == 0
+
+
+def test_inbound_capture_splits_keys_for_workers_that_run_no_proxy():
+    """The same job with inbound capture on the server hosts (`--inbound`): the workers'
+    connections to the servers' registered ports are redirected to the proxy, which splits
+    the keys and merges the responses itself before they go to the unproxied workers."""
+    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "inbound", proxied_hosts=["h1", "h2", "h3"], expect_tunnels=False,
+                         proxy_args=["--inbound", "0.0.0.0:15303"], split=3)
+    for s in ("h2", "h3"):
+        # Both workers' request connections (and the scheduler's) came in through the capture.
+        assert metric(metrics[s], "p3proxy_connections_total", route="inbound") >= 2, s
+        assert metric(metrics[s], "p3proxy_split_responses_merged_total") > 0, s
+        # The rules went with the proxy, and only ever matched the registered ports.
+        assert "P3PROXY_INBOUND" not in cluster.sh(*cluster.netns(s), "iptables", "-t", "nat", "-S").stdout
+    log = open(os.path.join(cluster.LOGS, "inbound-proxy-h2.log")).read()
+    assert "inbound connections to this node are captured" in log
+
+
+def test_the_inbound_listener_is_not_a_relay():
+    """Connecting to the inbound port itself (not redirected) reaches nothing."""
+    with Proxies(["h2"], "inbound-direct", ["--inbound", "0.0.0.0:15303"]) as proxies:
+        out = cluster.sh(*cluster.netns("h3"), cluster.PYTHON, "-c",
+                         "import socket;s=socket.create_connection(('10.77.0.12',15303),3);s.sendall(b'\\xff'+bytes(9)+b'\\x7f');"
+                         "s.settimeout(3)\ntry: print(repr(s.recv(64)))\nexcept ConnectionResetError: print('reset')")
+        assert out.stdout.strip() in ("b''", "reset"), out  # closed, not one byte answered
+        text = proxies.metrics()["h2"]
+        assert metric(text, "p3proxy_connections_refused_total", reason="own_port") == 1
+        assert "-j P3PROXY_INBOUND" in cluster.sh(*cluster.netns("h2"), "iptables", "-t", "nat", "-S").stdout
+
+
 # The Gluon model's one key above a slice: the 300x576 Dense weight (691 KB).
 @pytest.mark.parametrize("topo", [ONE_SERVER, TWO_SERVERS, COLOCATED], ids=["1server", "2servers", "colocated"])
 def test_gluon_model_with_server_side_optimizer(topo):

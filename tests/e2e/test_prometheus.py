@@ -1,0 +1,142 @@
+"""A real Prometheus (the Debian package) scrapes the proxies of a testbed job, with the
+shipped alert rules loaded: the p3proxy series are in its HTTP API with the values the
+proxies report, the rules load, and the split-refused alert really fires on a job whose
+optimizer is not allowlisted while the healthy job fires nothing."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+from datetime import datetime
+
+import pytest
+
+import cluster
+from cluster import Proxies, Topology, metric, run_job
+
+TOPO = Topology("h1", ["h2"], ["h3", "h4"])
+PROM_HOST = "h1"
+PROM_ADDR = "127.0.0.1:19090"
+RULES = os.path.join(cluster.ROOT, "configs", "prometheus", "alerts.yml")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory):
+    cluster.testbed_up(4)
+    work = tmp_path_factory.mktemp("prometheus")
+    shutil.copy(RULES, work / "alerts.yml")
+    targets = ", ".join(f'"{cluster.ip(h)}:9464"' for h in TOPO.hosts())
+    (work / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "rule_files:\n  - alerts.yml\n"
+        f"scrape_configs:\n  - job_name: p3proxy\n    static_configs:\n      - targets: [{targets}]\n")
+    os.makedirs(cluster.LOGS, exist_ok=True)
+    log = open(os.path.join(cluster.LOGS, "prometheus.log"), "w")
+    proc = subprocess.Popen(cluster.netns(PROM_HOST) + [
+        "prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address={PROM_ADDR}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                if api("/-/ready", raw=True):
+                    break
+            except Exception:
+                pass
+            assert proc.poll() is None and time.time() < deadline, f"prometheus did not start; see {log.name}"
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        cluster.testbed_down()
+
+
+def api(path, raw=False, **params):
+    url = f"http://{PROM_ADDR}{path}" + (("?" + urllib.parse.urlencode(params)) if params else "")
+    out = cluster.sh(*cluster.netns(PROM_HOST), cluster.PYTHON, "-c",
+                     f"import urllib.request;print(urllib.request.urlopen({url!r}, timeout=5).read().decode())")
+    if raw:
+        return out.stdout
+    body = json.loads(out.stdout)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def query(expr):
+    """Instant query: {instance: value}."""
+    return {r["metric"].get("instance", ""): float(r["value"][1]) for r in api("/api/v1/query", query=expr)["result"]}
+
+
+def wait_for_scrape(since):
+    """Until every target has been scraped after `since` (unix seconds)."""
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        targets = api("/api/v1/targets")["activeTargets"]
+        if all(t["health"] == "up" and scrape_time(t["lastScrape"]) > since for t in targets):
+            return targets
+        time.sleep(0.5)
+    raise AssertionError(f"targets not scraped: {targets}")
+
+
+def scrape_time(rfc3339):
+    """Unix seconds of Prometheus' RFC 3339 time (nanoseconds cut to microseconds)."""
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", rfc3339)
+    assert m, rfc3339
+    frac = (m.group(2) or ".0")[:7]
+    return datetime.fromisoformat(m.group(1) + frac + ("+00:00" if m.group(3) == "Z" else m.group(3))).timestamp()
+
+
+def instance(h):
+    return f"{cluster.ip(h)}:9464"
+
+
+def test_prometheus_scrapes_the_proxies_of_a_job_and_loads_the_rules(prometheus):
+    with Proxies(TOPO.hosts(), "prom", metrics_on_host=True) as proxies:
+        job = run_job(TOPO, "gluon_train.py", "prom-job", {"STEPS": "6"})
+        assert len(job.results) == 2, job.logs
+        mine = proxies.metrics()
+        done = time.time()
+        targets = wait_for_scrape(done)
+        assert sorted(t["labels"]["instance"] for t in targets) == sorted(instance(h) for h in TOPO.hosts())
+        sent = query('p3proxy_forwarded_bytes_total{direction="outbound"}')
+        split = query("p3proxy_keys_split_total")
+        lost = query("p3proxy_requests_lost_total")
+        slice_requests = query("p3proxy_slice_requests_total")
+        delay = query("sum by (instance) (p3proxy_queue_delay_seconds_count)")
+        # promtool lints what the proxies export (names, HELP, types).
+        for h, text in mine.items():
+            lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+            assert lint.returncode == 0, f"{h}: {lint.stdout}{lint.stderr}"
+    for h in TOPO.hosts():
+        # The job is over: what Prometheus holds is what the proxy itself reported.
+        assert sent[instance(h)] == metric(mine[h], "p3proxy_forwarded_bytes_total", direction="outbound") > 0, h
+        assert lost[instance(h)] == 0, h
+        assert delay[instance(h)] > 0, h
+    assert split[instance("h2")] == 1, "the server's proxy split the big key"
+    assert slice_requests[instance("h2")] > 0
+    assert split[instance("h3")] == 0
+    groups = api("/api/v1/rules")["groups"]
+    rules = {r["name"]: r for g in groups for r in g["rules"]}
+    assert {"P3proxyRequestsLost", "P3proxySplitFailed", "P3proxySplitRefused", "P3proxyParseErrors",
+            "P3proxyJournalErrors", "P3proxyDown"} <= set(rules)
+    assert all(r["health"] == "ok" for r in rules.values()), rules
+    assert api("/api/v1/alerts")["alerts"] == [], "a healthy job fires nothing"
+
+
+def test_the_split_refused_alert_fires_for_a_job_whose_optimizer_is_not_allowlisted(prometheus):
+    with Proxies(TOPO.hosts(), "prom-lamb", metrics_on_host=True):
+        job = run_job(TOPO, "gluon_train.py", "prom-lamb-job", {"STEPS": "6", "OPTIMIZER": "lamb"})
+        assert len(job.results) == 2, job.logs
+        wait_for_scrape(time.time())
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            firing = [a for a in api("/api/v1/alerts")["alerts"] if a["state"] == "firing"]
+            if firing:
+                break
+            time.sleep(0.5)
+    assert [(a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["reason"]) for a in firing] == [
+        ("P3proxySplitRefused", instance("h2"), "optimizer_not_allowed")], firing
+    assert firing[0]["labels"]["severity"] == "warning"
