@@ -19,6 +19,8 @@ pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 /// Default socket mark that exempts the proxy's own sockets from the redirect;
 /// clear of kube-proxy's 0x4000/0x8000, Istio's 1337 and Cilium's 0x0f00 mask.
 pub const DEFAULT_MARK: u32 = 0x1000;
+/// The mark bits kube-proxy sets on packets (0x4000 masquerade, 0x8000 drop).
+const KUBE_PROXY_MARKS: u32 = 0xC000;
 /// Default slice: 40,000 float32 parameters (P3's default).
 pub const DEFAULT_SLICE_BYTES: u64 = 160_000;
 /// Where the journal lives by default (an `emptyDir` in Kubernetes).
@@ -62,6 +64,9 @@ pub enum ConfigError {
 pub struct Exempt {
     /// Mark put on every socket the proxy opens.
     pub mark: Option<u32>,
+    /// The bits of the packet mark the rules compare (`--mark MARK/MASK`; default: the
+    /// mark's own bits), so that marks other software ORs in do not matter.
+    pub mask: Option<u32>,
     /// The uid the proxy runs as, exempted by the rules.
     pub uid: Option<u32>,
 }
@@ -71,6 +76,7 @@ impl Exempt {
     pub fn by_mark(mark: u32) -> Exempt {
         Exempt {
             mark: Some(mark),
+            mask: None,
             uid: None,
         }
     }
@@ -79,6 +85,7 @@ impl Exempt {
     pub fn by_uid(uid: u32) -> Exempt {
         Exempt {
             mark: None,
+            mask: None,
             uid: Some(uid),
         }
     }
@@ -249,6 +256,28 @@ impl Config {
                 return invalid("exempt.mark", "0 marks nothing; pick a non-zero mark")
             }
             _ => {}
+        }
+        if let Some(mark) = self.exempt.mark {
+            let mask = self.exempt.mask.unwrap_or(mark);
+            if mark & KUBE_PROXY_MARKS != 0 || mask & KUBE_PROXY_MARKS != 0 {
+                let field = if mark & KUBE_PROXY_MARKS != 0 {
+                    "exempt.mark"
+                } else {
+                    "exempt.mask"
+                };
+                return invalid(
+                    field,
+                    "overlaps kube-proxy's packet marks 0x4000/0x8000 (masquerade, drop): pick bits clear of them, e.g. 0x1000",
+                );
+            }
+            if mask == 0 || mark & !mask != 0 {
+                return invalid("exempt.mask", "must cover every bit of `mark`");
+            }
+        } else if self.exempt.mask.is_some() {
+            return invalid(
+                "exempt.mask",
+                "only with `mark` (a uid exemption has no mark)",
+            );
         }
         for (field, ms) in [
             ("probe_timeout_ms", self.probe_timeout_ms),

@@ -85,3 +85,19 @@ def test_uid_exemption(netns):
     assert "-A P3PROXY_OUTPUT -m owner --uid-owner 1000 -j RETURN" in rules
     assert not any("--mark" in r for r in rules)
     ns(cluster.REDIRECT, "remove")
+
+
+def test_mark_mask(netns):
+    """Only the mask's bits are compared: a mark kube-proxy ORs in (0x4000) still exempts."""
+    ns(cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", "10.77.0.0/24", "--mark", "0x1000", "--mask", "0x3000", "--force")
+    assert "-A P3PROXY_OUTPUT -m mark --mark 0x1000/0x3000 -j RETURN" in nat_rules()
+    ns(cluster.REDIRECT, "remove")
+
+
+def test_remove_also_removes_a_dead_proxys_inbound_chain(netns):
+    before = nat_rules()
+    ns("iptables", "-t", "nat", "-N", "P3PROXY_INBOUND")
+    ns("iptables", "-t", "nat", "-A", "P3PROXY_INBOUND", "-p", "tcp", "--dport", "4000", "-j", "REDIRECT", "--to-ports", "15303")
+    ns("iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "P3PROXY_INBOUND")
+    ns(cluster.REDIRECT, "remove")
+    assert nat_rules() == before
