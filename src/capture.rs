@@ -56,73 +56,147 @@ pub struct Packet {
 
 /// Reads every packet of a pcap or pcapng file (gzipped if its name ends `.gz`).
 pub fn read_packets(path: &Path) -> Result<Vec<Packet>, CaptureError> {
-    let name = path.display().to_string();
-    let io_err = |source| CaptureError::Io {
-        path: name.clone(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
-            file,
-        )))
-    } else {
-        Box::new(std::io::BufReader::new(file))
-    };
-    let format_err = |reason: String| CaptureError::Format {
-        path: name.clone(),
-        reason,
-    };
-    let mut pcap =
-        pcap_parser::create_reader(1 << 20, reader).map_err(|e| format_err(e.to_string()))?;
-    let mut packets = Vec::new();
-    let mut linktypes: Vec<Linktype> = Vec::new();
-    let mut legacy_linktype = Linktype::ETHERNET;
-    loop {
-        match pcap.next() {
-            Ok((offset, block)) => {
-                match block {
-                    PcapBlockOwned::LegacyHeader(h) => legacy_linktype = h.network,
-                    PcapBlockOwned::Legacy(b) => packets.push(Packet {
-                        ts: f64::from(b.ts_sec) + f64::from(b.ts_usec) * 1e-6,
-                        linktype: legacy_linktype,
-                        data: b.data.to_vec(),
-                    }),
-                    PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
-                        linktypes.push(idb.linktype)
-                    }
-                    PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
-                        let ts =
-                            ((u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low)) as f64 * 1e-6;
-                        let linktype = linktypes
-                            .get(epb.if_id as usize)
-                            .copied()
-                            .unwrap_or(Linktype::ETHERNET);
-                        let len = (epb.caplen as usize).min(epb.data.len());
-                        packets.push(Packet {
-                            ts,
-                            linktype,
-                            data: epb.data[..len].to_vec(),
-                        });
-                    }
-                    PcapBlockOwned::NG(_) => {}
-                }
-                pcap.consume(offset);
-            }
-            Err(PcapError::Eof) => break,
-            Err(PcapError::Incomplete(_)) => {
-                pcap.refill().map_err(|e| format_err(e.to_string()))?
-            }
-            Err(e) => return Err(format_err(e.to_string())),
+    PacketReader::open(path)?.collect()
+}
+
+/// The packets of a pcap or pcapng file, one at a time (a long capture is never held
+/// in memory).
+pub struct PacketReader {
+    name: String,
+    pcap: Box<dyn pcap_parser::traits::PcapReaderIterator + Send>,
+    linktypes: Vec<Linktype>,
+    legacy_linktype: Linktype,
+    done: bool,
+}
+
+impl std::fmt::Debug for PacketReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketReader")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PacketReader {
+    /// Opens a pcap or pcapng file (gzipped if its name ends `.gz`).
+    pub fn open(path: &Path) -> Result<PacketReader, CaptureError> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| CaptureError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let reader: Box<dyn Read + Send> = if name.ends_with(".gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+                file,
+            )))
+        } else {
+            Box::new(std::io::BufReader::new(file))
+        };
+        let pcap =
+            pcap_parser::create_reader(1 << 20, reader).map_err(|e| CaptureError::Format {
+                path: name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(PacketReader {
+            name,
+            pcap,
+            linktypes: Vec::new(),
+            legacy_linktype: Linktype::ETHERNET,
+            done: false,
+        })
+    }
+
+    fn format_err(&self, reason: String) -> CaptureError {
+        CaptureError::Format {
+            path: self.name.clone(),
+            reason,
         }
     }
-    if let Some(p) = packets.iter().find(|p| !supported(p.linktype)) {
-        return Err(CaptureError::Linktype {
-            path: name,
-            linktype: p.linktype.0,
-        });
+
+    fn next_packet(&mut self) -> Result<Option<Packet>, CaptureError> {
+        loop {
+            let packet = match self.pcap.next() {
+                Ok((offset, block)) => {
+                    let packet = match block {
+                        PcapBlockOwned::LegacyHeader(h) => {
+                            self.legacy_linktype = h.network;
+                            None
+                        }
+                        PcapBlockOwned::Legacy(b) => Some(Packet {
+                            ts: f64::from(b.ts_sec) + f64::from(b.ts_usec) * 1e-6,
+                            linktype: self.legacy_linktype,
+                            data: b.data.to_vec(),
+                        }),
+                        PcapBlockOwned::NG(Block::InterfaceDescription(idb)) => {
+                            self.linktypes.push(idb.linktype);
+                            None
+                        }
+                        PcapBlockOwned::NG(Block::EnhancedPacket(epb)) => {
+                            let ts = ((u64::from(epb.ts_high) << 32) | u64::from(epb.ts_low))
+                                as f64
+                                * 1e-6;
+                            let linktype = self
+                                .linktypes
+                                .get(epb.if_id as usize)
+                                .copied()
+                                .unwrap_or(Linktype::ETHERNET);
+                            let len = (epb.caplen as usize).min(epb.data.len());
+                            Some(Packet {
+                                ts,
+                                linktype,
+                                data: epb.data[..len].to_vec(),
+                            })
+                        }
+                        PcapBlockOwned::NG(_) => None,
+                    };
+                    self.pcap.consume(offset);
+                    packet
+                }
+                Err(PcapError::Eof) => return Ok(None),
+                Err(PcapError::Incomplete(_)) => {
+                    if let Err(e) = self.pcap.refill() {
+                        let reason = e.to_string();
+                        return Err(self.format_err(reason));
+                    }
+                    None
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    return Err(self.format_err(reason));
+                }
+            };
+            if let Some(p) = packet {
+                if !supported(p.linktype) {
+                    return Err(CaptureError::Linktype {
+                        path: self.name.clone(),
+                        linktype: p.linktype.0,
+                    });
+                }
+                return Ok(Some(p));
+            }
+        }
     }
-    Ok(packets)
+}
+
+impl Iterator for PacketReader {
+    type Item = Result<Packet, CaptureError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.next_packet() {
+            Ok(Some(p)) => Some(Ok(p)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 fn supported(linktype: Linktype) -> bool {

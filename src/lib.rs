@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod config;
 pub mod core;
+pub mod inspect;
 pub mod io;
 pub mod metrics;
 

@@ -33,6 +33,148 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// Watch ps-lite traffic passively (a capture file or a live interface) and show
+    /// where each iteration's time goes: per node pair, per iteration, per key.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["iface", "pcap"])))]
+struct InspectArgs {
+    /// Capture live on this interface (as root), for `--seconds`.
+    #[arg(long, value_name = "IF")]
+    iface: Option<String>,
+    /// Read a pcap or pcapng file (gzipped if it ends in .gz).
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
+    /// How long to capture live.
+    #[arg(long, default_value_t = 30.0, value_name = "S")]
+    seconds: f64,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Write a Chrome-trace timeline (chrome://tracing, Perfetto) of every request.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Layer order from a priority map (scripts/priority-map) instead of learning it.
+    #[arg(long, value_name = "FILE")]
+    map: Option<PathBuf>,
+    /// Link rate for busy times and the estimate: 1gbit, 10gbit, 100mbit, or bits/s.
+    #[arg(long, default_value = "1gbit", value_parser = parse_rate)]
+    rate: f64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let lower = s.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
+        (n, 1e9)
+    } else if let Some(n) = lower.strip_suffix("mbit") {
+        (n, 1e6)
+    } else if let Some(n) = lower.strip_suffix("kbit") {
+        (n, 1e3)
+    } else {
+        (lower.as_str(), 1.0)
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v * mult),
+        _ => Err(format!(
+            "{s:?} is not a rate (1gbit, 100mbit, or bits per second)"
+        )),
+    }
+}
+
+/// A flag set by SIGINT or SIGTERM (a live capture then reports what it saw).
+fn stop_on_signal() -> &'static std::sync::atomic::AtomicBool {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    std::thread::spawn(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("signal runtime");
+        runtime.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    &STOP
+}
+
+fn inspect(args: &InspectArgs) -> ExitCode {
+    use p3proxy::inspect::{analysis::Options, inspect_iface, inspect_pcap, render};
+    let priority = match &args.map {
+        None => None,
+        Some(path) => {
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    p3proxy::core::priority::PriorityMap::parse(&t).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(map) => Some(
+                    map.priorities
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &p)| (k as u64, p))
+                        .collect(),
+                ),
+                Err(e) => {
+                    eprintln!("error: priority map {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let options = Options {
+        rate_bps: args.rate,
+        priority,
+        ..Options::default()
+    };
+    let progress = |s: &p3proxy::inspect::CaptureStats| {
+        eprintln!("... {} packets, {} messages", s.packets, s.messages)
+    };
+    let result = match (&args.pcap, &args.iface) {
+        (Some(path), _) => inspect_pcap(path, options, progress),
+        (None, Some(iface)) => {
+            eprintln!(
+                "capturing on {iface} for {} s (SIGINT or SIGTERM ends it early)",
+                args.seconds
+            );
+            inspect_iface(iface, args.seconds, stop_on_signal(), options, progress)
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let ins = match result {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(path) = &args.trace {
+        if let Err(e) = std::fs::write(path, render::chrome_trace(&ins)) {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    if args.json {
+        println!("{}", render::json(&ins));
+    } else {
+        print!("{}", render::table(&ins));
+        if let Some(path) = &args.trace {
+            println!(
+                "\nChrome trace ({} events): {}",
+                ins.trace.len(),
+                path.display()
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +236,7 @@ fn main() -> ExitCode {
             println!("p3proxy {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Cmd::Inspect(args) => inspect(&args),
         Cmd::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
