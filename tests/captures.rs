@@ -4,27 +4,17 @@
 //! whatever the split points. The `.decoded.txt` files, written by an independent
 //! decoder when the captures were made, are the expected values.
 
+mod common;
+use common::{capture_dir, RUNS};
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use bytes::Bytes;
 use p3proxy::capture::{collect_connections, read_packets, CollectedConnection};
 use p3proxy::parsers::mxnet::{CommandType, DataHandleType, RequestType, ServerRanges};
 use p3proxy::parsers::pslite::{parse_meta, ControlCommand, MessageKind, PsMessage, Role, K_EMPTY};
 use p3proxy::parsers::zmtp::{Command, Greeting, Limits, StreamDecoder, StreamEvent, ZmtpMessage};
-
-const RUNS: [&str; 5] = [
-    "runA_1server",
-    "runB_2servers",
-    "runC_ext_2servers",
-    "runD_gc_2servers",
-    "runE_resend_1server",
-];
-
-fn capture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/captures")
-}
 
 /// One connection as the reference decoder saw it.
 #[derive(Debug, Default)]

@@ -3,22 +3,17 @@
 //! written by an independent decoder when the captures were made; iterations and keys
 //! come out as the jobs ran them; bad input gets a clear error.
 
+mod common;
+use common::{capture_dir, RUNS};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use p3proxy::inspect::analysis::Options;
 use p3proxy::inspect::{inspect_pcap, render, InspectError};
 
-const RUNS: [&str; 5] = [
-    "runA_1server",
-    "runB_2servers",
-    "runC_ext_2servers",
-    "runD_gc_2servers",
-    "runE_resend_1server",
-];
-
 fn capture(run: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/captures/{run}.pcap.gz"))
+    capture_dir().join(format!("{run}.pcap.gz"))
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,8 +26,7 @@ struct Counts {
 /// Per (sender, receiver) from the decoded file's message list: `#N t=.. conn=C W9 ->
 /// S8 frames=4 [01:23] [01:8] ...` and the `keys [..]` line of its data frame.
 fn expected(run: &str) -> BTreeMap<(String, String), Counts> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/captures/{run}.decoded.txt"));
+    let path = capture_dir().join(format!("{run}.decoded.txt"));
     let text = std::fs::read_to_string(path).unwrap();
     let mut out: BTreeMap<(String, String), Counts> = BTreeMap::new();
     let mut current: Option<(String, String)> = None;
