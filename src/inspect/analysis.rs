@@ -4,8 +4,9 @@
 //! A worker's n-th push of a key belongs to its iteration n (pulls to the iteration of
 //! the key's last push). Per iteration: when it started (its first request), its
 //! period (to the next start: what the job measures as its step time), how long the
-//! next forward pass waited on its first layer (from the worker's last request of the
-//! iteration, the end of its backward pass, to the first layer's response), and the
+//! next forward pass waited on its first layer (from the moment the worker's last
+//! request of the iteration was entirely on the wire to the first layer's response; 0
+//! when the first layer was back before, as priority scheduling aims for), and the
 //! bytes on the busiest host's link. The estimate uses the benchmark's ideal bound:
 //! compute (the period less that wait) or the busiest link at `rate`, whichever is
 //! longer; what a priority-scheduled, sliced job could save is the period less that.
@@ -162,7 +163,8 @@ pub struct Summary {
     pub rate_bps: f64,
     /// The first layer's key, and where the order came from (`map` or `learned`).
     pub first_layer_key: Option<u64>,
-    /// `map` or `learned` (the key pushed last in backward is the first layer).
+    /// `map`, `p3proxy` (the priorities p3proxy announced in its tunnels) or `learned`
+    /// (the key pushed last in backward is the first layer).
     pub layer_order: &'static str,
 }
 
@@ -226,6 +228,13 @@ pub struct Analysis {
     /// table is known).
     pairs: BTreeMap<(String, SocketAddr, bool), PairRow>,
     pending: HashMap<(i32, i32, i32, i32), Pending>,
+    /// The pending request of (worker, server, ps-lite key), for split responses that
+    /// come back as parts (slice-key responses) a worker's proxy merges.
+    pending_by_key: HashMap<(i32, i32, u64), (i32, i32)>,
+    /// Parts seen of each of those responses.
+    parts_seen: HashMap<(i32, i32, u64), u32>,
+    /// The priority p3proxy announced for each key (lower is more urgent).
+    announced: HashMap<u64, u32>,
     /// The next iteration of each worker's pushes of each ps-lite key (a big array's
     /// part on each server is a key of its own).
     next_iteration: HashMap<(i32, u64), u32>,
@@ -273,6 +282,9 @@ impl Analysis {
             t0: None,
             pairs: BTreeMap::new(),
             pending: HashMap::new(),
+            pending_by_key: HashMap::new(),
+            parts_seen: HashMap::new(),
+            announced: HashMap::new(),
             next_iteration: HashMap::new(),
             folded_below: 0,
             pushpull_workers: Default::default(),
@@ -404,6 +416,12 @@ impl Analysis {
             if push && k.push_offsets.len() < KEY_SAMPLES {
                 k.push_offsets.push(offset);
             }
+            if let Some(p) = m.priority {
+                let a = self.announced.entry(key).or_insert(p);
+                *a = (*a).min(p);
+            }
+            self.pending_by_key
+                .insert((sender, server, ps_key), (customer, ts));
             self.pending.insert(
                 (sender, server, customer, ts),
                 Pending {
@@ -421,7 +439,33 @@ impl Analysis {
                 self.unmatched += 1;
                 return;
             };
-            let Some(p) = self.pending.remove(&(worker, sender, customer, ts)) else {
+            let found = match m.part {
+                None => self.pending.remove(&(worker, sender, customer, ts)),
+                Some(part) => {
+                    // One slice-key response of a split key: the response is complete
+                    // with its last part.
+                    let id = (worker, sender, part.key);
+                    let seen = self.parts_seen.entry(id).or_insert(0);
+                    *seen += 1;
+                    if *seen < part.count {
+                        if let Some(it) = self
+                            .pending_by_key
+                            .get(&id)
+                            .and_then(|k| self.pending.get(&(worker, sender, k.0, k.1)))
+                            .and_then(|p| self.open.get_mut(&p.iteration))
+                        {
+                            *it.host_bytes.entry(m.client.ip()).or_insert(0) += m.wire_bytes;
+                        }
+                        return;
+                    }
+                    self.parts_seen.remove(&id);
+                    self.pending_by_key
+                        .get(&id)
+                        .copied()
+                        .and_then(|(c, t)| self.pending.remove(&(worker, sender, c, t)))
+                }
+            };
+            let Some(p) = found else {
                 self.unmatched += 1;
                 return;
             };
@@ -480,6 +524,12 @@ impl Analysis {
         if let Some(map) = &self.options.priority {
             keys.sort_by_key(|k| (map.get(k).copied().unwrap_or(u32::MAX), *k));
             return (keys, "map");
+        }
+        if !self.announced.is_empty() {
+            // Through p3proxy the wire order is the proxy's: its announced priorities
+            // say the order it used.
+            keys.sort_by_key(|k| (self.announced.get(k).copied().unwrap_or(u32::MAX), *k));
+            return (keys, "p3proxy");
         }
         let mut offset: HashMap<u64, f64> = HashMap::new();
         for (k, acc) in &self.keys {
@@ -635,5 +685,104 @@ impl Analysis {
             unmatched_responses: self.unmatched,
             not_pslite_messages: self.not_pslite,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::slice::Part;
+    use crate::inspect::streams::PsSummary;
+    use bytes::Bytes;
+    use p3proxy_parsers::pslite::Meta;
+
+    fn msg(
+        identity: &str,
+        dst: &str,
+        request: bool,
+        key: u64,
+        ts: i32,
+        at: f64,
+    ) -> ObservedMessage {
+        ObservedMessage {
+            conn: 0,
+            identity: Bytes::copy_from_slice(identity.as_bytes()),
+            dst: dst.parse().unwrap(),
+            client: if identity == "ps8" {
+                "10.0.0.2:1"
+            } else {
+                "10.0.0.3:1"
+            }
+            .parse()
+            .unwrap(),
+            tunnel: true,
+            first_on_connection: false,
+            wire_bytes: 100,
+            first_ts: at,
+            last_ts: at + 0.01,
+            content: Content::Ps(Box::new(PsSummary {
+                meta: Meta {
+                    head: Some(0),
+                    request: Some(request),
+                    push: Some(true),
+                    pull: Some(true),
+                    timestamp: Some(ts),
+                    customer_id: Some(0),
+                    ..Default::default()
+                },
+                keys: vec![key],
+                vals_bytes: 80,
+                message: None,
+            })),
+            priority: None,
+            part: None,
+        }
+    }
+
+    #[test]
+    fn a_split_response_is_complete_with_its_last_part_and_announced_priorities_order_keys() {
+        const SERVER: &str = "10.0.0.2:4000";
+        const WORKER: &str = "10.0.0.3:5000";
+        let mut a = Analysis::new(Options::default());
+        // No node table: which host the server answers from is learned from its traffic.
+        a.on_message(&msg("ps8", "10.0.0.9:1", false, 99, 99, 0.5));
+        for (i, (key, priority)) in [(7u64, 2u32), (3, 1)].into_iter().enumerate() {
+            let mut req = msg("ps9", SERVER, true, key, i as i32, 1.0 + i as f64 * 0.1);
+            req.priority = Some(priority);
+            a.on_message(&req);
+        }
+        // Key 7's response comes back as three parts (slice-key responses with their own
+        // keys and timestamps), key 3's whole.
+        for index in 0..3u32 {
+            let mut part = msg(
+                "ps8",
+                WORKER,
+                false,
+                (1 << 31) + u64::from(index),
+                50 + index as i32,
+                2.0 + f64::from(index),
+            );
+            part.part = Some(Part {
+                key: 7,
+                index,
+                count: 3,
+                slice: 40,
+                total: 100,
+            });
+            a.on_message(&part);
+            assert_eq!(
+                a.trace().len(),
+                usize::from(index == 2),
+                "complete with the last part"
+            );
+        }
+        a.on_message(&msg("ps8", WORKER, false, 3, 1, 1.5));
+        assert_eq!(a.trace().len(), 2);
+        let r = a.finish();
+        let key7 = r.keys.iter().find(|k| k.key == 7).unwrap();
+        assert!((key7.median_latency_s - (4.01 - 1.0)).abs() < 1e-9);
+        assert_eq!(r.summary.layer_order, "p3proxy");
+        assert_eq!(r.keys.iter().map(|k| k.key).collect::<Vec<_>>(), vec![3, 7]);
+        assert_eq!(r.unmatched_responses, 1, "only the stray");
     }
 }

@@ -174,7 +174,8 @@ pub fn inspect_iface(
         .ok_or_else(|| err("no such interface".into()))?;
     let config = pnet_datalink::Config {
         read_timeout: Some(Duration::from_millis(100)),
-        read_buffer_size: 4 << 20,
+        read_buffer_size: 1 << 20,
+        socket_fd: Some(capture_socket().map_err(|e| err(e.to_string()))?),
         ..Default::default()
     };
     let mut rx = match pnet_datalink::channel(&interface, config) {
@@ -189,7 +190,14 @@ pub fn inspect_iface(
     while Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let frame = match rx.next() {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => return Err(err(e.to_string())),
         };
         let ts = std::time::SystemTime::now()
@@ -206,4 +214,35 @@ pub fn inspect_iface(
         }
     }
     Ok(inspector.finish())
+}
+
+/// Kernel buffer of the capture socket: a second of a 1 Gbit/s link, so that a burst of
+/// large segments is not dropped while the analyzer works through the previous one.
+const CAPTURE_SOCKET_BUFFER: i32 = 128 << 20;
+
+/// A raw packet socket with a large receive buffer (`SO_RCVBUFFORCE`, as root; else as
+/// large as `net.core.rmem_max` allows), for pnet to bind to the interface.
+fn capture_socket() -> std::io::Result<i32> {
+    use std::os::fd::IntoRawFd;
+    let protocol = (libc::ETH_P_ALL as u16).to_be() as i32;
+    let socket = socket2::Socket::new(
+        socket2::Domain::PACKET,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(protocol)),
+    )?;
+    let size = CAPTURE_SOCKET_BUFFER;
+    // SAFETY: a valid socket, a pointer to an int and its size.
+    let forced = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        socket.set_recv_buffer_size(size as usize)?;
+    }
+    Ok(socket.into_raw_fd())
 }

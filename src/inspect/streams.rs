@@ -13,7 +13,7 @@ use p3proxy_parsers::zmtp::{Limits, StreamDecoder, StreamEvent, ZmtpMessage};
 use super::skim::{SkimFrame, SkimmedMessage, Skimmer};
 use crate::capture::{Direction, TcpEvent};
 use crate::core::preamble::{parse_preamble, PREAMBLE_MAGIC};
-use crate::core::slice::{take_frame, SliceFrame};
+use crate::core::slice::{take_frame, Part, SliceFrame};
 
 /// What kind of stream a connection carries (client to server).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -101,6 +101,11 @@ pub struct ObservedMessage {
     pub last_ts: f64,
     /// What it was.
     pub content: Content,
+    /// The priority a p3proxy announced for it (lower is more urgent), through a tunnel.
+    pub priority: Option<u32>,
+    /// Which part of a split key's response it is (a slice-key response the worker's
+    /// proxy merges), through a tunnel.
+    pub part: Option<Part>,
 }
 
 #[derive(Debug)]
@@ -139,6 +144,8 @@ struct Session {
     identity: Bytes,
     client: SocketAddr,
     messages: HashMap<u64, SessionMessage>,
+    /// Announcements of messages not complete yet: priority and part.
+    announced: HashMap<u64, (u32, Option<Part>)>,
     delivered: u64,
 }
 
@@ -337,6 +344,7 @@ fn feed(
                                 identity: p.identity.clone(),
                                 client: c.summary.client,
                                 messages: HashMap::new(),
+                                announced: HashMap::new(),
                                 delivered: 0,
                             });
                             c.up = Half::Sliced(BytesMut::new(), ts);
@@ -366,11 +374,17 @@ fn feed(
                     };
                     // The frame began with the first buffered byte; the next one, here.
                     let began = std::mem::replace(frame_ts, ts);
-                    let SliceFrame::Slice { seq, payload, .. } = frame else {
-                        continue; // Announcements: the message's own bytes say what it is.
-                    };
                     let Some(s) = sessions.get_mut(&session_id) else {
                         continue;
+                    };
+                    let (seq, payload) = match frame {
+                        SliceFrame::Announce(a) => {
+                            if s.announced.len() < MAX_SESSION_MESSAGES {
+                                s.announced.insert(a.seq, (a.priority, a.part));
+                            }
+                            continue;
+                        }
+                        SliceFrame::Slice { seq, payload, .. } => (seq, payload),
                     };
                     if !s.messages.contains_key(&seq) && s.messages.len() >= MAX_SESSION_MESSAGES {
                         return fail(c, "too many unfinished tunnel messages".into());
@@ -389,7 +403,7 @@ fn feed(
                         let first = s.delivered == 0;
                         s.delivered += 1;
                         c.summary.messages += 1;
-                        out.push(observed(
+                        let mut o = observed(
                             c.summary.conn,
                             s.identity.clone(),
                             s.target,
@@ -397,7 +411,12 @@ fn feed(
                             true,
                             first,
                             msg,
-                        ));
+                        );
+                        if let Some((priority, part)) = s.announced.remove(&seq) {
+                            o.priority = Some(priority);
+                            o.part = part;
+                        }
+                        out.push(o);
                     }
                 }
             }
@@ -425,6 +444,8 @@ fn observed(
         first_ts: m.first_ts,
         last_ts: m.last_ts,
         content: summarize(m.frames),
+        priority: None,
+        part: None,
     }
 }
 

@@ -1,0 +1,83 @@
+"""`p3proxy inspect --iface` on the testbed: it watches the server host's NIC while a real
+MXNet job trains (Gluon Trainer, VGG-19's layer shapes at a tenth, 300 ms of emulated
+compute), first direct and then through p3proxy, and its per-iteration period agrees
+with the job's own step times; through p3proxy it decodes the tunnels (their slices)."""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+
+import pytest
+
+import cluster
+from cluster import Proxies, Topology, run_job
+
+TOPO = Topology("h1", ["h2"], ["h3", "h4"])
+JOB = os.path.join(cluster.ROOT, "bench", "emulated_job.py")
+JOB_ARGS = ["--model", "vgg19", "--scale", "0.1", "--iters", "8", "--warmup", "1", "--compute-ms", "300"]
+# The period inspect sees and the job's own step time (both medians) may differ by this.
+TOLERANCE = 0.10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def testbed():
+    cluster.testbed_up(4)
+    yield
+    cluster.testbed_down()
+
+
+def job_times(result):
+    for name, text in result.logs.items():
+        if name.startswith("worker"):
+            for line in text.splitlines():
+                if line.startswith("TIMES "):
+                    return json.loads(line[6:])
+    raise AssertionError(f"no TIMES line: {list(result.logs)}")
+
+
+def inspected_job(tag, tmp_path, proxied):
+    out, err = tmp_path / f"{tag}.json", tmp_path / f"{tag}.err"
+    trace = tmp_path / f"{tag}.trace.json"
+    inspect = subprocess.Popen(cluster.netns("h2") + [cluster.PROXY, "inspect", "--iface", "eth0", "--seconds", "300",
+                                                     "--json", "--trace", str(trace)],
+                               stdout=open(out, "w"), stderr=open(err, "w"))
+    try:
+        time.sleep(1.0)  # the raw socket is open
+        if proxied:
+            with Proxies(TOPO.hosts(), tag):
+                result = run_job(TOPO, JOB, tag, timeout=300, args=JOB_ARGS)
+        else:
+            result = run_job(TOPO, JOB, tag, timeout=300, args=JOB_ARGS)
+    finally:
+        inspect.send_signal(signal.SIGTERM)
+        code = inspect.wait(timeout=60)
+    assert code == 0, err.read_text()
+    return json.loads(out.read_text()), job_times(result), json.loads(trace.read_text())
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "p3proxy"])
+def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
+    tag = "inspect-" + ("p3proxy" if proxied else "direct")
+    ins, times, trace = inspected_job(tag, tmp_path, proxied)
+    report = ins["report"]
+    job_median = statistics.median(times)
+    seen = report["summary"]["median_period_s"]
+    print(f"{tag}: job median step {job_median:.3f} s, inspect median period {seen:.3f} s, "
+          f"first-layer wait {report['summary']['median_first_layer_wait_s']:.3f} s, "
+          f"estimate x{report['summary']['estimated_speedup']:.2f}")
+    assert abs(seen - job_median) <= TOLERANCE * job_median, (seen, times)
+    assert report["summary"]["iterations"] >= 6
+    # Worker-server traffic decoded, and matched with its responses.
+    pairs = {(p["from"], p["to"], p["tunnel"]): p for p in report["pairs"]}
+    for w in ("W9", "W11"):
+        assert pairs[(w, "S8", proxied)]["keys"] > 0, pairs.keys()
+        assert pairs[("S8", w, proxied)]["messages"] > 0
+    assert all(c["error"] is None for c in ins["connections"] if c["kind"] in ("zmtp", "tunnel")), ins["connections"]
+    kinds = {c["kind"] for c in ins["connections"]}
+    assert ("tunnel" in kinds) == proxied
+    assert len(report["keys"]) == 38  # VGG-19's weights and biases
+    # Through p3proxy the wire order is the proxies': the order they announced is used.
+    assert report["summary"]["layer_order"] == ("p3proxy" if proxied else "learned")
+    assert len(trace["traceEvents"]) > 0
