@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 #![warn(rust_2018_idioms, unreachable_pub, missing_docs)]
 
+pub mod invariants;
 pub mod mxnet;
 pub mod pickle;
 pub mod pslite;

@@ -174,6 +174,23 @@ pub fn read_pickle(input: &[u8]) -> Result<Value, PickleError> {
     if input.len() > MAX_PICKLE_LEN {
         return Err(PickleError::TooLong(input.len()));
     }
+    let mut containers = Vec::new();
+    let result = read(input, &mut containers);
+    // A pickle can make a container hold itself (through the memo): empty every
+    // container so that no reference cycle outlives the read (found by fuzzing: a leak).
+    for c in containers {
+        match c {
+            Item::List(l) => l.borrow_mut().clear(),
+            Item::Dict(d) => d.borrow_mut().clear(),
+            Item::Object(o) => o.borrow_mut().2 = None,
+            Item::Scalar(_) | Item::Tuple(_) => {}
+        }
+    }
+    result
+}
+
+/// Reads a pickle; every mutable container it makes is also put in `containers`.
+fn read(input: &[u8], containers: &mut Vec<Item>) -> Result<Value, PickleError> {
     let mut stack: Vec<Item> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: HashMap<u64, Item> = HashMap::new();
@@ -244,11 +261,15 @@ pub fn read_pickle(input: &[u8]) -> Result<Value, PickleError> {
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     pairs.push((k, v));
                 }
-                stack.push(Item::Dict(Rc::new(RefCell::new(pairs))));
+                let dict = Item::Dict(Rc::new(RefCell::new(pairs)));
+                containers.push(dict.clone());
+                stack.push(dict);
             }
             b'l' => {
                 let items = since_mark(&mut stack, &mut marks)?;
-                stack.push(Item::List(Rc::new(RefCell::new(items))));
+                let list = Item::List(Rc::new(RefCell::new(items)));
+                containers.push(list.clone());
+                stack.push(list);
             }
             b't' => {
                 let items = since_mark(&mut stack, &mut marks)?;
@@ -272,7 +293,9 @@ pub fn read_pickle(input: &[u8]) -> Result<Value, PickleError> {
             b'R' => {
                 let args = pop(&mut stack)?;
                 let callable = pop(&mut stack)?;
-                stack.push(reconstruct(&callable, &args)?);
+                let object = reconstruct(&callable, &args)?;
+                containers.push(object.clone());
+                stack.push(object);
             }
             b'b' => {
                 let state = pop(&mut stack)?;
