@@ -843,3 +843,248 @@ async fn bad_input_at_the_redirect_listener_is_refused_and_others_keep_working()
         1
     );
 }
+
+// Hostile peers (issue 17): each attack closes its own connection pair with a clear
+// metric, never forwards a partial message, and leaves another session untouched.
+
+/// Reads until the proxy closes the connection (a reset counts as closed).
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = timeout(T, s.read_to_end(&mut got))
+        .await
+        .expect("closed by the proxy");
+    got
+}
+
+/// A session that stays open across an attack, and the check that it was untouched.
+async fn good_session(redirect: SocketAddr) -> TcpStream {
+    let (mut good, _) = dealer(redirect, b"ps9").await.unwrap();
+    good.write_all(&data_message(1, 64)).await.unwrap();
+    good
+}
+
+async fn good_session_untouched(good: TcpStream, seen: &mut mpsc::UnboundedReceiver<Seen>) {
+    let more = data_message(2, 64);
+    send_and_close(good, &more).await;
+    let mut want = data_message(1, 64);
+    want.extend(more);
+    loop {
+        let got = timeout(T, seen.recv()).await.unwrap().unwrap();
+        if got.identity == Bytes::from_static(b"ps9") {
+            assert_eq!(got.bytes, want, "the good session was untouched");
+            return;
+        }
+        assert!(
+            got.bytes.is_empty(),
+            "an attacker's partial message was forwarded"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hostile_framing_closes_only_its_own_connection_pair() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let good = good_session(redirect).await;
+    let before = count(&counters(), "p3proxy_parse_errors_total{kind=zmtp_framing}");
+
+    // A frame length near 2^64: refused from its header, nothing allocated.
+    let mut huge = vec![0x03];
+    huge.extend((u64::MAX - 1).to_be_bytes());
+    // A meta that claims 5000 data frames, and sends them.
+    let meta = Meta {
+        head: Some(0),
+        request: Some(true),
+        push: Some(true),
+        data_type: vec![3; 5000],
+        ..Default::default()
+    };
+    let mut claims = ZmtpMessage::from_bodies([Bytes::from(meta.encode())]).encode();
+    claims[0] |= 0x01; // MORE: its data frames follow
+    for _ in 0..5000 {
+        claims.extend([0x01, 0x04, 1, 0, 0, 0]);
+    }
+    // An endless MORE chain of empty frames.
+    let endless: Vec<u8> = std::iter::repeat_n([0x01u8, 0x00], 100_000)
+        .flatten()
+        .collect();
+    for (what, attack) in [
+        ("huge frame", huge),
+        ("5000 frames", claims),
+        ("endless MORE", endless),
+    ] {
+        let (mut s, _) = dealer(redirect, b"ps11").await.unwrap();
+        let _ = s.write_all(&attack).await;
+        until_closed(&mut s).await;
+        let got = timeout(T, seen.recv()).await.expect(what).unwrap();
+        assert_eq!(got.identity, Bytes::from_static(b"ps11"));
+        assert!(got.bytes.is_empty(), "{what}: nothing forwarded");
+    }
+    assert_eq!(
+        count(&counters(), "p3proxy_parse_errors_total{kind=zmtp_framing}") - before,
+        3
+    );
+    good_session_untouched(good, &mut seen).await;
+}
+
+#[tokio::test]
+async fn a_slowloris_handshake_is_cut_at_the_deadline() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let good = good_session(redirect).await;
+    let before = count(
+        &counters(),
+        "p3proxy_connections_refused_total{reason=handshake_timeout}",
+    );
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    let greeting = Greeting::null(3).encode();
+    let started = std::time::Instant::now();
+    // One byte every 100 ms: the whole greeting and READY would take 10 s.
+    let mut closed = false;
+    for b in greeting.iter().chain(&[0u8; 40]) {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(0)) = timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "closed before the trickle ended");
+    // The handshake deadline of these tests is 2 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(
+            &counters(),
+            "p3proxy_connections_refused_total{reason=handshake_timeout}"
+        ) - before,
+        1
+    );
+    good_session_untouched(good, &mut seen).await;
+}
+
+#[tokio::test]
+async fn a_peer_that_resets_mid_message_forwards_nothing_of_it() {
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |_| {}).await;
+    let good = good_session(redirect).await;
+    let (s, _) = dealer(redirect, b"ps11").await.unwrap();
+    let message = data_message(7, 100_000);
+    let mut s = s;
+    s.write_all(&message[..message.len() / 2]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Reset: close with a zero linger.
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    let got = timeout(T, seen.recv())
+        .await
+        .expect("the server's connection closed too")
+        .unwrap();
+    assert_eq!(got.identity, Bytes::from_static(b"ps11"));
+    assert!(got.bytes.is_empty(), "half a message was forwarded");
+    good_session_untouched(good, &mut seen).await;
+}
+
+/// An admitted sliced tunnel session's main connection, straight to the tunnel port.
+async fn sliced_session(tunnel: SocketAddr, target: SocketAddr, session: u64) -> TcpStream {
+    use p3proxy::core::preamble::{parse_answer, Outcome, Preamble};
+    let preamble = Preamble {
+        class: 0,
+        sliced: true,
+        session,
+        target,
+        socket_type: Bytes::from_static(b"DEALER"),
+        identity: Bytes::from_static(b"ps11"),
+    };
+    let mut s = TcpStream::connect(tunnel).await.unwrap();
+    s.write_all(&preamble.encode()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "answered");
+        if let Ok((_, a)) = parse_answer(&buf) {
+            assert_eq!(a.outcome, Outcome::Admitted);
+            return s;
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_tunnel_frames_close_their_session_only() {
+    use p3proxy::core::slice::{Announce, SliceFrame};
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port());
+        c.reassembly_bytes = 200_000;
+    })
+    .await;
+    let tunnel = tunnel.unwrap();
+    let (redirect, _) = proxy(1, false, tunnel.port(), server, |_| {}).await;
+    let good = good_session(redirect).await;
+    let before = count(
+        &counters(),
+        "p3proxy_parse_errors_total{kind=tunnel_reassembly}",
+    );
+    let announce = |seq, total| {
+        SliceFrame::Announce(Announce {
+            seq,
+            total,
+            priority: 1,
+            fence: false,
+            keys: vec![3],
+            part: None,
+        })
+        .encode()
+    };
+    let slice = |seq, offset, len: usize| {
+        SliceFrame::Slice {
+            seq,
+            offset,
+            payload: Bytes::from(vec![0u8; len]),
+        }
+        .encode()
+    };
+    // A slice pointing past its message.
+    let mut past = announce(0, 100);
+    past.extend(slice(0, 90, 50));
+    // Slices the receiver must hold beyond its reassembly bound (200 KB): a message
+    // that cannot be delivered before an earlier one that never completes.
+    let mut big = announce(0, 100);
+    big.extend(announce(1, 10_000_000));
+    for i in 0..4u64 {
+        big.extend(slice(1, i * 100_000, 100_000));
+    }
+    for (session, (what, attack)) in [
+        (101, ("slice past its message", past)),
+        (102, ("over the memory bound", big)),
+    ] {
+        let mut s = sliced_session(tunnel, server, session).await;
+        let _ = s.write_all(&attack).await;
+        until_closed(&mut s).await;
+        let got = timeout(T, seen.recv()).await.expect(what).unwrap();
+        assert!(got.bytes.is_empty(), "{what}: nothing forwarded");
+    }
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_parse_errors_total{kind=tunnel_reassembly}") - before,
+        2
+    );
+    assert_eq!(
+        count(&c, "p3proxy_reassembly_bytes"),
+        0,
+        "memory given back"
+    );
+    good_session_untouched(good, &mut seen).await;
+}
