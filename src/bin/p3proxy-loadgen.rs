@@ -6,6 +6,13 @@
 //!   p3proxy-loadgen send --to ADDR --size BYTES --count N [--identity ps9]
 //!   p3proxy-loadgen preempt --to ADDR --big BYTES --small BYTES
 //!   p3proxy-loadgen capture --iface IF --port PORT --seconds S
+//!   p3proxy-loadgen register --to SCHEDULER --host IP --port PORT
+//!   p3proxy-loadgen tunnel --to PROXY:TUNNELPORT --target ADDR
+//!
+//! `send` and `recv` also print a checksum of every message's bytes in order (`send`
+//! varies the values from message to message), so a soak test can prove that nothing
+//! was altered, lost or reordered; `register` sends one ADD_NODE registration as a new
+//! server would (for the forged-registration tests).
 //!
 //! Each prints JSON lines: bytes, messages and seconds; with `--arrivals`, each
 //! message's key and arrival time (Unix seconds); `preempt` sends a big push of key 29
@@ -17,7 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use p3proxy::parsers::pslite::{Meta, PsMessage};
+use p3proxy::parsers::pslite::{Control, Meta, Node, PsMessage, K_EMPTY};
 use p3proxy::parsers::zmtp::{Command, Greeting, Limits, StreamDecoder, StreamEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -67,6 +74,45 @@ enum Cmd {
         #[arg(long, default_value = "ps9")]
         identity: String,
     },
+    /// Ask a proxy's tunnel port for TARGET, as a peer proxy would; print its answer.
+    Tunnel {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        target: SocketAddr,
+    },
+    /// Send one ADD_NODE registration for HOST:PORT to a scheduler, as a new server.
+    Register {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        port: i32,
+    },
+}
+
+/// An order-sensitive checksum of byte strings (FNV-style, eight bytes at a time).
+#[derive(Debug, Clone, Copy)]
+struct Checksum(u64);
+
+impl Checksum {
+    fn new() -> Checksum {
+        Checksum(0xcbf2_9ce4_8422_2325)
+    }
+    fn add(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            self.0 = (self.0 ^ w)
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(23);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 ^= bytes.len() as u64;
+    }
 }
 
 async fn handshake(
@@ -100,12 +146,16 @@ async fn main() -> anyhow::Result<()> {
             let (mut s, _) = listener.accept().await?;
             let mut dec = handshake(&mut s, b"ROUTER", b"").await?;
             let (mut bytes, mut messages) = (0u64, 0u64);
+            let mut sum = Checksum::new();
             let mut start = None;
             loop {
                 while let Some(ev) = dec.next_event()? {
                     if let StreamEvent::Message(m) = ev {
                         messages += 1;
                         bytes += m.encoded_len() as u64;
+                        for f in &m.frames {
+                            sum.add(&f.body);
+                        }
                         if arrivals {
                             let key = m
                                 .frames
@@ -127,7 +177,10 @@ async fn main() -> anyhow::Result<()> {
                 start.get_or_insert_with(Instant::now);
             }
             let secs = start.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            println!("{{\"bytes\": {bytes}, \"messages\": {messages}, \"secs\": {secs}}}");
+            println!(
+                "{{\"bytes\": {bytes}, \"messages\": {messages}, \"secs\": {secs}, \"checksum\": \"{:016x}\"}}",
+                sum.0
+            );
         }
         Cmd::Send {
             to,
@@ -138,19 +191,37 @@ async fn main() -> anyhow::Result<()> {
             let mut s = TcpStream::connect(to).await?;
             s.set_nodelay(true)?;
             handshake(&mut s, b"DEALER", identity.as_bytes()).await?;
-            let vals = Bytes::from(vec![0x3fu8; size]);
+            // Values that differ from message to message: windows of a pseudo-random block.
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            let block: Vec<u8> = (0..size + 4096)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let block = Bytes::from(block);
             let start = Instant::now();
             let mut bytes = 0u64;
+            let mut sum = Checksum::new();
             for ts in 0..count {
-                bytes += write_push(&mut s, ts as i32, ts % 64, vals.clone()).await?;
+                let at = (ts as usize * 7) % 4096;
+                let vals = block.slice(at..at + size);
+                let msg = push(ts as i32, ts % 64, vals);
+                for f in &msg.frames {
+                    sum.add(&f.body);
+                }
+                bytes += write_message(&mut s, &msg).await?;
             }
             s.shutdown().await?;
             // Wait for the receiver's side to close: everything arrived.
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest).await;
             println!(
-                "{{\"bytes\": {bytes}, \"messages\": {count}, \"secs\": {}}}",
-                start.elapsed().as_secs_f64()
+                "{{\"bytes\": {bytes}, \"messages\": {count}, \"secs\": {}, \"checksum\": \"{:016x}\"}}",
+                start.elapsed().as_secs_f64(),
+                sum.0
             );
         }
         Cmd::Preempt { to, big, small } => {
@@ -169,6 +240,63 @@ async fn main() -> anyhow::Result<()> {
             port,
             seconds,
         } => capture(&iface, port, seconds)?,
+        Cmd::Tunnel { to, target } => {
+            use p3proxy::core::preamble::{parse_answer, Preamble};
+            let mut s = TcpStream::connect(to).await?;
+            let preamble = Preamble {
+                class: 0,
+                sliced: false,
+                session: 1,
+                target,
+                socket_type: Bytes::from_static(b"DEALER"),
+                identity: Bytes::from_static(b"ps9"),
+            };
+            s.write_all(&preamble.encode()).await?;
+            let mut buf = Vec::new();
+            let outcome = loop {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), s.read_buf(&mut buf))
+                    .await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) => break "closed".to_string(),
+                    Err(_) => break "no answer".to_string(),
+                    Ok(Ok(_)) => {}
+                }
+                if let Ok((_, a)) = parse_answer(&buf) {
+                    break format!("{:?}", a.outcome);
+                }
+            };
+            println!("{{\"target\": \"{target}\", \"outcome\": \"{outcome}\"}}");
+        }
+        Cmd::Register { to, host, port } => {
+            let mut s = TcpStream::connect(to).await?;
+            handshake(&mut s, b"DEALER", b"").await?;
+            let meta = Meta {
+                head: Some(K_EMPTY),
+                control: Some(Control {
+                    cmd: Some(2),
+                    node: vec![Node {
+                        role: Some(0),
+                        id: Some(K_EMPTY),
+                        hostname: Some(Bytes::from(host.clone())),
+                        port: Some(port),
+                        is_recovery: Some(false),
+                        customer_id: Some(0),
+                        ..Node::default()
+                    }],
+                    ..Control::default()
+                }),
+                request: Some(false),
+                timestamp: Some(0),
+                customer_id: Some(K_EMPTY),
+                ..Meta::default()
+            };
+            s.write_all(&PsMessage::new(meta, vec![]).to_zmtp().encode())
+                .await?;
+            s.shutdown().await?;
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            println!("{{\"registered\": \"{host}:{port}\"}}");
+        }
     }
     Ok(())
 }
@@ -182,6 +310,22 @@ fn unix_now() -> f64 {
 
 /// Writes one push request of key `key`; returns its wire length.
 async fn write_push(s: &mut TcpStream, ts: i32, key: u64, vals: Bytes) -> anyhow::Result<u64> {
+    write_message(s, &push(ts, key, vals)).await
+}
+
+/// Writes a message (headers and small frames copied, the value frame as is).
+async fn write_message(
+    s: &mut TcpStream,
+    msg: &p3proxy::parsers::zmtp::ZmtpMessage,
+) -> anyhow::Result<u64> {
+    for piece in msg.wire_pieces() {
+        s.write_all(&piece).await?;
+    }
+    Ok(msg.encoded_len() as u64)
+}
+
+/// A push request of key `key`.
+fn push(ts: i32, key: u64, vals: Bytes) -> p3proxy::parsers::zmtp::ZmtpMessage {
     let meta = Meta {
         head: Some(0),
         request: Some(true),
@@ -197,12 +341,7 @@ async fn write_push(s: &mut TcpStream, ts: i32, key: u64, vals: Bytes) -> anyhow
     };
     let lens = Bytes::copy_from_slice(&(vals.len() as i32).to_le_bytes());
     let keys = Bytes::copy_from_slice(&key.to_le_bytes());
-    let msg = PsMessage::new(meta, vec![keys, vals, lens]).to_zmtp();
-    // Headers and small frames copied, the value frame written as is.
-    for piece in msg.wire_pieces() {
-        s.write_all(&piece).await?;
-    }
-    Ok(msg.encoded_len() as u64)
+    PsMessage::new(meta, vec![keys, vals, lens]).to_zmtp()
 }
 
 /// Per TCP connection (by its two endpoints) seen on `iface` to or from `port`: packets,
