@@ -192,7 +192,9 @@ impl Default for Config {
             upstream: None,
             schedule: true,
             slice_bytes: DEFAULT_SLICE_BYTES,
-            memory_budget_bytes: 1 << 30,
+            // Half the reassembly bound: a peer reserves what this proxy has announced
+            // (its queue) plus what it sent of messages not finished yet.
+            memory_budget_bytes: 1 << 29,
             reassembly_bytes: 1 << 30,
             class_dscp: [48, 32, 16, 0],
             threads: 1,
@@ -322,6 +324,12 @@ impl Config {
         }
         if self.reassembly_bytes < self.slice_bytes {
             return invalid("reassembly_bytes", "must hold at least one slice");
+        }
+        if self.memory_budget_bytes > self.reassembly_bytes / 2 {
+            return invalid(
+                "memory_budget_bytes",
+                "must be at most half of `reassembly_bytes`: a receiving proxy holds what a sender announced (its queue) and what it sent of unfinished messages; keep the same values on every host",
+            );
         }
         match (self.priority, &self.priority_map) {
             (PrioritySource::Map, None) => {

@@ -9,9 +9,10 @@
 //!   p3proxy-loadgen register --to SCHEDULER --host IP --port PORT
 //!   p3proxy-loadgen tunnel --to PROXY:TUNNELPORT --target ADDR
 //!
-//! `send` and `recv` also print a checksum of every message's bytes in order (`send`
-//! varies the values from message to message), so a soak test can prove that nothing
-//! was altered, lost or reordered; `register` sends one ADD_NODE registration as a new
+//! `send` and `recv` also print a checksum of every message's bytes, in order per key
+//! (`send` varies the values from message to message; messages of different keys may
+//! overtake each other through a scheduling proxy, those of one key may not), so a soak
+//! test can prove that nothing was altered, lost or reordered; `register` sends one ADD_NODE registration as a new
 //! server would (for the forged-registration tests).
 //!
 //! Each prints JSON lines: bytes, messages and seconds; with `--arrivals`, each
@@ -92,6 +93,35 @@ enum Cmd {
     },
 }
 
+/// Checksums of messages, order-sensitive within each key (the first key of the message).
+#[derive(Debug, Default)]
+struct PerKey(std::collections::BTreeMap<u64, Checksum>);
+
+impl PerKey {
+    fn add(&mut self, msg: &p3proxy::parsers::zmtp::ZmtpMessage) {
+        let key = msg
+            .frames
+            .get(1)
+            .and_then(|f| f.body.get(..8))
+            .map_or(u64::MAX, |b| {
+                u64::from_le_bytes(b.try_into().expect("8 bytes"))
+            });
+        let sum = self.0.entry(key).or_insert_with(Checksum::new);
+        for f in &msg.frames {
+            sum.add(&f.body);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        let mut all = Checksum::new();
+        for (k, s) in &self.0 {
+            all.add(&k.to_le_bytes());
+            all.add(&s.0.to_le_bytes());
+        }
+        all.0
+    }
+}
+
 /// An order-sensitive checksum of byte strings (FNV-style, eight bytes at a time).
 #[derive(Debug, Clone, Copy)]
 struct Checksum(u64);
@@ -146,16 +176,14 @@ async fn main() -> anyhow::Result<()> {
             let (mut s, _) = listener.accept().await?;
             let mut dec = handshake(&mut s, b"ROUTER", b"").await?;
             let (mut bytes, mut messages) = (0u64, 0u64);
-            let mut sum = Checksum::new();
+            let mut sum = PerKey::default();
             let mut start = None;
             loop {
                 while let Some(ev) = dec.next_event()? {
                     if let StreamEvent::Message(m) = ev {
                         messages += 1;
                         bytes += m.encoded_len() as u64;
-                        for f in &m.frames {
-                            sum.add(&f.body);
-                        }
+                        sum.add(&m);
                         if arrivals {
                             let key = m
                                 .frames
@@ -179,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
             let secs = start.map_or(0.0, |t| t.elapsed().as_secs_f64());
             println!(
                 "{{\"bytes\": {bytes}, \"messages\": {messages}, \"secs\": {secs}, \"checksum\": \"{:016x}\"}}",
-                sum.0
+                sum.total()
             );
         }
         Cmd::Send {
@@ -204,14 +232,12 @@ async fn main() -> anyhow::Result<()> {
             let block = Bytes::from(block);
             let start = Instant::now();
             let mut bytes = 0u64;
-            let mut sum = Checksum::new();
+            let mut sum = PerKey::default();
             for ts in 0..count {
                 let at = (ts as usize * 7) % 4096;
                 let vals = block.slice(at..at + size);
                 let msg = push(ts as i32, ts % 64, vals);
-                for f in &msg.frames {
-                    sum.add(&f.body);
-                }
+                sum.add(&msg);
                 bytes += write_message(&mut s, &msg).await?;
             }
             s.shutdown().await?;
@@ -221,7 +247,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{{\"bytes\": {bytes}, \"messages\": {count}, \"secs\": {}, \"checksum\": \"{:016x}\"}}",
                 start.elapsed().as_secs_f64(),
-                sum.0
+                sum.total()
             );
         }
         Cmd::Preempt { to, big, small } => {
