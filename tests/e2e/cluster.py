@@ -81,9 +81,12 @@ def metric(text, name, **labels):
 class Proxies:
     """p3proxy and its redirect on some hosts; stopped and removed on exit."""
 
-    def __init__(self, hosts, tag, args=(), metrics_on_host=False):
+    def __init__(self, hosts, tag, args=(), metrics_on_host=False, as_uid=None):
         """`metrics_on_host`: each proxy serves metrics on its host address (port 9464),
-        reachable from the other hosts, instead of its 127.0.0.1."""
+        reachable from the other hosts, instead of its 127.0.0.1. `as_uid`: run each proxy
+        as that uid with no capability at all (the redirect exempts the uid; the caller's
+        config says `[exempt] uid`)."""
+        self.as_uid = as_uid
         self.hosts = list(hosts)
         self.procs = {}
         self.tag = tag
@@ -101,17 +104,30 @@ class Proxies:
                 journal = os.path.join(LOGS, f"{self.tag}-journal-{h}.jsonl")
                 if os.path.exists(journal):
                     os.remove(journal)
+                if self.as_uid is not None:
+                    # The unprivileged proxy creates its journal in a directory of its own.
+                    jdir = os.path.join(LOGS, f"{self.tag}-journal-{h}")
+                    os.makedirs(jdir, exist_ok=True)
+                    os.chown(jdir, self.as_uid, self.as_uid)
+                    journal = os.path.join(jdir, "journal.jsonl")
+                    if os.path.exists(journal):
+                        os.remove(journal)
                 args += ["--journal", journal]
             if self.metrics_on_host:
                 args += ["--metrics", f"{ip(h)}:9464"]
-            self.procs[h] = subprocess.Popen(netns(h) + [PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+            user = []
+            if self.as_uid is not None:
+                user = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups",
+                        "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+            self.procs[h] = subprocess.Popen(netns(h) + user + [PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         for h in self.hosts:
             deadline = time.time() + 10
             while sh(*netns(h), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":
                 if self.procs[h].poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"p3proxy on {h} did not start; see {LOGS}/{self.tag}-proxy-{h}.log")
                 time.sleep(0.05)
-            sh(*netns(h), REDIRECT, "install", "--proxy-port", "15301", "--cidr", CIDR)
+            exempt = ["--uid", str(self.as_uid)] if self.as_uid is not None else []
+            sh(*netns(h), REDIRECT, "install", "--proxy-port", "15301", "--cidr", CIDR, *exempt)
         return self
 
     def metrics(self):

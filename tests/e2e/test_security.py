@@ -92,3 +92,28 @@ def test_no_open_relay_no_loopback_service_no_forged_registration():
     assert "registration ignored: nothing listens there" in log
     assert f"local node registered: tunnels to it are admitted addr={H2}:7001" in log
     assert log.count("local node registered") == 1, "only the real node was learned"
+
+
+def test_the_proxy_runs_as_an_unprivileged_user_with_no_capability():
+    """DESIGN.md section 2: with the uid exemption the proxy needs no capability at all."""
+    from cluster import Topology, run_job
+
+    topo = Topology("h1", ["h2"], ["h3", "h1"])
+    os.makedirs(cluster.LOGS, exist_ok=True)
+    config = os.path.join(cluster.LOGS, "unprivileged.toml")  # readable by the proxy's user
+    with open(config, "w") as f:
+        f.write(f'cluster_cidr = ["{cluster.CIDR}"]\n\n[exempt]\nuid = 65534\n')
+    os.chmod(config, 0o644)
+    direct = run_job(topo, "kv_raw.py", "unpriv-direct", {"NIT": "3"})
+    with Proxies(["h1", "h2", "h3"], "unpriv", ["--config", str(config)], as_uid=65534) as proxies:
+        for h, p in proxies.procs.items():
+            status = open(f"/proc/{p.pid}/status").read()
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            # setpriv execs the proxy in place: this is the proxy itself.
+            assert fields["Uid"].split()[:2] == ["65534", "65534"], (h, fields["Uid"])
+            assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, (h, fields["CapEff"])
+        proxied = run_job(topo, "kv_raw.py", "unpriv-proxied", {"NIT": "3"})
+        text = proxies.metrics()
+    assert proxied.results == direct.results
+    assert metric(text["h3"], "p3proxy_connections_total", route="tunnel") > 0, "through the tunnels"
+    assert sum(metric(t, "p3proxy_keys_split_total") for t in text.values()) > 0, "and split in front of the server"
