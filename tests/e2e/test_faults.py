@@ -6,6 +6,7 @@ and `scripts/redirect remove` restores direct operation."""
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from datetime import datetime
@@ -99,3 +100,75 @@ def test_a_server_dying_mid_job_is_seen_counted_and_recovered_from():
     for h in TOPO.hosts():
         assert cluster.sh(*cluster.netns(h), cluster.REDIRECT, "status", check=False).returncode == 3
     assert run_job(TOPO, "kv_raw.py", "faults-direct-again", {"NIT": "4"}).results == direct.results
+
+
+def test_a_server_side_proxy_restarted_under_a_live_server_continues_its_journal():
+    """The proxy in front of a server with a split key is killed mid-job while the server
+    lives: meanwhile the workers' proxies never go around it (they close the apps'
+    connections without READY, libzmq retries); restarted on its journal, it continues the
+    split layout, admits the tunnels again, and never sends the split key's requests
+    unsplit (the server, which only knows the slice keys, would fail loudly)."""
+    others = ["h1", "h3", "h4"]
+    journal = os.path.join(cluster.LOGS, "restart-journal-h2.jsonl")
+    if os.path.exists(journal):
+        os.remove(journal)
+
+    def start_h2(tag):
+        log = open(os.path.join(cluster.LOGS, f"{tag}-proxy-h2.log"), "w")
+        p = subprocess.Popen(cluster.netns("h2") + [cluster.PROXY, "run", "--journal", journal],
+                             stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while cluster.sh(*cluster.netns("h2"), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":
+            assert p.poll() is None and time.time() < deadline, f"{tag}: the proxy did not start"
+            time.sleep(0.05)
+        return p
+
+    h2 = start_h2("restart-first")
+    cluster.sh(*cluster.netns("h2"), cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", cluster.CIDR)
+    errors = {}
+    try:
+        with Proxies(others, "restart") as proxies:
+            def job():
+                try:
+                    run_job(TOPO, "gluon_train.py", "restart-job", {"STEPS": "100000"}, timeout=90)
+                except Exception as e:
+                    errors["job"] = e
+            t = threading.Thread(target=job)
+            t.start()
+            deadline = time.time() + 60
+            while metric(cluster.scrape("h2"), "p3proxy_split_requests_total") < 20:
+                assert time.time() < deadline, "the split key was not trained"
+                time.sleep(0.5)
+            split_before = metric(cluster.scrape("h2"), "p3proxy_keys_split_total")
+            h2.send_signal(signal.SIGKILL)
+            h2.wait()
+            time.sleep(3)  # down: the workers' proxies must not go around it
+            down = proxies.metrics()
+            h2 = start_h2("restart-second")
+            time.sleep(5)
+            after = cluster.scrape("h2")
+            up = proxies.metrics()
+            for h in ("h1", "h3", "h4"):
+                for pid in our_pids(h, "gluon_train.py"):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in our_pids("h2", "gluon_train.py"):
+                os.kill(pid, signal.SIGKILL)
+            t.join(60)
+    finally:
+        h2.send_signal(signal.SIGTERM)
+        h2.wait(10)
+        cluster.sh(*cluster.netns("h2"), cluster.REDIRECT, "remove", check=False)
+    assert split_before == 1
+    for w in ("h3", "h4"):
+        assert metric(down[w], "p3proxy_connections_refused_total", reason="proxy_not_bypassed") > 0, w
+        # Never direct to the server's host.
+        assert metric(down[w], "p3proxy_connections_total", route="direct") == 0, w
+        assert metric(up[w], "p3proxy_tunnel_answers_total", outcome="admitted") > \
+            metric(down[w], "p3proxy_tunnel_answers_total", outcome="admitted"), f"{w}: tunnels admitted again"
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(os.path.join(cluster.LOGS, "restart-second-proxy-h2.log")).read())
+    assert "continuing from the journal of a previous run" in log and "split_keys=1" in log, log[-2000:]
+    # Whatever reached the restarted proxy for the split key went split (or was stopped),
+    # never whole: the server saw no request for a key it does not have.
+    assert metric(after, "p3proxy_split_failures_total", reason="layout_mismatch") == 0
+    server_log = open(os.path.join(cluster.LOGS, "restart-job-server0-h2.log")).read()
+    assert "Check failed" not in server_log and "not initialized" not in server_log.lower(), server_log[-2000:]
