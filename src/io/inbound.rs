@@ -16,6 +16,19 @@ use std::process::Command;
 /// The chain the rules live in; `scripts/redirect remove` removes it too.
 pub(crate) const CHAIN: &str = "P3PROXY_INBOUND";
 
+/// The jump from nat PREROUTING to the chain, for local destinations only.
+const JUMP: [&str; 9] = [
+    "PREROUTING",
+    "-p",
+    "tcp",
+    "-m",
+    "addrtype",
+    "--dst-type",
+    "LOCAL",
+    "-j",
+    CHAIN,
+];
+
 /// Why the inbound rules could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("iptables {args}: {reason}")]
@@ -42,19 +55,8 @@ impl InboundRules {
             // It exists (a previous run): start from no rules.
             rules.iptables(&["-t", "nat", "-F", CHAIN])?;
         }
-        let jump = [
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            CHAIN,
-        ];
-        if rules.iptables(&with(&["-t", "nat", "-C"], &jump)).is_err() {
-            rules.iptables(&with(&["-t", "nat", "-A"], &jump))?;
+        if rules.iptables(&with(&["-t", "nat", "-C"], &JUMP)).is_err() {
+            rules.iptables(&with(&["-t", "nat", "-A"], &JUMP))?;
         }
         Ok(rules)
     }
@@ -96,18 +98,7 @@ impl InboundRules {
 
     /// Removes every rule, the jump and the chain (at shutdown).
     pub(crate) fn remove(&self) {
-        let jump = [
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            CHAIN,
-        ];
-        while self.iptables(&with(&["-t", "nat", "-D"], &jump)).is_ok() {}
+        while self.iptables(&with(&["-t", "nat", "-D"], &JUMP)).is_ok() {}
         let _ = self.iptables(&["-t", "nat", "-F", CHAIN]);
         let _ = self.iptables(&["-t", "nat", "-X", CHAIN]);
     }
