@@ -139,6 +139,9 @@ pub struct Config {
     pub class_dscp: [u8; 4],
     /// Threads that move bytes (1: a single-threaded runtime).
     pub threads: usize,
+    /// Connections served at once (captured, tunnel and inbound together); more wait in
+    /// the kernel's accept backlog until one closes.
+    pub max_connections: usize,
     /// Where key priorities come from: `learned` (from the traffic), `key` (MXNet key
     /// order), or `map` (`priority_map`, written by scripts/priority-map).
     pub priority: PrioritySource,
@@ -205,6 +208,7 @@ impl Default for Config {
             split_min_bytes: None,
             split_hold_ms: 10_000,
             split_optimizers: None,
+            max_connections: 8192,
             journal: Some(DEFAULT_JOURNAL.into()),
         }
     }
@@ -360,6 +364,9 @@ impl Config {
             );
         }
         self.optimizer_set()?;
+        if !(16..=1_000_000).contains(&self.max_connections) {
+            return invalid("max_connections", "must be between 16 and 1000000");
+        }
         if !(1..=64).contains(&self.threads) {
             return invalid("threads", "must be between 1 and 64");
         }

@@ -1088,3 +1088,28 @@ async fn hostile_tunnel_frames_close_their_session_only() {
     );
     good_session_untouched(good, &mut seen).await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let _serial = serial().await;
+    let (server, _seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |c| c.max_connections = 2).await;
+    let (first, _) = dealer(redirect, b"ps9").await.unwrap();
+    let (_second, _) = dealer(redirect, b"ps11").await.unwrap();
+    // The third is accepted by the kernel, not served by the proxy.
+    let mut third = TcpStream::connect(redirect).await.unwrap();
+    third.write_all(&Greeting::null(3).encode()).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        timeout(Duration::from_millis(500), third.read_exact(&mut buf))
+            .await
+            .is_err(),
+        "served beyond the limit"
+    );
+    drop(first);
+    timeout(T, third.read_exact(&mut buf))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert_eq!(buf, Greeting::null(0).encode());
+}

@@ -35,9 +35,6 @@ use crate::core::topology::{node_id_from_identity, Learned, MessageContext, Topo
 use crate::metrics::{self, OpenConnection, INBOUND, OUTBOUND};
 use p3proxy_parsers::pslite::Role;
 
-/// Most connections handled at once; more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 8192;
-
 /// State shared by every connection of one proxy.
 pub struct Shared {
     pub(crate) config: Config,
@@ -452,7 +449,7 @@ fn rand_seed() -> u64 {
 
 /// Accepts on every listener until `shutdown` completes.
 pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     let redirect = accept_loop(
         bound.redirect,
         shared.clone(),
