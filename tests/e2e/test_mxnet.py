@@ -145,7 +145,7 @@ def test_the_inbound_listener_is_not_a_relay():
     """Connecting to the inbound port itself (not redirected) reaches nothing."""
     with Proxies(["h2"], "inbound-direct", ["--inbound", "0.0.0.0:15303"]) as proxies:
         out = cluster.sh(*cluster.netns("h3"), cluster.PYTHON, "-c",
-                         "import socket;s=socket.create_connection(('10.77.0.12',15303),3);s.sendall(b'\\xff'+bytes(9)+b'\\x7f');"
+                         f"import socket;s=socket.create_connection(('{cluster.ip('h2')}',15303),3);s.sendall(b'\\xff'+bytes(9)+b'\\x7f');"
                          "s.settimeout(3)\ntry: print(repr(s.recv(64)))\nexcept ConnectionResetError: print('reset')")
         assert out.stdout.strip() in ("b''", "reset"), out  # closed, not one byte answered
         text = proxies.metrics()["h2"]

@@ -14,7 +14,7 @@ import cluster
 from cluster import Proxies, metric
 
 LOADGEN = os.path.join(os.path.dirname(cluster.PROXY), "p3proxy-loadgen")
-H2 = "10.77.0.12"
+H2 = cluster.ip("h2")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +61,7 @@ def test_no_open_relay_no_loopback_service_no_forged_registration():
             time.sleep(0.3)
             ask = lambda target: loadgen("h3", "tunnel", "--to", f"{H2}:15302", "--target", target)["outcome"]  # noqa: E731
             assert ask(f"{H2}:7001") == "Admitted", "the registered node is reachable"
-            for target in ("127.0.0.1:7000", f"{H2}:7002", f"{H2}:15302", f"{H2}:9464", "10.77.0.13:22", "10.77.0.13:7001"):
+            for target in ("127.0.0.1:7000", f"{H2}:7002", f"{H2}:15302", f"{H2}:9464", f"{cluster.ip('h3')}:22", f"{cluster.ip('h3')}:7001"):
                 assert ask(target) == "RefusedByPolicy", target
             # Garbage at the tunnel port is not relayed anywhere.
             out = cluster.sh(*cluster.netns("h3"), cluster.PYTHON, "-c",
