@@ -4,7 +4,8 @@ through p3proxy with the given `p3proxy run` flags; prints how many proxied runs
 from the direct one. As root:
   .venv/bin/python bench/noupd_probe.py                  # defaults (split, scheduling)
   .venv/bin/python bench/noupd_probe.py --no-split
-  .venv/bin/python bench/noupd_probe.py --no-split --no-schedule"""
+  .venv/bin/python bench/noupd_probe.py --no-split --no-schedule
+PROBE_HOSTS=h4,h5 puts proxies on those hosts only (default: every host)."""
 import sys
 import os
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
@@ -18,7 +19,8 @@ try:
     d = run_job(T, "gluon_train.py", "probe-direct", env)
     bad = 0
     for i in range(6):
-        with Proxies(T.hosts(), "probe", args):
+        hosts = os.environ.get("PROBE_HOSTS", ",".join(T.hosts())).split(",")
+        with Proxies(hosts, "probe", args):
             p = run_job(T, "gluon_train.py", "probe-proxied", env)
         ok = p.results == d.results
         bad += not ok
