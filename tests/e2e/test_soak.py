@@ -77,9 +77,10 @@ def test_gigabytes_through_two_proxies_arrive_unaltered_with_flat_memory():
           f"fds {fds0} -> {fds1}")
     for h in pids:
         # Bounded by the egress budget (512 MiB) and its allocator slack, and not growing:
-        # the last session adds next to nothing to the one before.
+        # the last session sets no new high-water mark beyond noise (the allocator's
+        # retained pages move by tens of MB from session to session, both ways).
         assert max(r[h] for r in rss) < 2 * BUDGET_KB + 64 * 1024, f"{h}: {rss}"
-        growth = rss[-1][h] - rss[-2][h]
+        growth = rss[-1][h] - max(r[h] for r in rss[:-1])
         assert growth < 32 * 1024, f"{h}: memory grew by {growth} kB in the last session: {rss}"
         assert fds1[h] <= fds0[h] + 2, f"{h}: file descriptors {fds0[h]} -> {fds1[h]}"
         assert metric(text[h], "p3proxy_parse_errors_total") == 0
