@@ -310,6 +310,9 @@ fn feed(
                 if let Err(e) = skim.push(bytes, ts, &mut done) {
                     return fail(c, format!("ZMTP framing: {e}"));
                 }
+                if done.is_empty() {
+                    return; // Most segments complete no message: nothing to build.
+                }
                 let target = c.summary.target.unwrap_or(c.summary.server);
                 let identity = Bytes::from(c.summary.identity.clone().into_bytes());
                 let tunnel = c.summary.kind == StreamKind::Tunnel;

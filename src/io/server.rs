@@ -182,7 +182,8 @@ impl Shared {
 
     /// Sends connections from other hosts to the local node at `addr` through the
     /// inbound listener, if inbound capture is on. A failure is loud but safe: peers
-    /// then reach the node directly, and its keys are not split (`worker_not_proxied`).
+    /// then reach the node directly, so this proxy never sees their requests and splits
+    /// nothing for them (with proxied workers too, it refuses: `worker_not_proxied`).
     fn capture_inbound(&self, addr: SocketAddr) {
         if let Some(rules) = &self.inbound {
             match rules.capture(addr) {
