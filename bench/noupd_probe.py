@@ -1,4 +1,5 @@
-"""Probe for the open worker-side-update divergence (see README, Status): the Gluon job of
+"""Probe for the worker-side-update divergence (README, Status; fixed by the request-order
+hold at the server, README "Request order at the server"): the Gluon job of
 tests/e2e/test_mxnet.py with MXNET_UPDATE_ON_KVSTORE=0, direct once and then six times
 through p3proxy with the given `p3proxy run` flags; prints how many proxied runs differ
 from the direct one. As root:

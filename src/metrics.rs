@@ -64,6 +64,9 @@ pub const SPLIT_REQUESTS: &str = "p3proxy_split_requests_total";
 pub const SLICE_REQUESTS: &str = "p3proxy_slice_requests_total";
 /// Responses merged from slice-key responses.
 pub const SPLIT_RESPONSES_MERGED: &str = "p3proxy_split_responses_merged_total";
+/// Requests to a local server held until the server answered the same worker's
+/// earlier request for their key (ps-lite's server queue is not first-in first-out).
+pub const REQUESTS_HELD_FOR_ORDER: &str = "p3proxy_requests_held_for_order_total";
 
 /// Journal writes that failed.
 pub const JOURNAL_ERRORS: &str = "p3proxy_journal_errors_total";
@@ -117,6 +120,10 @@ pub fn describe() {
     );
     describe_counter!(SLICE_REQUESTS, "Slice-key requests sent to local servers.");
     describe_counter!(JOURNAL_ERRORS, "Journal writes that failed.");
+    describe_counter!(
+        REQUESTS_HELD_FOR_ORDER,
+        "Requests to a local server held until it answered the same worker's earlier request for their key (ps-lite's server queue may serve a later request first)."
+    );
     describe_counter!(
         SPLIT_RESPONSES_MERGED,
         "Responses merged from slice-key responses."
@@ -199,6 +206,7 @@ pub fn describe() {
         SLICE_REQUESTS,
         SPLIT_RESPONSES_MERGED,
         JOURNAL_ERRORS,
+        REQUESTS_HELD_FOR_ORDER,
     ] {
         counter!(name).increment(0);
     }

@@ -266,6 +266,9 @@ pub enum RequestPlan {
     /// Rank 0's first init push waits until every worker reaches the server through
     /// this proxy (ask again; `waited` once the deadline passed).
     Hold,
+    /// An earlier request of the same worker for one of its keys is unanswered: the
+    /// server's ps-lite queue could take this one first (ask again once it is).
+    Behind,
     /// Send these messages (one per slice key) instead, as wire pieces.
     Split(Vec<Vec<Bytes>>),
     /// The server's traffic stops.
@@ -360,8 +363,16 @@ pub struct Splitter {
     /// Number of servers (key ranges).
     num_servers: u64,
     pending: HashMap<Correlation, Merge>,
-    /// Forwarded requests awaiting their response.
-    outstanding: HashMap<Correlation, u32>,
+    /// Forwarded requests awaiting their response: how many, and their keys.
+    outstanding: HashMap<Correlation, (u32, Vec<u64>)>,
+    /// Unanswered requests by (server id, worker, key): a later request of that
+    /// worker for that key waits (see [`RequestPlan::Behind`]).
+    unanswered: HashMap<(i32, i32, u64), u32>,
+    /// Response connections from a local server (id) to a worker through this proxy,
+    /// by (server id, worker): only where the answer is seen can a request wait for it.
+    answer_paths: HashMap<(i32, i32), u32>,
+    /// A request stopped being unanswered since the last [`Splitter::take_released`].
+    released: bool,
     refused_logged: HashSet<(SocketAddr, u64)>,
     events: VecDeque<SplitEvent>,
 }
@@ -377,6 +388,9 @@ impl Splitter {
             num_servers: 0,
             pending: HashMap::new(),
             outstanding: HashMap::new(),
+            unanswered: HashMap::new(),
+            answer_paths: HashMap::new(),
+            released: false,
             refused_logged: HashSet::new(),
             events: VecDeque::new(),
         }
@@ -485,8 +499,20 @@ impl Splitter {
         }
     }
 
+    /// A response connection from local server `server_id` to `worker` completed its
+    /// handshake: this proxy sees that server's answers to that worker.
+    pub fn responses_opened(&mut self, server_id: i32, worker: i32) {
+        *self.answer_paths.entry((server_id, worker)).or_insert(0) += 1;
+    }
+
     /// The server's response connection to `worker` closed.
     pub fn responses_closed(&mut self, server_id: i32, worker: i32) {
+        if let Some(n) = self.answer_paths.get_mut(&(server_id, worker)) {
+            *n -= 1;
+            if *n == 0 {
+                self.answer_paths.remove(&(server_id, worker));
+            }
+        }
         self.forget(server_id, worker);
     }
 
@@ -495,6 +521,51 @@ impl Splitter {
             .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
         self.outstanding
             .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
+        let before = self.unanswered.len();
+        self.unanswered
+            .retain(|&(s, w, _), _| !(s == server_id && w == worker));
+        self.released |= self.unanswered.len() != before;
+    }
+
+    /// Whether a request stopped being unanswered since the last call: requests that
+    /// were [`RequestPlan::Behind`] may go now.
+    pub fn take_released(&mut self) -> bool {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Requests of `worker` for `keys` reach server `server_id` now.
+    fn await_answer(&mut self, server_id: i32, worker: i32, keys: &[u64]) {
+        for &k in keys {
+            *self.unanswered.entry((server_id, worker, k)).or_insert(0) += 1;
+        }
+    }
+
+    /// One of them was answered.
+    fn answered(&mut self, server_id: i32, worker: i32, keys: &[u64]) {
+        for &k in keys {
+            if let Some(n) = self.unanswered.get_mut(&(server_id, worker, k)) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unanswered.remove(&(server_id, worker, k));
+                    self.released = true;
+                }
+            }
+        }
+    }
+
+    /// MXNet 1.9.1's ps-lite server takes requests from a priority queue in which
+    /// every message has priority 0 (`std::priority_queue`, compared with `<=`): once
+    /// requests queue up, a later one can be served first. A worker sends a pull and
+    /// then, without waiting for it, a pushpull of the same key (Gluon's initial
+    /// broadcast, then the first step): if that pushpull completes the round first,
+    /// the pull returns the round's sum instead of the initial weights. So a request
+    /// waits here while an earlier request of the same worker for one of its keys is
+    /// unanswered, where this proxy sees the answer.
+    fn behind(&self, server_id: i32, worker: i32, keys: &[u64]) -> bool {
+        self.answer_paths.contains_key(&(server_id, worker))
+            && keys
+                .iter()
+                .any(|k| self.unanswered.contains_key(&(server_id, worker, *k)))
     }
 
     /// Requests tracked now (bounded by [`MAX_TRACKED`]).
@@ -641,11 +712,16 @@ impl Splitter {
         }
     }
 
-    fn track(&mut self, corr: Correlation) -> Result<(), ()> {
+    fn track(&mut self, corr: Correlation, keys: &[u64]) -> Result<(), ()> {
         if self.tracked() >= MAX_TRACKED {
             return Err(());
         }
-        *self.outstanding.entry(corr).or_insert(0) += 1;
+        let entry = self
+            .outstanding
+            .entry(corr)
+            .or_insert_with(|| (0, keys.to_vec()));
+        entry.0 += 1;
+        self.await_answer(corr.0, corr.1, keys);
         Ok(())
     }
 
@@ -673,6 +749,9 @@ impl Splitter {
             _ => None,
         });
         let corr = server_id.map(|id| (id, sender, req.meta.customer_id(), req.meta.timestamp()));
+        if server_id.is_some_and(|id| self.behind(id, sender, real)) {
+            return RequestPlan::Behind;
+        }
         if let Some((key, layout)) = split_key {
             return self.split_request(server, corr, key, layout, req);
         }
@@ -713,7 +792,7 @@ impl Splitter {
             }
         }
         if let Some(corr) = corr {
-            if self.track(corr).is_err() {
+            if self.track(corr, real).is_err() {
                 let f = self.fail(
                     server,
                     None,
@@ -879,6 +958,7 @@ impl Splitter {
         }
         self.pending
             .insert(corr, Merge::new(layout, req.meta.is_pull()));
+        self.await_answer(corr.0, corr.1, &[key]);
         let meta = Pieces::one(req.meta_frame.clone());
         let messages = (0..layout.count)
             .map(|i| {
@@ -926,11 +1006,12 @@ impl Splitter {
             && meta.head() == layout.head
             && vals_len == layout.total;
         let tracked = self.pending.contains_key(&corr) || self.outstanding.contains_key(&corr);
-        if !fits || tracked || self.tracked() >= MAX_TRACKED {
+        if !fits || tracked || self.tracked() >= MAX_TRACKED || self.behind(id, sender, &[*key]) {
             return HeadPlan::Whole;
         }
         self.pending
             .insert(corr, Merge::new(layout, meta.is_pull()));
+        self.await_answer(id, sender, &[*key]);
         HeadPlan::Stream(layout)
     }
 
@@ -991,6 +1072,7 @@ impl Splitter {
             let done = match outcome {
                 Err(detail) => {
                     self.pending.remove(&corr);
+                    self.answered(server_id, worker, &[layout.key]);
                     return ResponsePlan::Stop(self.fail(
                         server,
                         Some(layout.key),
@@ -1002,6 +1084,7 @@ impl Splitter {
             };
             if done.is_some() {
                 self.pending.remove(&corr);
+                self.answered(server_id, worker, &[layout.key]);
             }
             if defer {
                 return ResponsePlan::Part(Part {
@@ -1020,11 +1103,14 @@ impl Splitter {
                 },
             };
         }
-        if let Some(n) = self.outstanding.get_mut(&corr) {
+        if let Some((n, keys)) = self.outstanding.get_mut(&corr) {
             *n -= 1;
-            if *n == 0 {
-                self.outstanding.remove(&corr);
-            }
+            let keys = if *n == 0 {
+                self.outstanding.remove(&corr).expect("present").1
+            } else {
+                keys.clone()
+            };
+            self.answered(server_id, worker, &keys);
             return ResponsePlan::Forward;
         }
         if self.pinned(server) {

@@ -46,6 +46,8 @@ pub struct Shared {
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
     pub(crate) splitter: Mutex<Splitter>,
+    /// Notified when requests held behind an unanswered one may go.
+    pub(crate) order_released: tokio::sync::Notify,
     journal: Option<Mutex<JournalFile>>,
     /// Inbound capture of registered ports, if on.
     inbound: Option<InboundRules>,
@@ -157,6 +159,7 @@ impl Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
             splitter: Mutex::new(Splitter::new(config.split_config())),
+            order_released: tokio::sync::Notify::new(),
             config,
             env,
             policy: Mutex::new(policy),

@@ -21,6 +21,9 @@ use crate::metrics;
 
 /// How long rank 0's first init push waits for every worker to reach the server.
 const HOLD_POLL: Duration = Duration::from_millis(5);
+/// How often a request behind an unanswered one of its key looks again (a wake-up
+/// comes with each answer; this only bounds a missed one).
+const BEHIND_POLL: Duration = Duration::from_millis(20);
 
 /// What goes out instead of one message.
 #[derive(Debug)]
@@ -153,7 +156,12 @@ impl Shared {
         };
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
         let deadline = Instant::now() + self.config.split_hold();
+        let mut behind_since = None;
         loop {
+            // Armed before asking, so an answer between the two is not missed.
+            let answered = self.order_released.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
             let plan = {
                 let mut sp = self.splitter();
                 let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
@@ -172,7 +180,23 @@ impl Shared {
                     tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
                     tokio::time::sleep(HOLD_POLL).await;
                 }
+                RequestPlan::Behind => {
+                    if behind_since.is_none() {
+                        behind_since = Some(Instant::now());
+                        ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER).increment(1);
+                        tracing::debug!(dst = %info.dst, sender, ?keys, ts = unit.meta.timestamp(),
+                            "request held until the server answers the same worker's earlier request for its key");
+                    }
+                    let _ = tokio::time::timeout(BEHIND_POLL, answered).await;
+                }
             }
+        }
+    }
+
+    /// Wakes requests held behind an answer, if the splitter released any.
+    fn wake_held(&self, sp: &mut Splitter) {
+        if sp.take_released() {
+            self.order_released.notify_waiters();
         }
     }
 
@@ -202,6 +226,7 @@ impl Shared {
             let plan =
                 sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data, defer);
             self.split_events(&mut sp);
+            self.wake_held(&mut sp);
             plan
         };
         match plan {
@@ -305,10 +330,9 @@ impl SplitLink {
                     worker: id,
                 }
             } else if sp.server_addr(id).is_some() {
-                Link::Responses {
-                    server: id,
-                    worker: dst_node?,
-                }
+                let worker = dst_node?;
+                sp.responses_opened(id, worker);
+                Link::Responses { server: id, worker }
             } else {
                 return None;
             }
@@ -327,5 +351,6 @@ impl Drop for SplitLink {
             Link::Requests { server, worker } => sp.worker_disconnected(server, worker),
             Link::Responses { server, worker } => sp.responses_closed(server, worker),
         }
+        self.shared.wake_held(&mut sp);
     }
 }

@@ -817,3 +817,180 @@ fn a_streamed_push_is_tracked_and_its_lens_checked() {
         .unwrap();
     assert_eq!((f.reason, f.key), ("layout_mismatch", Some(7)));
 }
+
+/// The server's answer to `req` as the response connection carries it.
+fn answer(sp: &mut Splitter, worker: i32, req: &Req, key: u64, vals: &[u8]) -> ResponsePlan {
+    if req.meta.is_pull() {
+        let (m, f, d) = response(&req.meta, key, vals);
+        sp.on_data_response(8, worker, &m, &f, &d, false)
+    } else {
+        let (m, f) = ack(&req.meta);
+        sp.on_data_response(8, worker, &m, &f, &[], false)
+    }
+}
+
+#[test]
+fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswered() {
+    // Gluon with worker-side updates: rank 0's init push, each worker's broadcast
+    // pull, then without waiting for it the first step's pushpull of the same key.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    let init = Req::push(1, values(8, 1), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(answer(&mut sp, W9, &init, 1, &[]), ResponsePlan::Forward);
+    assert!(sp.take_released());
+    let pull9 = Req::pull(1, 2);
+    let pull11 = Req::pull(1, 1);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull9.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull11.view(), false),
+        RequestPlan::Forward
+    );
+    let pp9 = Req::push(1, values(8, 2), 3, true, 0);
+    let pp11 = Req::push(1, values(8, 3), 2, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9.view(), false),
+        RequestPlan::Behind
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pp11.view(), false),
+        RequestPlan::Behind
+    );
+    // Other keys, and the other worker's answers, do not hold it.
+    let other = Req::push(3, values(8, 4), 4, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &other.view(), false),
+        RequestPlan::Forward
+    );
+    assert!(!sp.take_released());
+    assert_eq!(
+        answer(&mut sp, W11, &pull11, 1, &values(8, 1)),
+        ResponsePlan::Forward
+    );
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9.view(), false),
+        RequestPlan::Behind
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pp11.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        answer(&mut sp, W9, &pull9, 1, &values(8, 1)),
+        ResponsePlan::Forward
+    );
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9.view(), false),
+        RequestPlan::Forward
+    );
+    // A pull behind the same worker's unanswered pushpull waits too.
+    let pull9b = Req::pull(1, 5);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull9b.view(), false),
+        RequestPlan::Behind
+    );
+    assert_eq!(
+        answer(&mut sp, W9, &pp9, 1, &values(8, 5)),
+        ResponsePlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull9b.view(), false),
+        RequestPlan::Forward
+    );
+    // A closed request connection forgets its requests, and what waited on them goes.
+    let pp11b = Req::push(1, values(8, 6), 6, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pp11b.view(), false),
+        RequestPlan::Behind
+    );
+    sp.worker_disconnected(addr(S8), W11);
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pp11b.view(), false),
+        RequestPlan::Forward
+    );
+}
+
+#[test]
+fn nothing_waits_for_an_answer_this_proxy_would_not_see() {
+    // The server's response connection to W11 does not pass this proxy.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    let init = Req::push(1, values(8, 1), 1, false, 0);
+    sp.on_data_request(addr(S8), W11, &init.view(), false);
+    let pull = Req::pull(1, 2);
+    let pp = Req::push(1, values(8, 2), 3, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pp.view(), false),
+        RequestPlan::Forward
+    );
+    // Once it closes, W9's requests no longer wait either.
+    let pull9 = Req::pull(1, 4);
+    let pp9 = Req::push(1, values(8, 3), 5, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull9.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9.view(), false),
+        RequestPlan::Behind
+    );
+    sp.responses_closed(8, W9);
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9.view(), false),
+        RequestPlan::Forward
+    );
+}
+
+#[test]
+fn a_split_keys_pushpull_waits_for_every_slice_of_the_pull_before_it() {
+    let mut sp = split_job();
+    sp.responses_opened(8, W9);
+    let pull = Req::pull(7, 2);
+    assert_eq!(
+        split(sp.on_data_request(addr(S8), W9, &pull.view(), false)).len(),
+        10
+    );
+    let pp = Req::push(7, values(4000, 2), 3, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Behind
+    );
+    // Nor may its bytes stream to the server as slices meanwhile.
+    assert_eq!(
+        sp.on_request_head(addr(S8), W9, &pp.meta, &[7], 4000),
+        HeadPlan::Whole
+    );
+    for i in 0..10u64 {
+        assert_eq!(
+            sp.on_data_request(addr(S8), W9, &pp.view(), false),
+            RequestPlan::Behind
+        );
+        let (m, f, d) = response(&pull.meta, SLICE_KEY_BASE + i, &values(400, i as u8));
+        let plan = sp.on_data_response(8, W9, &m, &f, &d, false);
+        assert_eq!(
+            matches!(plan, ResponsePlan::Merged { .. }),
+            i == 9,
+            "slice {i}: {plan:?}"
+        );
+    }
+    assert!(sp.take_released());
+    assert_eq!(
+        split(sp.on_data_request(addr(S8), W9, &pp.view(), false)).len(),
+        10
+    );
+}

@@ -1,0 +1,20 @@
+"""SGD that takes its time on one key: the server's request thread waits for the
+optimizer, so requests queue up behind it (as behind a big model's update, or a
+CPU-starved server). Importable by the servers when they unpickle it (the
+workload's directory is on their path)."""
+import time
+
+import mxnet as mx
+
+
+@mx.optimizer.register
+class SlowSGD(mx.optimizer.SGD):
+    def __init__(self, slow_key=-1, seconds=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.slow_key = slow_key
+        self.seconds = seconds
+
+    def update(self, index, weight, grad, state):
+        if index == self.slow_key:
+            time.sleep(self.seconds)
+        super().update(index, weight, grad, state)
