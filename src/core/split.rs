@@ -350,6 +350,15 @@ struct ServerState {
     failed: Option<Failure>,
 }
 
+/// A forwarded request awaiting its response.
+#[derive(Debug)]
+struct Outstanding {
+    /// Copies forwarded (a ps-lite resend repeats the correlation).
+    count: u32,
+    /// Its keys, while it is an unanswered pull later requests wait for.
+    holds: Option<Vec<u64>>,
+}
+
 /// The split decisions and the requests in flight of every local server.
 #[derive(Debug)]
 pub struct Splitter {
@@ -363,10 +372,10 @@ pub struct Splitter {
     /// Number of servers (key ranges).
     num_servers: u64,
     pending: HashMap<Correlation, Merge>,
-    /// Forwarded requests awaiting their response: how many, and their keys.
-    outstanding: HashMap<Correlation, (u32, Vec<u64>)>,
-    /// Unanswered requests by (server id, worker, key): a later request of that
-    /// worker for that key waits (see [`RequestPlan::Behind`]).
+    /// Forwarded requests awaiting their response.
+    outstanding: HashMap<Correlation, Outstanding>,
+    /// Unanswered pulls by (server id, worker, key): a later request of that worker
+    /// for that key waits (see [`RequestPlan::Behind`]).
     unanswered: HashMap<(i32, i32, u64), u32>,
     /// Response connections from a local server (id) to a worker through this proxy,
     /// by (server id, worker): only where the answer is seen can a request wait for it.
@@ -404,13 +413,18 @@ impl Splitter {
     /// A local server registered with the scheduler through this proxy: a new
     /// server process (a new job), whatever was known of that address before.
     pub fn server_registered(&mut self, addr: SocketAddr) {
+        if let Some(id) = self.servers.get(&addr).and_then(|s| s.id) {
+            self.forget_server(id);
+        }
         self.servers.insert(addr, ServerState::default());
         self.bind_ids();
     }
 
     /// A local server exited.
     pub fn server_exited(&mut self, addr: SocketAddr) {
-        self.servers.remove(&addr);
+        if let Some(id) = self.servers.remove(&addr).and_then(|s| s.id) {
+            self.forget_server(id);
+        }
     }
 
     /// A layout from the journal of this proxy's previous run: its key goes on being
@@ -516,6 +530,15 @@ impl Splitter {
         self.forget(server_id, worker);
     }
 
+    /// Every request in flight to server `server_id` (it exited or started afresh).
+    fn forget_server(&mut self, server_id: i32) {
+        self.pending.retain(|&(s, _, _, _), _| s != server_id);
+        self.outstanding.retain(|&(s, _, _, _), _| s != server_id);
+        let before = self.unanswered.len();
+        self.unanswered.retain(|&(s, _, _), _| s != server_id);
+        self.released |= self.unanswered.len() != before;
+    }
+
     fn forget(&mut self, server_id: i32, worker: i32) {
         self.pending
             .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
@@ -559,8 +582,10 @@ impl Splitter {
     /// then, without waiting for it, a pushpull of the same key (Gluon's initial
     /// broadcast, then the first step): if that pushpull completes the round first,
     /// the pull returns the round's sum instead of the initial weights. So a request
-    /// waits here while an earlier request of the same worker for one of its keys is
-    /// unanswered, where this proxy sees the answer.
+    /// waits here while an earlier pull of the same worker for one of its keys is
+    /// unanswered, where this proxy sees the answer. Only pulls: the server answers a
+    /// pull at once, while a push waits for every worker's (holding behind one could
+    /// deadlock two workers, and would change what a pull in between returns).
     fn behind(&self, server_id: i32, worker: i32, keys: &[u64]) -> bool {
         self.answer_paths.contains_key(&(server_id, worker))
             && keys
@@ -712,16 +737,32 @@ impl Splitter {
         }
     }
 
-    fn track(&mut self, corr: Correlation, keys: &[u64]) -> Result<(), ()> {
+    /// Whether a request is a pull later requests of its worker and keys wait for:
+    /// a pure pull, to a server without ps-lite resends (a resent copy the server
+    /// drops would never be answered).
+    fn holds(&self, server: SocketAddr, meta: &Meta) -> bool {
+        meta.is_pull()
+            && !meta.is_push()
+            && self
+                .servers
+                .get(&server)
+                .is_some_and(|s| !s.blockers.contains(&Refusal::Resend))
+    }
+
+    fn track(&mut self, corr: Correlation, keys: &[u64], holds: bool) -> Result<(), ()> {
         if self.tracked() >= MAX_TRACKED {
             return Err(());
         }
-        let entry = self
-            .outstanding
-            .entry(corr)
-            .or_insert_with(|| (0, keys.to_vec()));
-        entry.0 += 1;
-        self.await_answer(corr.0, corr.1, keys);
+        if let Some(o) = self.outstanding.get_mut(&corr) {
+            o.count += 1; // A resent copy: the first answer releases what waits.
+            return Ok(());
+        }
+        let holds = holds.then(|| keys.to_vec());
+        if let Some(keys) = &holds {
+            self.await_answer(corr.0, corr.1, keys);
+        }
+        self.outstanding
+            .insert(corr, Outstanding { count: 1, holds });
         Ok(())
     }
 
@@ -792,7 +833,8 @@ impl Splitter {
             }
         }
         if let Some(corr) = corr {
-            if self.track(corr, real).is_err() {
+            let holds = self.holds(server, req.meta);
+            if self.track(corr, real, holds).is_err() {
                 let f = self.fail(
                     server,
                     None,
@@ -956,9 +998,12 @@ impl Splitter {
                 format!("more than {MAX_TRACKED} requests in flight"),
             );
         }
-        self.pending
-            .insert(corr, Merge::new(layout, req.meta.is_pull()));
-        self.await_answer(corr.0, corr.1, &[key]);
+        let mut merge = Merge::new(layout, req.meta.is_pull());
+        if self.holds(server, req.meta) {
+            merge.holds = true;
+            self.await_answer(corr.0, corr.1, &[key]);
+        }
+        self.pending.insert(corr, merge);
         let meta = Pieces::one(req.meta_frame.clone());
         let messages = (0..layout.count)
             .map(|i| {
@@ -1009,9 +1054,9 @@ impl Splitter {
         if !fits || tracked || self.tracked() >= MAX_TRACKED || self.behind(id, sender, &[*key]) {
             return HeadPlan::Whole;
         }
+        // A push: nothing waits for it.
         self.pending
             .insert(corr, Merge::new(layout, meta.is_pull()));
-        self.await_answer(id, sender, &[*key]);
         HeadPlan::Stream(layout)
     }
 
@@ -1071,8 +1116,9 @@ impl Splitter {
             };
             let done = match outcome {
                 Err(detail) => {
-                    self.pending.remove(&corr);
-                    self.answered(server_id, worker, &[layout.key]);
+                    if self.pending.remove(&corr).is_some_and(|m| m.holds) {
+                        self.answered(server_id, worker, &[layout.key]);
+                    }
                     return ResponsePlan::Stop(self.fail(
                         server,
                         Some(layout.key),
@@ -1082,8 +1128,7 @@ impl Splitter {
                 }
                 Ok(done) => done,
             };
-            if done.is_some() {
-                self.pending.remove(&corr);
+            if done.is_some() && self.pending.remove(&corr).is_some_and(|m| m.holds) {
                 self.answered(server_id, worker, &[layout.key]);
             }
             if defer {
@@ -1103,14 +1148,15 @@ impl Splitter {
                 },
             };
         }
-        if let Some((n, keys)) = self.outstanding.get_mut(&corr) {
-            *n -= 1;
-            let keys = if *n == 0 {
-                self.outstanding.remove(&corr).expect("present").1
-            } else {
-                keys.clone()
-            };
-            self.answered(server_id, worker, &keys);
+        if let Some(o) = self.outstanding.get_mut(&corr) {
+            o.count -= 1;
+            let held = o.holds.take();
+            if o.count == 0 {
+                self.outstanding.remove(&corr);
+            }
+            if let Some(keys) = held {
+                self.answered(server_id, worker, &keys);
+            }
             return ResponsePlan::Forward;
         }
         if self.pinned(server) {
@@ -1150,6 +1196,8 @@ pub fn slice_request(meta: &Pieces, layout: &Layout, i: u32, vals: Option<Pieces
 struct Merge {
     layout: Layout,
     pull: bool,
+    /// A pure pull later requests of its worker and key wait for.
+    holds: bool,
     got: u32,
     seen: Vec<bool>,
     meta_frame: Option<Bytes>,
@@ -1161,6 +1209,7 @@ impl Merge {
         Merge {
             layout,
             pull,
+            holds: false,
             got: 0,
             seen: vec![false; layout.count as usize],
             meta_frame: None,

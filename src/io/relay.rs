@@ -13,7 +13,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::server::Shared;
-use super::split::Outgoing;
+use super::split::{OrderWait, Outgoing};
 use crate::core::split::Failure;
 use crate::core::topology::MessageContext;
 use crate::metrics;
@@ -101,6 +101,30 @@ pub(crate) fn classify(
     }
 }
 
+/// Routes `ps` through the splitter; while it must wait behind an unanswered pull
+/// (`Outgoing::Behind`), writes out what went before (that pull may be among it)
+/// and waits.
+async fn route_in_order(
+    shared: &Shared,
+    info: &SessionInfo,
+    ps: &PsMessage,
+    out: &mut BufWriter<OwnedWriteHalf>,
+) -> std::io::Result<Result<Outgoing, Failure>> {
+    let mut wait = OrderWait::new(shared);
+    loop {
+        let answered = wait.armed();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        match shared.split_route(info, ps, false).await {
+            Ok(Outgoing::Behind) => {
+                out.flush().await?;
+                wait.wait(info, answered).await;
+            }
+            routed => return Ok(routed),
+        }
+    }
+}
+
 /// Moves messages from `rd` (already partly decoded in `dec`) to `wr`.
 /// `observe`: this direction goes from the session's DEALER to its ROUTER.
 pub(crate) async fn pump(
@@ -122,17 +146,23 @@ pub(crate) async fn pump(
             let written = match event {
                 StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
                     Ok(ps) => match observe {
-                        Some((shared, info)) => match shared.split_route(info, &ps, false).await {
-                            Ok(Outgoing::Pass | Outgoing::Part(_)) => {
-                                write_message(&mut out, &ps.to_zmtp()).await
+                        Some((shared, info)) => {
+                            match route_in_order(shared, info, &ps, &mut out).await {
+                                Err(e) => return PumpEnd::Io(e),
+                                Ok(Ok(Outgoing::Behind)) => unreachable!("waited out"),
+                                Ok(Ok(Outgoing::Pass | Outgoing::Part(_))) => {
+                                    write_message(&mut out, &ps.to_zmtp()).await
+                                }
+                                Ok(Ok(Outgoing::Absorb)) => Ok(0),
+                                Ok(Ok(Outgoing::Replace(msgs))) => {
+                                    write_all_pieces(&mut out, msgs).await
+                                }
+                                Ok(Ok(Outgoing::Merged(_, pieces))) => {
+                                    write_all_pieces(&mut out, vec![pieces]).await
+                                }
+                                Ok(Err(f)) => return PumpEnd::Stopped(f),
                             }
-                            Ok(Outgoing::Absorb) => Ok(0),
-                            Ok(Outgoing::Replace(msgs)) => write_all_pieces(&mut out, msgs).await,
-                            Ok(Outgoing::Merged(_, pieces)) => {
-                                write_all_pieces(&mut out, vec![pieces]).await
-                            }
-                            Err(f) => return PumpEnd::Stopped(f),
-                        },
+                        }
                         None => write_message(&mut out, &ps.to_zmtp()).await,
                     },
                     Err(msg) => {

@@ -26,7 +26,7 @@ use super::egress::{run_lane, write_pieces, Body, Item};
 use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
 use super::server::Shared;
 use super::session::PeerInfo;
-use super::split::{Outgoing, Unit};
+use super::split::{OrderWait, Outgoing, Unit};
 use super::streamed::ReceiverSplit;
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
@@ -195,7 +195,7 @@ async fn read_to_egress(
                                 vec![key],
                             )
                         }
-                        Ok(Outgoing::Replace(_)) => {
+                        Ok(Outgoing::Replace(_) | Outgoing::Behind) => {
                             // Requests to a local server never take this path (same host: relay).
                             return PumpEnd::Io(std::io::Error::other(
                                 "split requests on a scheduled session",
@@ -596,12 +596,27 @@ async fn deliver(
                         len,
                     })
                     .collect();
-                let unit = Unit {
-                    meta,
-                    meta_frame: frame,
-                    data: &data,
-                };
-                shared.split_request(info, Some(unit)).await
+                let mut wait = OrderWait::new(shared);
+                loop {
+                    let answered = wait.armed();
+                    tokio::pin!(answered);
+                    answered.as_mut().enable();
+                    let unit = Unit {
+                        meta,
+                        meta_frame: frame,
+                        data: &data,
+                    };
+                    match shared.split_request(info, Some(unit)).await {
+                        Ok(Outgoing::Behind) => {
+                            // What went before (the pull it waits for may be among it) goes first.
+                            write_pieces(out, std::mem::take(&mut pieces))
+                                .await
+                                .map_err(|e| format!("writing to the destination: {e}"))?;
+                            wait.wait(info, answered).await;
+                        }
+                        routed => break routed,
+                    }
+                }
             }
             None => shared.split_request(info, None).await,
         };

@@ -3,11 +3,13 @@
 //! tracks which workers' connections reach which server.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::{MessageKind, Meta, PsMessage};
+use tokio::sync::futures::Notified;
 
 use super::relay::SessionInfo;
 use super::server::Shared;
@@ -36,6 +38,9 @@ pub(crate) enum Outgoing {
     Absorb,
     /// A merged response for `key` (wire pieces) instead.
     Merged(u64, Vec<Bytes>),
+    /// Not yet: an earlier pull of the same worker and key is unanswered. Write out
+    /// what went before, wait with [`OrderWait`], and ask again.
+    Behind,
     /// The message itself, as a part the peer proxy merges.
     Part(Part),
 }
@@ -156,12 +161,7 @@ impl Shared {
         };
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
         let deadline = Instant::now() + self.config.split_hold();
-        let mut behind_since = None;
         loop {
-            // Armed before asking, so an answer between the two is not missed.
-            let answered = self.order_released.notified();
-            tokio::pin!(answered);
-            answered.as_mut().enable();
             let plan = {
                 let mut sp = self.splitter();
                 let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
@@ -180,15 +180,7 @@ impl Shared {
                     tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
                     tokio::time::sleep(HOLD_POLL).await;
                 }
-                RequestPlan::Behind => {
-                    if behind_since.is_none() {
-                        behind_since = Some(Instant::now());
-                        ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER).increment(1);
-                        tracing::debug!(dst = %info.dst, sender, ?keys, ts = unit.meta.timestamp(),
-                            "request held until the server answers the same worker's earlier request for its key");
-                    }
-                    let _ = tokio::time::timeout(BEHIND_POLL, answered).await;
-                }
+                RequestPlan::Behind => return Ok(Outgoing::Behind),
             }
         }
     }
@@ -299,6 +291,49 @@ impl Shared {
     /// A split server holds keys a bypass would corrupt.
     pub(crate) fn pinned(&self, addr: SocketAddr) -> bool {
         self.splitter().pinned(addr)
+    }
+}
+
+/// A request waiting for the answer to an earlier pull of its worker and key (see
+/// [`Outgoing::Behind`]): armed before each ask, so an answer in between is not
+/// missed; counts the request once and warns if it waits long.
+pub(crate) struct OrderWait<'a> {
+    shared: &'a Shared,
+    since: Option<Instant>,
+    warned: bool,
+}
+
+/// A request held this long is logged as a warning (a pull the server does not answer).
+const BEHIND_WARN: Duration = Duration::from_secs(5);
+
+impl<'a> OrderWait<'a> {
+    pub(crate) fn new(shared: &'a Shared) -> OrderWait<'a> {
+        OrderWait {
+            shared,
+            since: None,
+            warned: false,
+        }
+    }
+
+    /// The wake-up to arm (`enable`) before asking the splitter.
+    pub(crate) fn armed(&self) -> Notified<'a> {
+        self.shared.order_released.notified()
+    }
+
+    /// After [`Outgoing::Behind`] (and writing out what went before): waits for an
+    /// answer, or a short while.
+    pub(crate) async fn wait(&mut self, info: &SessionInfo, answered: Pin<&mut Notified<'a>>) {
+        let since = *self.since.get_or_insert_with(|| {
+            ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER).increment(1);
+            tracing::debug!(dst = %info.dst, "request held until the server answers the same worker's earlier pull of its key");
+            Instant::now()
+        });
+        if !self.warned && since.elapsed() >= BEHIND_WARN {
+            self.warned = true;
+            tracing::warn!(dst = %info.dst, waited_s = since.elapsed().as_secs(),
+                "a request still waits for the server to answer the same worker's earlier pull of its key");
+        }
+        let _ = tokio::time::timeout(BEHIND_POLL, answered).await;
     }
 }
 

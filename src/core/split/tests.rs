@@ -842,7 +842,7 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
         RequestPlan::Forward
     );
     assert_eq!(answer(&mut sp, W9, &init, 1, &[]), ResponsePlan::Forward);
-    assert!(sp.take_released());
+    assert!(!sp.take_released(), "nothing waited for the init push");
     let pull9 = Req::pull(1, 2);
     let pull11 = Req::pull(1, 1);
     assert_eq!(
@@ -892,21 +892,37 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
         sp.on_data_request(addr(S8), W9, &pp9.view(), false),
         RequestPlan::Forward
     );
-    // A pull behind the same worker's unanswered pushpull waits too.
+    // Nothing waits behind a push or pushpull: the server answers those only once
+    // every worker's is in (holding could deadlock two workers).
     let pull9b = Req::pull(1, 5);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pull9b.view(), false),
+        RequestPlan::Forward
+    );
+    let pp9b = Req::push(1, values(8, 5), 7, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9b.view(), false),
         RequestPlan::Behind
     );
     assert_eq!(
         answer(&mut sp, W9, &pp9, 1, &values(8, 5)),
         ResponsePlan::Forward
     );
+    assert!(!sp.take_released(), "a pushpull's answer releases nothing");
     assert_eq!(
-        sp.on_data_request(addr(S8), W9, &pull9b.view(), false),
+        answer(&mut sp, W9, &pull9b, 1, &values(8, 5)),
+        ResponsePlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp9b.view(), false),
         RequestPlan::Forward
     );
     // A closed request connection forgets its requests, and what waited on them goes.
+    let pull11b = Req::pull(1, 5);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull11b.view(), false),
+        RequestPlan::Forward
+    );
     let pp11b = Req::push(1, values(8, 6), 6, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W11, &pp11b.view(), false),
@@ -993,4 +1009,84 @@ fn a_split_keys_pushpull_waits_for_every_slice_of_the_pull_before_it() {
         split(sp.on_data_request(addr(S8), W9, &pp.view(), false)).len(),
         10
     );
+}
+
+#[test]
+fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.on_data_request(
+        addr(S8),
+        W9,
+        &Req::push(1, values(8, 1), 1, false, 0).view(),
+        false,
+    );
+    let pull = Req::pull(1, 2);
+    let pp = Req::push(1, values(8, 2), 3, true, 0);
+    // The same pull twice: the copy waits for the first answer, the pushpull for both.
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull.view(), false),
+        RequestPlan::Behind
+    );
+    assert_eq!(
+        answer(&mut sp, W9, &pull, 1, &values(8, 1)),
+        ResponsePlan::Forward
+    );
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Behind
+    );
+    assert_eq!(
+        answer(&mut sp, W9, &pull, 1, &values(8, 1)),
+        ResponsePlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Forward
+    );
+    // With ps-lite ACKs (PS_RESEND) on, the server drops resent copies: nothing waits.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    assert_eq!(sp.on_control(addr(S8), ControlCommand::Ack), None);
+    let pull = Req::pull(1, 4);
+    let pp = Req::push(1, values(8, 2), 5, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pull.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Forward
+    );
+}
+
+#[test]
+fn a_server_starting_afresh_or_exiting_releases_what_waited_on_it() {
+    for exit in [false, true] {
+        let mut sp = ready(1, None);
+        sp.responses_opened(8, W9);
+        let pull = Req::pull(1, 2);
+        let pp = Req::push(1, values(8, 2), 3, true, 0);
+        sp.on_data_request(addr(S8), W9, &pull.view(), false);
+        assert_eq!(
+            sp.on_data_request(addr(S8), W9, &pp.view(), false),
+            RequestPlan::Behind
+        );
+        if exit {
+            sp.server_exited(addr(S8));
+        } else {
+            sp.server_registered(addr(S8));
+        }
+        assert!(sp.take_released());
+        assert_eq!(sp.tracked(), 0);
+    }
 }

@@ -14,7 +14,8 @@ class SlowSGD(mx.optimizer.SGD):
         self.slow_key = slow_key
         self.seconds = seconds
 
-    def update(self, index, weight, grad, state):
-        if index == self.slow_key:
+    def update_multi_precision(self, index, weight, grad, state):
+        # What MXNet's Updater calls (one index, or a list when it aggregates).
+        if self.slow_key in (index if isinstance(index, (list, tuple)) else [index]):
             time.sleep(self.seconds)
-        super().update(index, weight, grad, state)
+        super().update_multi_precision(index, weight, grad, state)
