@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use super::memory::MemoryReturn;
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
 use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_ANNOUNCED_KEYS};
@@ -109,6 +110,7 @@ pub(crate) struct Egress {
     space: Notify,
     slice_bytes: u64,
     metrics: metrics::EgressMetrics,
+    memory: MemoryReturn,
 }
 
 /// What a lane writer does next.
@@ -135,11 +137,19 @@ impl Egress {
             space: Notify::new(),
             slice_bytes,
             metrics: metrics::EgressMetrics::new(),
+            memory: MemoryReturn::default(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("egress lock")
+    }
+
+    /// Whether the queue is empty after enough went through it that the freed
+    /// memory should go back to the kernel (see `io::memory`).
+    pub(crate) fn memory_return_due(&self) -> bool {
+        let used = self.lock().sched.used();
+        self.memory.due(used)
     }
 
     /// Declares an output connection of `session`; returns its id and wake-up.
@@ -207,6 +217,7 @@ impl Egress {
                         lane.wake.notify_one();
                     }
                     self.metrics.queued(st.sched.used());
+                    self.memory.queued(spec.len);
                     return;
                 }
             }

@@ -5,6 +5,7 @@
 mod egress;
 mod inbound;
 mod journal;
+mod memory;
 mod net;
 mod relay;
 mod scheduled;

@@ -472,10 +472,20 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
             None => std::future::pending().await,
         }
     };
+    let memory = async {
+        let mut tick = tokio::time::interval(super::memory::TICK);
+        loop {
+            tick.tick().await;
+            if shared.egress.memory_return_due() {
+                let _ = tokio::task::spawn_blocking(super::memory::trim).await;
+            }
+        }
+    };
     tokio::select! {
         _ = redirect => {}
         _ = tunnel => {}
         _ = inbound => {}
+        _ = memory => {}
         _ = shutdown => tracing::info!("shutting down"),
     }
     shared.remove_inbound_rules();

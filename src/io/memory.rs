@@ -1,0 +1,61 @@
+//! Giving freed memory back to the kernel after a burst. The egress scheduler holds
+//! up to its memory budget while a sender outruns the link; once that drains, the
+//! allocator keeps the freed pages (glibc's per-thread arenas), and a sidecar would
+//! sit on hundreds of MB until the next burst. So once a second, if the queue is
+//! empty and at least [`AFTER_BYTES`] went through it since the last time,
+//! `malloc_trim` returns the free pages, on a blocking thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Bytes queued since the last return before an empty queue triggers one.
+pub(crate) const AFTER_BYTES: u64 = 64 << 20;
+/// How often an idle queue is checked.
+pub(crate) const TICK: Duration = Duration::from_secs(1);
+
+/// Counts what went through the queue since memory was last given back.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryReturn {
+    queued_since: AtomicU64,
+}
+
+impl MemoryReturn {
+    /// `bytes` were queued.
+    pub(crate) fn queued(&self, bytes: u64) {
+        self.queued_since.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The queue holds `used` bytes now: whether to give memory back (resets the count).
+    pub(crate) fn due(&self, used: u64) -> bool {
+        if used != 0 || self.queued_since.load(Ordering::Relaxed) < AFTER_BYTES {
+            return false;
+        }
+        self.queued_since.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Returns the allocator's free pages to the kernel.
+pub(crate) fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_once_the_queue_is_empty_after_enough_went_through() {
+        let m = MemoryReturn::default();
+        m.queued(AFTER_BYTES - 1);
+        assert!(!m.due(0), "not enough went through");
+        m.queued(1);
+        assert!(!m.due(5), "the queue still holds bytes");
+        assert!(m.due(0));
+        assert!(!m.due(0), "counted afresh after a return");
+    }
+}
