@@ -530,6 +530,23 @@ impl Splitter {
         self.forget(server_id, worker);
     }
 
+    /// ps-lite resends are on for `server` (it drops resent copies, which would never
+    /// be answered): nothing waits for its answers any more.
+    fn stop_holding(&mut self, server: SocketAddr) {
+        let Some(id) = self.servers.get(&server).and_then(|s| s.id) else {
+            return;
+        };
+        for (_, o) in self.outstanding.iter_mut().filter(|(c, _)| c.0 == id) {
+            o.holds = None;
+        }
+        for (_, m) in self.pending.iter_mut().filter(|(c, _)| c.0 == id) {
+            m.holds = false;
+        }
+        let before = self.unanswered.len();
+        self.unanswered.retain(|&(s, _, _), _| s != id);
+        self.released |= self.unanswered.len() != before;
+    }
+
     /// Every request in flight to server `server_id` (it exited or started afresh).
     fn forget_server(&mut self, server_id: i32) {
         self.pending.retain(|&(s, _, _, _), _| s != server_id);
@@ -664,6 +681,7 @@ impl Splitter {
         }
         match cmd {
             ControlCommand::Ack => {
+                self.stop_holding(server);
                 self.block(server, Refusal::Resend, "a ps-lite ACK (PS_RESEND)".into())
             }
             _ => None,

@@ -17,6 +17,8 @@ pub(crate) const TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub(crate) struct MemoryReturn {
     queued_since: AtomicU64,
+    /// `queued_since` at the previous tick: equal now means a whole quiet tick.
+    at_last_tick: AtomicU64,
 }
 
 impl MemoryReturn {
@@ -25,12 +27,19 @@ impl MemoryReturn {
         self.queued_since.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// The queue holds `used` bytes now: whether to give memory back (resets the count).
+    /// At a tick, the queue holds `used` bytes: whether to give memory back now. Only
+    /// after a burst: the queue is empty, nothing was queued for a whole tick (so not
+    /// between the iterations of a running job), and enough went through since the
+    /// last time.
     pub(crate) fn due(&self, used: u64) -> bool {
-        if used != 0 || self.queued_since.load(Ordering::Relaxed) < AFTER_BYTES {
+        let now = self.queued_since.load(Ordering::Relaxed);
+        let quiet = self.at_last_tick.swap(now, Ordering::Relaxed) == now;
+        if used != 0 || !quiet || now < AFTER_BYTES {
             return false;
         }
-        self.queued_since.store(0, Ordering::Relaxed);
+        // What arrives meanwhile counts towards the next time.
+        let rest = self.queued_since.fetch_sub(now, Ordering::Relaxed) - now;
+        self.at_last_tick.store(rest, Ordering::Relaxed);
         true
     }
 }
@@ -49,13 +58,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn due_once_the_queue_is_empty_after_enough_went_through() {
+    fn due_after_a_burst_once_a_whole_tick_was_quiet() {
         let m = MemoryReturn::default();
         m.queued(AFTER_BYTES - 1);
+        assert!(!m.due(0), "bytes were queued during this tick");
         assert!(!m.due(0), "not enough went through");
         m.queued(1);
+        assert!(!m.due(0), "bytes were queued during this tick");
+        m.queued(10);
+        assert!(!m.due(0), "still flowing (a job between iterations)");
         assert!(!m.due(5), "the queue still holds bytes");
-        assert!(m.due(0));
+        assert!(m.due(0), "a quiet tick after the burst");
         assert!(!m.due(0), "counted afresh after a return");
     }
 }

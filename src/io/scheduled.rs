@@ -9,7 +9,7 @@
 //! Receiving side: every connection of a sliced tunnel session feeds one reassembler;
 //! complete messages go to the destination app in the order rules of §4.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -320,6 +320,53 @@ async fn read_frames(
     }
 }
 
+/// What woke a receiving session.
+enum Wake {
+    Attached((TcpStream, Vec<u8>, OpenConnection)),
+    Frames(Option<(usize, FrameEvent)>),
+    Back(PumpEnd),
+}
+
+/// Takes one frame into the reassembler: its message number, and the messages it
+/// completed, in order.
+fn reassemble(
+    shared: &Shared,
+    reasm: &mut Reassembler,
+    held: &mut u64,
+    frame: SliceFrame,
+) -> Result<(u64, Vec<Reassembled>), String> {
+    let seq = match &frame {
+        SliceFrame::Slice { seq, .. } => {
+            ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+            *seq
+        }
+        SliceFrame::Announce(a) => {
+            shared.priority_hint(&a.keys, a.priority);
+            a.seq
+        }
+    };
+    let ready = reasm.on_frame(frame).map_err(|e| {
+        metrics::parse_error("tunnel_reassembly");
+        format!("reassembly: {e}")
+    })?;
+    let now_held = reasm.held();
+    metrics::reassembly_held(*held, now_held);
+    *held = now_held;
+    Ok((seq, ready))
+}
+
+/// The session's incoming frames while a delivery waits for a server's answer: they
+/// are reassembled and their messages queued behind the waiting one, so the tunnel
+/// keeps being read (a stalled reader would fill the origin's egress budget, shared
+/// by every session of that host, and could hold up the very answer waited for).
+/// Anything but a frame is kept for the session loop.
+struct Inflow<'a> {
+    frames: &'a mut mpsc::Receiver<(usize, FrameEvent)>,
+    reasm: &'a mut Reassembler,
+    held: &'a mut u64,
+    deferred: &'a mut Option<Option<(usize, FrameEvent)>>,
+}
+
 /// Receiving side of a sliced tunnel session: reassembles what the origin's
 /// connections carry and writes complete messages to the destination app.
 #[allow(clippy::too_many_arguments)]
@@ -372,15 +419,25 @@ pub(crate) async fn run_receiver(
     // have closed (the origin closes them all; one that failed to open never attaches).
     let (mut main_closed, mut class_open) = (false, 0usize);
     let mut first = true;
+    // A frame-channel event taken while a delivery waited (see `Inflow`).
+    let mut deferred: Option<Option<(usize, FrameEvent)>> = None;
     let outcome: Result<(), String> = loop {
-        tokio::select! {
-            Some((conn, rest, open)) = attached.recv() => {
+        let next = match deferred.take() {
+            Some(event) => Wake::Frames(event),
+            None => tokio::select! {
+                Some(a) = attached.recv() => Wake::Attached(a),
+                event = frames.recv() => Wake::Frames(event),
+                end = &mut back => Wake::Back(end),
+            },
+        };
+        match next {
+            Wake::Attached((conn, rest, open)) => {
                 let (rd, wr) = TcpStream::into_split(conn);
                 idle_writes.push((wr, open));
                 class_open += 1;
                 readers.spawn(read_frames(1, rd, rest, frames_tx.clone()));
             }
-            event = frames.recv() => {
+            Wake::Frames(event) => {
                 let frame = match event {
                     Some((_, FrameEvent::Frame(f))) => f,
                     Some((id, FrameEvent::Closed)) => {
@@ -414,36 +471,40 @@ pub(crate) async fn run_receiver(
                     Some((_, FrameEvent::Io(e))) => break Err(format!("tunnel connection: {e}")),
                     None => break Err("every tunnel reader ended".into()),
                 };
-                let seq = match &frame {
-                    SliceFrame::Slice { seq, .. } => {
-                        ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
-                        *seq
-                    }
-                    SliceFrame::Announce(a) => {
-                        shared.priority_hint(&a.keys, a.priority);
-                        a.seq
-                    }
+                let (seq, ready) = match reassemble(&shared, &mut reasm, &mut held, frame) {
+                    Ok(x) => x,
+                    Err(e) => break Err(e),
                 };
-                let ready = match reasm.on_frame(frame) {
-                    Ok(ready) => ready,
-                    Err(e) => {
-                        metrics::parse_error("tunnel_reassembly");
-                        break Err(format!("reassembly: {e}"));
-                    }
-                };
-                let now_held = reasm.held();
-                metrics::reassembly_held(held, now_held);
-                held = now_held;
                 if split.in_front_of_server() {
-                    if let Err(e) = split.on_progress(&shared, &info, &reasm, seq, &mut dst_wr).await {
+                    if let Err(e) = split
+                        .on_progress(&shared, &info, &reasm, seq, &mut dst_wr)
+                        .await
+                    {
                         break Err(e);
                     }
                 }
-                if let Err(e) = deliver(&shared, &info, ready, &mut dst_wr, &mut first, &mut split, labels.0).await {
+                let mut inflow = Inflow {
+                    frames: &mut frames,
+                    reasm: &mut reasm,
+                    held: &mut held,
+                    deferred: &mut deferred,
+                };
+                if let Err(e) = deliver(
+                    &shared,
+                    &info,
+                    ready,
+                    &mut dst_wr,
+                    &mut first,
+                    &mut split,
+                    labels.0,
+                    &mut inflow,
+                )
+                .await
+                {
                     break Err(e);
                 }
             }
-            end = &mut back => {
+            Wake::Back(end) => {
                 tracing::debug!(dst = %info.dst, reason = ?end, "destination side ended");
                 break Ok(());
             }
@@ -538,6 +599,7 @@ fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'static 
 }
 
 /// Observes complete messages and writes them to the destination app.
+#[allow(clippy::too_many_arguments)]
 async fn deliver(
     shared: &Shared,
     info: &SessionInfo,
@@ -546,12 +608,14 @@ async fn deliver(
     first: &mut bool,
     split: &mut ReceiverSplit,
     direction: &'static str,
+    inflow: &mut Inflow<'_>,
 ) -> Result<(), String> {
     if ready.is_empty() {
         return Ok(());
     }
+    let mut ready = VecDeque::from(ready);
     let mut pieces = Vec::new();
-    for msg in ready {
+    while let Some(msg) = ready.pop_front() {
         let shape = check_unit(&msg, &shared.limits).map_err(|why| {
             metrics::parse_error("tunnel_message");
             format!("a reassembled message is not one ZMTP unit: {why}")
@@ -612,7 +676,16 @@ async fn deliver(
                             write_pieces(out, std::mem::take(&mut pieces))
                                 .await
                                 .map_err(|e| format!("writing to the destination: {e}"))?;
-                            wait.wait(info, answered).await;
+                            tokio::select! {
+                                _ = wait.wait(info, answered) => {}
+                                event = inflow.frames.recv(), if inflow.deferred.is_none() => match event {
+                                    Some((_, FrameEvent::Frame(f))) => {
+                                        let (_, more) = reassemble(shared, inflow.reasm, inflow.held, f)?;
+                                        ready.extend(more);
+                                    }
+                                    other => *inflow.deferred = Some(other),
+                                },
+                            }
                         }
                         routed => break routed,
                     }

@@ -304,10 +304,9 @@ impl Shared {
                         if role == Role::Server {
                             // This proxy relays the server's traffic from its registration on:
                             // the history a split needs starts here.
-                            self.splitter
-                                .lock()
-                                .expect("splitter lock")
-                                .server_registered(addr);
+                            let mut sp = self.splitter.lock().expect("splitter lock");
+                            sp.server_registered(addr);
+                            self.wake_held(&mut sp);
                         }
                         tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
                     }
@@ -345,10 +344,11 @@ impl Shared {
             Some(Learned::NodeExit(addr))
                 if self.policy.lock().expect("policy lock").forget(addr) =>
             {
-                self.splitter
-                    .lock()
-                    .expect("splitter lock")
-                    .server_exited(addr);
+                {
+                    let mut sp = self.splitter.lock().expect("splitter lock");
+                    sp.server_exited(addr);
+                    self.wake_held(&mut sp);
+                }
                 self.journal(&Record::Exited { addr }, false);
                 if let Some(rules) = &self.inbound {
                     if let Err(e) = rules.release(addr) {

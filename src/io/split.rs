@@ -135,7 +135,9 @@ impl Shared {
             MessageKind::Data { request, .. } => (!request).then_some(None),
         };
         if let Some(result) = checked {
-            self.split_events(&mut self.splitter());
+            let mut sp = self.splitter();
+            self.split_events(&mut sp);
+            self.wake_held(&mut sp);
             return result.map_or(Ok(Outgoing::Pass), Err);
         }
         let Some(sender) = node_id_from_identity(&info.identity) else {
@@ -186,7 +188,7 @@ impl Shared {
     }
 
     /// Wakes requests held behind an answer, if the splitter released any.
-    fn wake_held(&self, sp: &mut Splitter) {
+    pub(crate) fn wake_held(&self, sp: &mut Splitter) {
         if sp.take_released() {
             self.order_released.notify_waiters();
         }

@@ -1053,10 +1053,22 @@ fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
         sp.on_data_request(addr(S8), W9, &pp.view(), false),
         RequestPlan::Forward
     );
-    // With ps-lite ACKs (PS_RESEND) on, the server drops resent copies: nothing waits.
+    // With ps-lite ACKs (PS_RESEND) on, the server drops resent copies: nothing waits,
+    // from the first ACK on (what waited then goes).
     let mut sp = ready(1, None);
     sp.responses_opened(8, W9);
+    sp.on_data_request(addr(S8), W9, &Req::pull(1, 2).view(), false);
+    let pp = Req::push(1, values(8, 2), 3, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Behind
+    );
     assert_eq!(sp.on_control(addr(S8), ControlCommand::Ack), None);
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Forward
+    );
     let pull = Req::pull(1, 4);
     let pp = Req::push(1, values(8, 2), 5, true, 0);
     assert_eq!(
