@@ -533,8 +533,11 @@ impl Splitter {
     /// ps-lite resends are on for `server` (it drops resent copies, which would never
     /// be answered): nothing waits for its answers any more.
     fn stop_holding(&mut self, server: SocketAddr) {
-        let Some(id) = self.servers.get(&server).and_then(|s| s.id) else {
+        let Some(s) = self.servers.get(&server) else {
             return;
+        };
+        let Some(id) = s.id.filter(|_| !s.blockers.contains(&Refusal::Resend)) else {
+            return; // Done at the first ACK.
         };
         for (_, o) in self.outstanding.iter_mut().filter(|(c, _)| c.0 == id) {
             o.holds = None;

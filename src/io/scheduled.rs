@@ -676,12 +676,20 @@ async fn deliver(
                             write_pieces(out, std::mem::take(&mut pieces))
                                 .await
                                 .map_err(|e| format!("writing to the destination: {e}"))?;
+                            // Messages waiting here left the reassembler: they count
+                            // against its bound, past which the tunnel is not read.
+                            let waiting: u64 = ready.iter().map(|m| m.len).sum::<u64>() + msg.len;
+                            let room =
+                                inflow.reasm.held() + waiting < shared.config.reassembly_bytes;
                             tokio::select! {
                                 _ = wait.wait(info, answered) => {}
-                                event = inflow.frames.recv(), if inflow.deferred.is_none() => match event {
+                                event = inflow.frames.recv(), if inflow.deferred.is_none() && room => match event {
                                     Some((_, FrameEvent::Frame(f))) => {
                                         let (_, more) = reassemble(shared, inflow.reasm, inflow.held, f)?;
                                         ready.extend(more);
+                                        let now = inflow.reasm.held() + waiting;
+                                        metrics::reassembly_held(*inflow.held, now);
+                                        *inflow.held = now;
                                     }
                                     other => *inflow.deferred = Some(other),
                                 },
@@ -704,6 +712,9 @@ async fn deliver(
             }
         }
     }
+    let now = inflow.reasm.held();
+    metrics::reassembly_held(*inflow.held, now);
+    *inflow.held = now;
     write_pieces(out, pieces)
         .await
         .map_err(|e| format!("writing to the destination: {e}"))

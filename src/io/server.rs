@@ -474,6 +474,8 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
     };
     let memory = async {
         let mut tick = tokio::time::interval(super::memory::TICK);
+        // A late tick must not look like a quiet one after a few microseconds.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if shared.egress.memory_return_due() {
