@@ -266,7 +266,7 @@ pub enum RequestPlan {
     /// Rank 0's first init push waits until every worker reaches the server through
     /// this proxy (ask again; `waited` once the deadline passed).
     Hold,
-    /// An earlier request of the same worker for one of its keys is unanswered: the
+    /// An earlier pull of the same worker for one of its keys is unanswered: the
     /// server's ps-lite queue could take this one first (ask again once it is).
     Behind,
     /// Send these messages (one per slice key) instead, as wire pieces.

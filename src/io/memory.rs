@@ -1,9 +1,10 @@
 //! Giving freed memory back to the kernel after a burst. The egress scheduler holds
 //! up to its memory budget while a sender outruns the link; once that drains, the
 //! allocator keeps the freed pages (glibc's per-thread arenas), and a sidecar would
-//! sit on hundreds of MB until the next burst. So once a second, if the queue is
-//! empty and at least [`AFTER_BYTES`] went through it since the last time,
-//! `malloc_trim` returns the free pages, on a blocking thread.
+//! sit on hundreds of MB until the next burst. So at a one-second tick, if the queue
+//! is empty, nothing was queued since the previous tick, and at least [`AFTER_BYTES`]
+//! went through it since the last time, `malloc_trim` returns the free pages, on a
+//! blocking thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
