@@ -5,6 +5,7 @@ pub mod dscp;
 pub mod journal;
 pub mod learner;
 pub mod optimizer;
+pub mod order;
 pub mod policy;
 pub mod preamble;
 pub mod priority;

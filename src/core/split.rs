@@ -22,6 +22,7 @@ use p3proxy_parsers::pslite::{ControlCommand, Meta, Role};
 use p3proxy_parsers::zmtp::FrameHeader;
 
 use super::optimizer::{optimizer_verdict_in, OptimizerSet};
+use super::order::{Awaited, HoldReason, RequestOrder};
 use super::slice::Part;
 use super::topology::NodeInfo;
 
@@ -266,9 +267,9 @@ pub enum RequestPlan {
     /// Rank 0's first init push waits until every worker reaches the server through
     /// this proxy (ask again; `waited` once the deadline passed).
     Hold,
-    /// An earlier pull of the same worker for one of its keys is unanswered: the
-    /// server's ps-lite queue could take this one first (ask again once it is).
-    Behind,
+    /// The server could serve it out of order (see [`crate::core::order`]): ask
+    /// again once [`Splitter::take_released`] says something it waited for went.
+    Behind(HoldReason),
     /// Send these messages (one per slice key) instead, as wire pieces.
     Split(Vec<Vec<Bytes>>),
     /// The server's traffic stops.
@@ -355,8 +356,8 @@ struct ServerState {
 struct Outstanding {
     /// Copies forwarded (a ps-lite resend repeats the correlation).
     count: u32,
-    /// Its keys, while it is an unanswered pull later requests wait for.
-    holds: Option<Vec<u64>>,
+    /// What later requests wait for until its (first) answer.
+    awaited: Option<Awaited>,
 }
 
 /// The split decisions and the requests in flight of every local server.
@@ -374,14 +375,8 @@ pub struct Splitter {
     pending: HashMap<Correlation, Merge>,
     /// Forwarded requests awaiting their response.
     outstanding: HashMap<Correlation, Outstanding>,
-    /// Unanswered pulls by (server id, worker, key): a later request of that worker
-    /// for that key waits (see [`RequestPlan::Behind`]).
-    unanswered: HashMap<(i32, i32, u64), u32>,
-    /// Response connections from a local server (id) to a worker through this proxy,
-    /// by (server id, worker): only where the answer is seen can a request wait for it.
-    answer_paths: HashMap<(i32, i32), u32>,
-    /// A request stopped being unanswered since the last [`Splitter::take_released`].
-    released: bool,
+    /// The request-order rules (see [`RequestPlan::Behind`]).
+    order: RequestOrder,
     refused_logged: HashSet<(SocketAddr, u64)>,
     events: VecDeque<SplitEvent>,
 }
@@ -397,9 +392,7 @@ impl Splitter {
             num_servers: 0,
             pending: HashMap::new(),
             outstanding: HashMap::new(),
-            unanswered: HashMap::new(),
-            answer_paths: HashMap::new(),
-            released: false,
+            order: RequestOrder::new(),
             refused_logged: HashSet::new(),
             events: VecDeque::new(),
         }
@@ -516,17 +509,12 @@ impl Splitter {
     /// A response connection from local server `server_id` to `worker` completed its
     /// handshake: this proxy sees that server's answers to that worker.
     pub fn responses_opened(&mut self, server_id: i32, worker: i32) {
-        *self.answer_paths.entry((server_id, worker)).or_insert(0) += 1;
+        self.order.responses_opened(server_id, worker);
     }
 
     /// The server's response connection to `worker` closed.
     pub fn responses_closed(&mut self, server_id: i32, worker: i32) {
-        if let Some(n) = self.answer_paths.get_mut(&(server_id, worker)) {
-            *n -= 1;
-            if *n == 0 {
-                self.answer_paths.remove(&(server_id, worker));
-            }
-        }
+        self.order.responses_closed(server_id, worker);
         self.forget(server_id, worker);
     }
 
@@ -540,23 +528,19 @@ impl Splitter {
             return; // Done at the first ACK.
         };
         for (_, o) in self.outstanding.iter_mut().filter(|(c, _)| c.0 == id) {
-            o.holds = None;
+            o.awaited = None;
         }
         for (_, m) in self.pending.iter_mut().filter(|(c, _)| c.0 == id) {
-            m.holds = false;
+            m.awaited = None;
         }
-        let before = self.unanswered.len();
-        self.unanswered.retain(|&(s, _, _), _| s != id);
-        self.released |= self.unanswered.len() != before;
+        self.order.forget_server(id);
     }
 
     /// Every request in flight to server `server_id` (it exited or started afresh).
     fn forget_server(&mut self, server_id: i32) {
         self.pending.retain(|&(s, _, _, _), _| s != server_id);
         self.outstanding.retain(|&(s, _, _, _), _| s != server_id);
-        let before = self.unanswered.len();
-        self.unanswered.retain(|&(s, _, _), _| s != server_id);
-        self.released |= self.unanswered.len() != before;
+        self.order.forget_server(server_id);
     }
 
     fn forget(&mut self, server_id: i32, worker: i32) {
@@ -564,53 +548,13 @@ impl Splitter {
             .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
         self.outstanding
             .retain(|&(s, w, _, _), _| !(s == server_id && w == worker));
-        let before = self.unanswered.len();
-        self.unanswered
-            .retain(|&(s, w, _), _| !(s == server_id && w == worker));
-        self.released |= self.unanswered.len() != before;
+        self.order.forget(server_id, worker);
     }
 
     /// Whether a request stopped being unanswered since the last call: requests that
     /// were [`RequestPlan::Behind`] may go now.
     pub fn take_released(&mut self) -> bool {
-        std::mem::take(&mut self.released)
-    }
-
-    /// Requests of `worker` for `keys` reach server `server_id` now.
-    fn await_answer(&mut self, server_id: i32, worker: i32, keys: &[u64]) {
-        for &k in keys {
-            *self.unanswered.entry((server_id, worker, k)).or_insert(0) += 1;
-        }
-    }
-
-    /// One of them was answered.
-    fn answered(&mut self, server_id: i32, worker: i32, keys: &[u64]) {
-        for &k in keys {
-            if let Some(n) = self.unanswered.get_mut(&(server_id, worker, k)) {
-                *n -= 1;
-                if *n == 0 {
-                    self.unanswered.remove(&(server_id, worker, k));
-                    self.released = true;
-                }
-            }
-        }
-    }
-
-    /// MXNet 1.9.1's ps-lite server takes requests from a priority queue in which
-    /// every message has priority 0 (`std::priority_queue`, compared with `<=`): once
-    /// requests queue up, a later one can be served first. A worker sends a pull and
-    /// then, without waiting for it, a pushpull of the same key (Gluon's initial
-    /// broadcast, then the first step): if that pushpull completes the round first,
-    /// the pull returns the round's sum instead of the initial weights. So a request
-    /// waits here while an earlier pull of the same worker for one of its keys is
-    /// unanswered, where this proxy sees the answer. Only pulls: the server answers a
-    /// pull at once, while a push waits for every worker's (holding behind one could
-    /// deadlock two workers, and would change what a pull in between returns).
-    fn behind(&self, server_id: i32, worker: i32, keys: &[u64]) -> bool {
-        self.answer_paths.contains_key(&(server_id, worker))
-            && keys
-                .iter()
-                .any(|k| self.unanswered.contains_key(&(server_id, worker, *k)))
+        self.order.take_released()
     }
 
     /// Requests tracked now (bounded by [`MAX_TRACKED`]).
@@ -758,19 +702,79 @@ impl Splitter {
         }
     }
 
-    /// Whether a request is a pull later requests of its worker and keys wait for:
-    /// a pure pull, to a server without ps-lite resends (a resent copy the server
-    /// drops would never be answered).
-    fn holds(&self, server: SocketAddr, meta: &Meta) -> bool {
-        meta.is_pull()
-            && !meta.is_push()
-            && self
-                .servers
-                .get(&server)
-                .is_some_and(|s| !s.blockers.contains(&Refusal::Resend))
+    /// Whether requests to `server` may wait for its answers: not with ps-lite
+    /// resends on (a resent copy the server drops would never be answered).
+    fn waits_for_answers(&self, server: SocketAddr) -> bool {
+        self.servers
+            .get(&server)
+            .is_some_and(|s| !s.blockers.contains(&Refusal::Resend))
     }
 
-    fn track(&mut self, corr: Correlation, keys: &[u64], holds: bool) -> Result<(), ()> {
+    /// Why a request of `sender` for `keys` (`known`: their states) must wait before
+    /// it goes to `server`, if it must ([`crate::core::order`]). `waited`: it waited
+    /// past its deadline, so a key never initialized no longer holds it.
+    fn hold_reason(
+        &self,
+        server: SocketAddr,
+        sender: i32,
+        meta: &Meta,
+        keys: &[u64],
+        known: &[Option<KeyState>],
+        waited: bool,
+    ) -> Option<HoldReason> {
+        let id = self.servers.get(&server)?.id?;
+        if !self.waits_for_answers(server) {
+            return None;
+        }
+        // A request naming a split key goes on to the layout's checks.
+        let split = known.iter().any(|k| matches!(k, Some(KeyState::Split(_))));
+        let uninitialized = !waited
+            && !split
+            && known.iter().any(Option::is_none)
+            && self.sees_every_init(server)
+            && !self.is_init_push(sender, meta);
+        self.order.hold_reason(id, sender, keys, uninitialized)
+    }
+
+    /// Rank 0's push (MXNet's `Init` pushes from rank 0 only; a push to an unknown
+    /// key from any other worker is a gradient the server would take as the init).
+    fn is_init_push(&self, sender: i32, meta: &Meta) -> bool {
+        let rank0 = self.workers.as_ref().and_then(|w| w.iter().min().copied());
+        meta.is_push() && !meta.is_pull() && Some(sender) == rank0
+    }
+
+    /// Whether every init push to `server` passes this proxy: it saw the server
+    /// register (not restored from a journal) and every worker reach it through here.
+    fn sees_every_init(&self, server: SocketAddr) -> bool {
+        self.servers.get(&server).is_some_and(|s| !s.restored) && self.all_workers_connected(server)
+    }
+
+    /// A request goes to `server` now: what its answer releases (see
+    /// [`RequestOrder::forwarded`]).
+    fn awaited(
+        &mut self,
+        server: SocketAddr,
+        corr: Correlation,
+        meta: &Meta,
+        keys: &[u64],
+        init_keys: &[u64],
+    ) -> Option<Awaited> {
+        if !self.waits_for_answers(server) {
+            return None;
+        }
+        let pull_only = meta.is_pull() && !meta.is_push();
+        self.order
+            .forwarded(corr.0, corr.1, keys, pull_only, init_keys)
+    }
+
+    fn track(
+        &mut self,
+        server: SocketAddr,
+        corr: Correlation,
+        meta: &Meta,
+        keys: &[u64],
+        init_keys: &[u64],
+    ) -> Result<(), ()> {
         if self.tracked() >= MAX_TRACKED {
             return Err(());
         }
@@ -778,12 +782,9 @@ impl Splitter {
             o.count += 1; // A resent copy: the first answer releases what waits.
             return Ok(());
         }
-        let holds = holds.then(|| keys.to_vec());
-        if let Some(keys) = &holds {
-            self.await_answer(corr.0, corr.1, keys);
-        }
+        let awaited = self.awaited(server, corr, meta, keys, init_keys);
         self.outstanding
-            .insert(corr, Outstanding { count: 1, holds });
+            .insert(corr, Outstanding { count: 1, awaited });
         Ok(())
     }
 
@@ -811,13 +812,14 @@ impl Splitter {
             _ => None,
         });
         let corr = server_id.map(|id| (id, sender, req.meta.customer_id(), req.meta.timestamp()));
-        if server_id.is_some_and(|id| self.behind(id, sender, real)) {
-            return RequestPlan::Behind;
+        if let Some(reason) = self.hold_reason(server, sender, req.meta, real, &known, waited) {
+            return RequestPlan::Behind(reason);
         }
         if let Some((key, layout)) = split_key {
-            return self.split_request(server, corr, key, layout, req);
+            return self.split_request(server, corr, key, layout, req, false);
         }
         let push = req.meta.is_push();
+        let mut init_keys = Vec::new();
         let new_keys: Vec<u64> = real
             .iter()
             .zip(&known)
@@ -845,6 +847,9 @@ impl Splitter {
             {
                 self.refuse(server, req.keys[0], Refusal::NotDense);
             }
+            if !restored {
+                init_keys.clone_from(&new_keys);
+            }
             let s = self.servers.get_mut(&server).expect("checked");
             for k in new_keys {
                 s.keys.insert(k, KeyState::Whole);
@@ -854,8 +859,10 @@ impl Splitter {
             }
         }
         if let Some(corr) = corr {
-            let holds = self.holds(server, req.meta);
-            if self.track(corr, real, holds).is_err() {
+            if self
+                .track(server, corr, req.meta, real, &init_keys)
+                .is_err()
+            {
                 let f = self.fail(
                     server,
                     None,
@@ -941,7 +948,7 @@ impl Splitter {
             layout,
             next_slice,
         });
-        Some(self.split_request(server, corr, key, layout, req))
+        Some(self.split_request(server, corr, key, layout, req, true))
     }
 
     fn split_request(
@@ -951,6 +958,7 @@ impl Splitter {
         key: u64,
         layout: Layout,
         req: &DataRequest<'_>,
+        init: bool,
     ) -> RequestPlan {
         let stop = |this: &mut Self, reason: &'static str, detail: String| {
             RequestPlan::Stop(this.fail(server, Some(key), reason, detail))
@@ -1020,10 +1028,8 @@ impl Splitter {
             );
         }
         let mut merge = Merge::new(layout, req.meta.is_pull());
-        if self.holds(server, req.meta) {
-            merge.holds = true;
-            self.await_answer(corr.0, corr.1, &[key]);
-        }
+        let init_keys = if init { &[key][..] } else { &[] };
+        merge.awaited = self.awaited(server, corr, req.meta, &[key], init_keys);
         self.pending.insert(corr, merge);
         let meta = Pieces::one(req.meta_frame.clone());
         let messages = (0..layout.count)
@@ -1072,7 +1078,9 @@ impl Splitter {
             && meta.head() == layout.head
             && vals_len == layout.total;
         let tracked = self.pending.contains_key(&corr) || self.outstanding.contains_key(&corr);
-        if !fits || tracked || self.tracked() >= MAX_TRACKED || self.behind(id, sender, &[*key]) {
+        let held = self.waits_for_answers(server)
+            && self.order.hold_reason(id, sender, &[*key], false).is_some();
+        if !fits || tracked || self.tracked() >= MAX_TRACKED || held {
             return HeadPlan::Whole;
         }
         // A push: nothing waits for it.
@@ -1137,8 +1145,8 @@ impl Splitter {
             };
             let done = match outcome {
                 Err(detail) => {
-                    if self.pending.remove(&corr).is_some_and(|m| m.holds) {
-                        self.answered(server_id, worker, &[layout.key]);
+                    if let Some(a) = self.pending.remove(&corr).and_then(|m| m.awaited) {
+                        self.order.answered(server_id, worker, &a);
                     }
                     return ResponsePlan::Stop(self.fail(
                         server,
@@ -1149,8 +1157,10 @@ impl Splitter {
                 }
                 Ok(done) => done,
             };
-            if done.is_some() && self.pending.remove(&corr).is_some_and(|m| m.holds) {
-                self.answered(server_id, worker, &[layout.key]);
+            if done.is_some() {
+                if let Some(a) = self.pending.remove(&corr).and_then(|m| m.awaited) {
+                    self.order.answered(server_id, worker, &a);
+                }
             }
             if defer {
                 return ResponsePlan::Part(Part {
@@ -1171,12 +1181,12 @@ impl Splitter {
         }
         if let Some(o) = self.outstanding.get_mut(&corr) {
             o.count -= 1;
-            let held = o.holds.take();
+            let awaited = o.awaited.take();
             if o.count == 0 {
                 self.outstanding.remove(&corr);
             }
-            if let Some(keys) = held {
-                self.answered(server_id, worker, &keys);
+            if let Some(a) = awaited {
+                self.order.answered(server_id, worker, &a);
             }
             return ResponsePlan::Forward;
         }
@@ -1217,8 +1227,8 @@ pub fn slice_request(meta: &Pieces, layout: &Layout, i: u32, vals: Option<Pieces
 struct Merge {
     layout: Layout,
     pull: bool,
-    /// A pure pull later requests of its worker and key wait for.
-    holds: bool,
+    /// What later requests wait for until it is merged.
+    awaited: Option<Awaited>,
     got: u32,
     seen: Vec<bool>,
     meta_frame: Option<Bytes>,
@@ -1230,7 +1240,7 @@ impl Merge {
         Merge {
             layout,
             pull,
-            holds: false,
+            awaited: None,
             got: 0,
             seen: vec![false; layout.count as usize],
             meta_frame: None,

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::PsMessage;
@@ -101,9 +102,9 @@ pub(crate) fn classify(
     }
 }
 
-/// Routes `ps` through the splitter; while it must wait behind an unanswered pull
-/// (`Outgoing::Behind`), writes out what went before (that pull may be among it)
-/// and waits.
+/// Routes `ps` through the splitter; while it must wait for order
+/// (`Outgoing::Behind`), writes out what went before (what it waits for may be
+/// among it) and waits.
 async fn route_in_order(
     shared: &Shared,
     info: &SessionInfo,
@@ -115,10 +116,10 @@ async fn route_in_order(
         let answered = wait.armed();
         tokio::pin!(answered);
         answered.as_mut().enable();
-        match shared.split_route(info, ps, false).await {
-            Ok(Outgoing::Behind) => {
+        match shared.split_route(info, ps, false, wait.since).await {
+            Ok(Outgoing::Behind(reason)) => {
                 out.flush().await?;
-                wait.wait(info, answered).await;
+                wait.wait(info, reason, answered).await;
             }
             routed => return Ok(routed),
         }
@@ -149,7 +150,7 @@ pub(crate) async fn pump(
                         Some((shared, info)) => {
                             match route_in_order(shared, info, &ps, &mut out).await {
                                 Err(e) => return PumpEnd::Io(e),
-                                Ok(Ok(Outgoing::Behind)) => unreachable!("waited out"),
+                                Ok(Ok(Outgoing::Behind(_))) => unreachable!("waited out"),
                                 Ok(Ok(Outgoing::Pass | Outgoing::Part(_))) => {
                                     write_message(&mut out, &ps.to_zmtp()).await
                                 }
@@ -167,7 +168,7 @@ pub(crate) async fn pump(
                     },
                     Err(msg) => {
                         if let Some((shared, info)) = observe {
-                            if let Err(f) = shared.split_request(info, None).await {
+                            if let Err(f) = shared.split_request(info, None, Instant::now()).await {
                                 return PumpEnd::Stopped(f);
                             }
                         }

@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use p3proxy_parsers::pslite::{parse_meta, PsMessage};
@@ -162,7 +163,7 @@ async fn read_to_egress(
             let mut part = None;
             let (body, urgency, keys) = match event {
                 StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
-                    Ok(ps) => match shared.split_route(info, &ps, sliced).await {
+                    Ok(ps) => match shared.split_route(info, &ps, sliced, Instant::now()).await {
                         Ok(Outgoing::Pass) => {
                             let urgency = shared.prioritize(&ps);
                             let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
@@ -195,7 +196,7 @@ async fn read_to_egress(
                                 vec![key],
                             )
                         }
-                        Ok(Outgoing::Replace(_) | Outgoing::Behind) => {
+                        Ok(Outgoing::Replace(_) | Outgoing::Behind(_)) => {
                             // Requests to a local server never take this path (same host: relay).
                             return PumpEnd::Io(std::io::Error::other(
                                 "split requests on a scheduled session",
@@ -204,7 +205,7 @@ async fn read_to_egress(
                         Err(f) => return PumpEnd::Stopped(f),
                     },
                     Err(msg) => {
-                        if let Err(f) = shared.split_request(info, None).await {
+                        if let Err(f) = shared.split_request(info, None, Instant::now()).await {
                             return PumpEnd::Stopped(f);
                         }
                         (Body::Message(msg), FENCE_URGENCY, Vec::new())
@@ -670,8 +671,8 @@ async fn deliver(
                         meta_frame: frame,
                         data: &data,
                     };
-                    match shared.split_request(info, Some(unit)).await {
-                        Ok(Outgoing::Behind) => {
+                    match shared.split_request(info, Some(unit), wait.since).await {
+                        Ok(Outgoing::Behind(reason)) => {
                             // What went before (the pull it waits for may be among it) goes first.
                             write_pieces(out, std::mem::take(&mut pieces))
                                 .await
@@ -682,7 +683,7 @@ async fn deliver(
                             let room =
                                 inflow.reasm.held() + waiting < shared.config.reassembly_bytes;
                             tokio::select! {
-                                _ = wait.wait(info, answered) => {}
+                                _ = wait.wait(info, reason, answered) => {}
                                 event = inflow.frames.recv(), if inflow.deferred.is_none() && room => match event {
                                     Some((_, FrameEvent::Frame(f))) => {
                                         let (_, more) = reassemble(shared, inflow.reasm, inflow.held, f)?;
@@ -699,7 +700,7 @@ async fn deliver(
                     }
                 }
             }
-            None => shared.split_request(info, None).await,
+            None => shared.split_request(info, None, Instant::now()).await,
         };
         match routed {
             Ok(Outgoing::Replace(msgs)) => pieces.extend(msgs.into_iter().flatten()),

@@ -14,6 +14,7 @@ use tokio::sync::futures::Notified;
 use super::relay::SessionInfo;
 use super::server::Shared;
 use crate::core::journal::Record;
+use crate::core::order::HoldReason;
 use crate::core::slice::Part;
 use crate::core::split::{
     DataRequest, Failure, HeadPlan, Layout, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
@@ -23,8 +24,8 @@ use crate::metrics;
 
 /// How long rank 0's first init push waits for every worker to reach the server.
 const HOLD_POLL: Duration = Duration::from_millis(5);
-/// How often a request behind an unanswered one of its key looks again (a wake-up
-/// comes with each answer; this only bounds a missed one).
+/// How often a held request looks again (a wake-up comes with each answer; this
+/// only bounds a missed one).
 const BEHIND_POLL: Duration = Duration::from_millis(20);
 
 /// What goes out instead of one message.
@@ -38,9 +39,9 @@ pub(crate) enum Outgoing {
     Absorb,
     /// A merged response for `key` (wire pieces) instead.
     Merged(u64, Vec<Bytes>),
-    /// Not yet: an earlier pull of the same worker and key is unanswered. Write out
-    /// what went before, wait with [`OrderWait`], and ask again.
-    Behind,
+    /// Not yet, for this reason (`core::order`). Write out what went before, wait
+    /// with [`OrderWait`], and ask again.
+    Behind(HoldReason),
     /// The message itself, as a part the peer proxy merges.
     Part(Part),
 }
@@ -108,10 +109,13 @@ impl Shared {
 
     /// A message on its way to the ROUTER of `info.dst`: if that is a local server,
     /// the splitter decides what goes instead. `None` frames: not ps-lite (a fence).
+    /// `since`: when the message was first asked about (its holds are bounded from
+    /// then).
     pub(crate) async fn split_request(
         &self,
         info: &SessionInfo,
         unit: Option<Unit<'_>>,
+        since: Instant,
     ) -> Result<Outgoing, Failure> {
         if !self.splitter().is_server(info.dst) {
             return Ok(Outgoing::Pass);
@@ -162,12 +166,13 @@ impl Shared {
             lens: lens.as_deref(),
         };
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
-        let deadline = Instant::now() + self.config.split_hold();
+        let deadline = since + self.config.split_hold();
         loop {
             let plan = {
                 let mut sp = self.splitter();
                 let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
                 self.split_events(&mut sp);
+                self.wake_held(&mut sp);
                 plan
             };
             match plan {
@@ -182,7 +187,7 @@ impl Shared {
                     tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
                     tokio::time::sleep(HOLD_POLL).await;
                 }
-                RequestPlan::Behind => return Ok(Outgoing::Behind),
+                RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason)),
             }
         }
     }
@@ -243,6 +248,7 @@ impl Shared {
         info: &SessionInfo,
         ps: &PsMessage,
         defer: bool,
+        since: Instant,
     ) -> Result<Outgoing, Failure> {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return self.split_response(info, ps, defer);
@@ -256,7 +262,7 @@ impl Shared {
             meta_frame: &ps.meta_frame.body,
             data: &data,
         };
-        self.split_request(info, Some(unit)).await
+        self.split_request(info, Some(unit), since).await
     }
 
     /// The head of a request to a local server whose bytes still arrive.
@@ -296,23 +302,26 @@ impl Shared {
     }
 }
 
-/// A request waiting for the answer to an earlier pull of its worker and key (see
-/// [`Outgoing::Behind`]): armed before each ask, so an answer in between is not
-/// missed; counts the request once and warns if it waits long.
+/// A message the splitter may hold for order ([`Outgoing::Behind`]): armed before
+/// each ask, so an answer in between is not missed; counts the request once, by the
+/// reason it first waited for, and warns if it waits long.
 pub(crate) struct OrderWait<'a> {
     shared: &'a Shared,
-    since: Option<Instant>,
+    /// When the message was first asked about.
+    pub(crate) since: Instant,
+    held: bool,
     warned: bool,
 }
 
-/// A request held this long is logged as a warning (a pull the server does not answer).
-const BEHIND_WARN: Duration = Duration::from_secs(5);
+/// A request held this long is logged as a warning (a server that does not answer).
+const HELD_WARN: Duration = Duration::from_secs(5);
 
 impl<'a> OrderWait<'a> {
     pub(crate) fn new(shared: &'a Shared) -> OrderWait<'a> {
         OrderWait {
             shared,
-            since: None,
+            since: Instant::now(),
+            held: false,
             warned: false,
         }
     }
@@ -322,20 +331,26 @@ impl<'a> OrderWait<'a> {
         self.shared.order_released.notified()
     }
 
-    /// After [`Outgoing::Behind`] (and writing out what went before): waits for an
-    /// answer, or a short while.
-    pub(crate) async fn wait(&mut self, info: &SessionInfo, answered: Pin<&mut Notified<'a>>) {
-        let since = *self.since.get_or_insert_with(|| {
-            ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER).increment(1);
-            tracing::debug!(dst = %info.dst, "request held until the server answers the same worker's earlier pull of its key");
-            Instant::now()
-        });
-        if !self.warned && since.elapsed() >= BEHIND_WARN {
-            self.warned = true;
-            tracing::warn!(dst = %info.dst, waited_s = since.elapsed().as_secs(),
-                "a request still waits for the server to answer the same worker's earlier pull of its key");
+    /// After [`Outgoing::Behind`] (and writing out what went before): waits for
+    /// what it is held for, or a short while.
+    pub(crate) async fn wait(
+        &mut self,
+        info: &SessionInfo,
+        reason: HoldReason,
+        released: Pin<&mut Notified<'a>>,
+    ) {
+        if !self.held {
+            self.held = true;
+            ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER, "reason" => reason.label())
+                .increment(1);
+            tracing::debug!(dst = %info.dst, reason = reason.label(), "request held until {}", reason.describe());
         }
-        let _ = tokio::time::timeout(BEHIND_POLL, answered).await;
+        if !self.warned && self.since.elapsed() >= HELD_WARN {
+            self.warned = true;
+            tracing::warn!(dst = %info.dst, reason = reason.label(), waited_s = self.since.elapsed().as_secs(),
+                "a request still waits for {}", reason.describe());
+        }
+        let _ = tokio::time::timeout(BEHIND_POLL, released).await;
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::core::order::HoldReason;
 use p3proxy_parsers::pslite::PsMessage;
 use p3proxy_parsers::zmtp::{parse_unit, Limits};
 
@@ -508,6 +509,7 @@ fn split_job() -> Splitter {
     for _ in 0..10 {
         sp.on_data_response(8, W9, &m, &f, &[], false);
     }
+    initialized(&mut sp, 1, 90); // and a small key, whole
     events(&mut sp);
     sp
 }
@@ -829,6 +831,18 @@ fn answer(sp: &mut Splitter, worker: i32, req: &Req, key: u64, vals: &[u8]) -> R
     }
 }
 
+/// Rank 0's init push of `key` (timestamp `ts`), forwarded and answered, as MXNet's
+/// `Init` does before any other request for the key.
+fn initialized(sp: &mut Splitter, key: u64, ts: i32) {
+    let init = Req::push(key, values(8, 1), ts, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(answer(sp, W9, &init, key, &[]), ResponsePlan::Forward);
+    sp.take_released();
+}
+
 #[test]
 fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswered() {
     // Gluon with worker-side updates: rank 0's init push, each worker's broadcast
@@ -841,8 +855,15 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
         sp.on_data_request(addr(S8), W9, &init.view(), false),
         RequestPlan::Forward
     );
+    assert!(
+        sp.take_released(),
+        "requests waiting for the key to be known look again"
+    );
     assert_eq!(answer(&mut sp, W9, &init, 1, &[]), ResponsePlan::Forward);
-    assert!(!sp.take_released(), "nothing waited for the init push");
+    assert!(
+        sp.take_released(),
+        "requests waiting for the init's answer go"
+    );
     let pull9 = Req::pull(1, 2);
     let pull11 = Req::pull(1, 1);
     assert_eq!(
@@ -857,13 +878,14 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
     let pp11 = Req::push(1, values(8, 3), 2, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp9.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(
         sp.on_data_request(addr(S8), W11, &pp11.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     // Other keys, and the other worker's answers, do not hold it.
+    initialized(&mut sp, 3, 40);
     let other = Req::push(3, values(8, 4), 4, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &other.view(), false),
@@ -877,7 +899,7 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
     assert!(sp.take_released());
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp9.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(
         sp.on_data_request(addr(S8), W11, &pp11.view(), false),
@@ -902,7 +924,7 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
     let pp9b = Req::push(1, values(8, 5), 7, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp9b.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(
         answer(&mut sp, W9, &pp9, 1, &values(8, 5)),
@@ -926,7 +948,7 @@ fn a_request_waits_while_the_same_workers_earlier_request_for_its_key_is_unanswe
     let pp11b = Req::push(1, values(8, 6), 6, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W11, &pp11b.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     sp.worker_disconnected(addr(S8), W11);
     assert!(sp.take_released());
@@ -941,8 +963,7 @@ fn nothing_waits_for_an_answer_this_proxy_would_not_see() {
     // The server's response connection to W11 does not pass this proxy.
     let mut sp = ready(1, None);
     sp.responses_opened(8, W9);
-    let init = Req::push(1, values(8, 1), 1, false, 0);
-    sp.on_data_request(addr(S8), W11, &init.view(), false);
+    initialized(&mut sp, 1, 1);
     let pull = Req::pull(1, 2);
     let pp = Req::push(1, values(8, 2), 3, true, 0);
     assert_eq!(
@@ -962,7 +983,7 @@ fn nothing_waits_for_an_answer_this_proxy_would_not_see() {
     );
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp9.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     sp.responses_closed(8, W9);
     assert!(sp.take_released());
@@ -984,7 +1005,7 @@ fn a_split_keys_pushpull_waits_for_every_slice_of_the_pull_before_it() {
     let pp = Req::push(7, values(4000, 2), 3, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     // Nor may its bytes stream to the server as slices meanwhile.
     assert_eq!(
@@ -994,7 +1015,7 @@ fn a_split_keys_pushpull_waits_for_every_slice_of_the_pull_before_it() {
     for i in 0..10u64 {
         assert_eq!(
             sp.on_data_request(addr(S8), W9, &pp.view(), false),
-            RequestPlan::Behind
+            RequestPlan::Behind(HoldReason::EarlierPull)
         );
         let (m, f, d) = response(&pull.meta, SLICE_KEY_BASE + i, &values(400, i as u8));
         let plan = sp.on_data_response(8, W9, &m, &f, &d, false);
@@ -1015,12 +1036,7 @@ fn a_split_keys_pushpull_waits_for_every_slice_of_the_pull_before_it() {
 fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
     let mut sp = ready(1, None);
     sp.responses_opened(8, W9);
-    sp.on_data_request(
-        addr(S8),
-        W9,
-        &Req::push(1, values(8, 1), 1, false, 0).view(),
-        false,
-    );
+    initialized(&mut sp, 1, 1);
     let pull = Req::pull(1, 2);
     let pp = Req::push(1, values(8, 2), 3, true, 0);
     // The same pull twice: the copy waits for the first answer, the pushpull for both.
@@ -1030,7 +1046,7 @@ fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
     );
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pull.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(
         answer(&mut sp, W9, &pull, 1, &values(8, 1)),
@@ -1043,7 +1059,7 @@ fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
     );
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(
         answer(&mut sp, W9, &pull, 1, &values(8, 1)),
@@ -1057,11 +1073,12 @@ fn a_pull_sent_twice_waits_for_the_first_answer_and_resends_turn_waiting_off() {
     // from the first ACK on (what waited then goes).
     let mut sp = ready(1, None);
     sp.responses_opened(8, W9);
+    initialized(&mut sp, 1, 1);
     sp.on_data_request(addr(S8), W9, &Req::pull(1, 2).view(), false);
     let pp = Req::push(1, values(8, 2), 3, true, 0);
     assert_eq!(
         sp.on_data_request(addr(S8), W9, &pp.view(), false),
-        RequestPlan::Behind
+        RequestPlan::Behind(HoldReason::EarlierPull)
     );
     assert_eq!(sp.on_control(addr(S8), ControlCommand::Ack), None);
     assert!(sp.take_released());
@@ -1086,12 +1103,13 @@ fn a_server_starting_afresh_or_exiting_releases_what_waited_on_it() {
     for exit in [false, true] {
         let mut sp = ready(1, None);
         sp.responses_opened(8, W9);
+        initialized(&mut sp, 1, 1);
         let pull = Req::pull(1, 2);
         let pp = Req::push(1, values(8, 2), 3, true, 0);
         sp.on_data_request(addr(S8), W9, &pull.view(), false);
         assert_eq!(
             sp.on_data_request(addr(S8), W9, &pp.view(), false),
-            RequestPlan::Behind
+            RequestPlan::Behind(HoldReason::EarlierPull)
         );
         if exit {
             sp.server_exited(addr(S8));
