@@ -192,6 +192,30 @@ def test_a_pull_is_served_before_the_same_workers_later_request_for_its_key(topo
     assert server_total(metrics, topo, "p3proxy_requests_held_for_order_total") == 2 * 3
 
 
+def test_a_request_for_a_key_waits_for_its_init_to_be_served():
+    """The server takes a push to an unknown key as its init. Rank 0 pushes a new key
+    while the server is busy (an optimizer that takes half a second on another key),
+    meets the other worker at a barrier, and that worker pulls the key: both wait in
+    the server's heap, and direct the pull is served first and the server stops with
+    `init N first` (README, "Request order at the server"). Through p3proxy the pull
+    waits until the init is answered: every run finishes, identical, every pull sees
+    the pushed value, and each round's pull was held for the init."""
+    rounds = 3
+    results = []
+    for i in range(3):
+        tag = f"init-order{i}"
+        with Proxies(ONE_SERVER.hosts(), tag) as proxies:
+            proxied = run_job(ONE_SERVER, "kv_init_then_pull.py", f"{tag}-proxied",
+                              env={"ROUNDS": str(rounds)}, timeout=60)
+            metrics = proxies.metrics()
+        assert len(proxied.results) == 2 and all("pull_ok=True" in r for r in proxied.results.values()), proxied.results
+        results.append(proxied.results)
+        held = sum(server_total(metrics, ONE_SERVER, "p3proxy_requests_held_for_order_total", reason=r)
+                   for r in ("init_in_flight", "not_initialized"))
+        assert held >= rounds, held
+    assert all(r == results[0] for r in results), results
+
+
 def test_lamb_on_the_servers_is_left_unsplit():
     """LAMB normalises by the whole tensor: slices would train differently."""
     compare(TWO_SERVERS, "gluon_train.py", "gluon-lamb", env={"OPTIMIZER": "lamb"}, split=0, refused=["optimizer_not_allowed"])
