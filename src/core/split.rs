@@ -348,6 +348,10 @@ struct ServerState {
     split: usize,
     /// Restored from the journal after a restart: no new split.
     restored: bool,
+    /// A request for a key never initialized waited its whole deadline: this job does
+    /// not initialize as MXNet does (rank 0 first), so such requests no longer wait
+    /// (one deadline per server, not one per key).
+    init_wait_expired: bool,
     failed: Option<Failure>,
 }
 
@@ -746,7 +750,10 @@ impl Splitter {
     /// Whether every init push to `server` passes this proxy: it saw the server
     /// register (not restored from a journal) and every worker reach it through here.
     fn sees_every_init(&self, server: SocketAddr) -> bool {
-        self.servers.get(&server).is_some_and(|s| !s.restored) && self.all_workers_connected(server)
+        self.servers
+            .get(&server)
+            .is_some_and(|s| !s.restored && !s.init_wait_expired)
+            && self.all_workers_connected(server)
     }
 
     /// A request goes to `server` now: what its answer releases (see
@@ -814,6 +821,15 @@ impl Splitter {
         let corr = server_id.map(|id| (id, sender, req.meta.customer_id(), req.meta.timestamp()));
         if let Some(reason) = self.hold_reason(server, sender, req.meta, real, &known, waited) {
             return RequestPlan::Behind(reason);
+        }
+        if waited
+            && split_key.is_none()
+            && known.iter().any(Option::is_none)
+            && !self.is_init_push(sender, req.meta)
+        {
+            if let Some(s) = self.servers.get_mut(&server) {
+                s.init_wait_expired = true;
+            }
         }
         if let Some((key, layout)) = split_key {
             return self.split_request(server, corr, key, layout, req, false);

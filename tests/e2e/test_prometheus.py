@@ -75,7 +75,9 @@ def wait_for_scrape(since):
     deadline = time.time() + 15
     while time.time() < deadline:
         targets = api("/api/v1/targets")["activeTargets"]
-        if all(t["health"] == "up" and scrape_time(t["lastScrape"]) > since for t in targets):
+        # Prometheus publishes static targets only after its discovery's first update (throttled
+        # to 5 s), so an empty list means "not yet", not "all scraped".
+        if targets and all(t["health"] == "up" and scrape_time(t["lastScrape"]) > since for t in targets):
             return targets
         time.sleep(0.5)
     raise AssertionError(f"targets not scraped: {targets}")

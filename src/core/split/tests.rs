@@ -1120,3 +1120,121 @@ fn a_server_starting_afresh_or_exiting_releases_what_waited_on_it() {
         assert_eq!(sp.tracked(), 0);
     }
 }
+
+#[test]
+fn a_request_for_a_key_waits_for_its_init_push_and_its_answer_from_rank_0() {
+    // kv_init_then_pull.py: rank 0 pushes the key's init while the server is busy; the
+    // other worker pulls it after a barrier. The server's heap could serve the pull
+    // first and die (`init 21 first`).
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    let pull = Req::pull(21, 1);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull.view(), false),
+        RequestPlan::Behind(HoldReason::NotInitialized),
+        "before the init push came"
+    );
+    let init = Req::push(21, values(8, 1), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Forward
+    );
+    assert!(sp.take_released(), "the key is known now");
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull.view(), false),
+        RequestPlan::Behind(HoldReason::InitInFlight),
+        "the init went but is unanswered"
+    );
+    // Rank 0's own later requests for the key wait for it as well.
+    let pp = Req::push(21, values(8, 2), 2, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Behind(HoldReason::InitInFlight)
+    );
+    assert_eq!(answer(&mut sp, W9, &init, 21, &[]), ResponsePlan::Forward);
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &pull.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &pp.view(), false),
+        RequestPlan::Forward
+    );
+}
+
+#[test]
+fn pushes_of_one_round_from_two_workers_never_wait_for_each_other() {
+    // The server answers a round's pushes only once every worker's is in: a push
+    // waiting behind another worker's push, or behind its own, could deadlock.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    initialized(&mut sp, 1, 1);
+    initialized(&mut sp, 3, 2);
+    for (ts, key) in [(3, 1), (4, 3)] {
+        for w in [W9, W11] {
+            let pp = Req::push(key, values(8, ts as u8), ts, true, 0);
+            assert_eq!(
+                sp.on_data_request(addr(S8), w, &pp.view(), false),
+                RequestPlan::Forward,
+                "worker {w} key {key}"
+            );
+        }
+    }
+    // A push-only round too, with the next round's pushpull of the same worker.
+    let push = Req::push(1, values(8, 9), 5, false, 0);
+    let next = Req::push(1, values(8, 9), 6, true, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &push.view(), false),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &next.view(), false),
+        RequestPlan::Forward
+    );
+    assert!(!sp.take_released());
+}
+
+#[test]
+fn a_job_that_does_not_initialize_from_rank_0_waits_one_deadline_per_server() {
+    // A ps-lite app whose other worker pushes a key first: its push waits its whole
+    // deadline, then goes (the server takes it as the init, as without the proxy);
+    // from then on this server's never-initialized keys hold nothing.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    let first = Req::push(4, values(8, 1), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &first.view(), false),
+        RequestPlan::Behind(HoldReason::NotInitialized)
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &first.view(), true),
+        RequestPlan::Forward
+    );
+    let second = Req::push(5, values(8, 1), 2, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &second.view(), false),
+        RequestPlan::Forward
+    );
+    // Rank 0's first init waiting out its own hold does not turn the rule off.
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.on_command(addr(S8), 3, b"");
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    let init = Req::push(6, values(8, 1), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), true),
+        RequestPlan::Forward
+    );
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &Req::pull(8, 1).view(), false),
+        RequestPlan::Behind(HoldReason::NotInitialized)
+    );
+}
