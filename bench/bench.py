@@ -7,6 +7,8 @@ namespace testbed, each system run side by side in one invocation:
   p3proxy   the job unchanged, p3proxy and its redirect on every host
   p3proxy-relay  the same with scheduling off (--no-schedule: a plain relay), on request
   p3proxy-key, p3proxy-map  priorities from MXNet key order / a map of the model, on request
+  p3proxy-baseline  p3proxy's defaults run by another build (--baseline-bin), e.g. the
+            last landed commit, so that a change is measured against it in the same run
 
 Reports the median iteration time (min and max across runs), throughput, the ratio to
 direct, and each time as a multiple of the ideal bound. Checks that direct and p3proxy
@@ -41,14 +43,16 @@ SYSTEM_ENV = {
     "p3proxy-key": {},
     "p3proxy-map": {},
     "p3proxy-nosplit": {},
+    "p3proxy-baseline": {},
 }
 # Proxy flags per system: p3proxy (the default: learned priorities); p3proxy-relay is the
 # proxy with scheduling off (plain relay), to show what the relay costs and what
 # scheduling adds; p3proxy-key and p3proxy-map use MXNet key order and a map from the
 # model (scripts/priority-map, written into the output folder).
 PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None,
-              "p3proxy-nosplit": ["--no-split"]}
+              "p3proxy-nosplit": ["--no-split"], "p3proxy-baseline": []}
 EXTRA_PROXY_ARGS = []  # --proxy-args: added to every p3proxy system's
+BINARY = {}  # system -> p3proxy binary other than the tree's (--baseline-bin)
 
 
 def proxy_args(system, job_args, out):
@@ -117,7 +121,7 @@ def progress(msg):
 def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp"):
     env = dict(SYSTEM_ENV[system])
     if system in PROXY_ARGS:
-        with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out)) as proxies:
+        with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out), binary=BINARY.get(system)) as proxies:
             r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
         r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
         progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s")
@@ -144,6 +148,7 @@ def main():
     ap.add_argument("--hosts", type=int, default=2, help="hosts of topology b")
     ap.add_argument("--systems", default="direct,mxnet-p3,p3proxy")
     ap.add_argument("--proxy-args", default="", help="extra `p3proxy run` flags for every p3proxy system, e.g. '--split-slice-bytes 640000'")
+    ap.add_argument("--baseline-bin", help="the p3proxy binary of system p3proxy-baseline (e.g. a build of the last landed commit)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -169,6 +174,10 @@ def main():
     if a.smoke:
         a.models, a.rates, a.topologies, a.runs, a.iters, a.warmup, a.compute_ms = "tiny", "1gbit", "a", 1, 3, 1, 50.0
     systems = a.systems.split(",")
+    if "p3proxy-baseline" in systems:
+        if not a.baseline_bin or not os.access(a.baseline_bin, os.X_OK):
+            ap.error("system p3proxy-baseline needs --baseline-bin PATH to an executable p3proxy")
+        BINARY["p3proxy-baseline"] = os.path.abspath(a.baseline_bin)
     for s in systems:
         if s not in SYSTEM_ENV:
             ap.error(f"unknown system {s!r}: {', '.join(SYSTEM_ENV)}")
@@ -264,6 +273,7 @@ def report(rows, timelines, a, failures):
                      f"{r['x_ideal']:.2f} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"]) for r in rows})
     lines.append("")
+    lines += baseline_lines(rows)
     for r in rows:
         if r["runs_hung_at_exit"]:
             lines.append(f"{r['system']} ({r['model']}, topology {r['topology']}): {r['runs_hung_at_exit']} run(s) hung at exit "
@@ -276,6 +286,24 @@ def report(rows, timelines, a, failures):
         f.write(text + "\n")
     print("\n" + text)
     chart(rows, timelines, a.out)
+
+
+def baseline_lines(rows):
+    """p3proxy against p3proxy-baseline (another build, run alternately in the same
+    invocation): the ratio of medians and the range of per-run medians of each."""
+    key = lambda r: (r["model"], r["scale"], r["topology"], r["rate"], r.get("host_qdisc", "fifo"))  # noqa: E731
+    by = {(key(r), r["system"]): r for r in rows}
+    out = []
+    for k in sorted({key(r) for r in rows}):
+        new, old = by.get((k, "p3proxy")), by.get((k, "p3proxy-baseline"))
+        if not (new and old):
+            continue
+        if not out:
+            out += ["| model | topology | rate | host NICs | baseline s [min, max] | this tree s [min, max] | baseline / this |",
+                    "|---|---|---|---|---|---|---|"]
+        out.append(f"| {k[0]} x{k[1]} | {k[2]} | {k[3]} | {k[4]} | {old['median_s']:.3f} [{old['min_s']:.3f}, {old['max_s']:.3f}] | "
+                   f"{new['median_s']:.3f} [{new['min_s']:.3f}, {new['max_s']:.3f}] | {old['median_s'] / new['median_s']:.3f}x |")
+    return out + [""] if out else []
 
 
 def chart(rows, timelines, out):

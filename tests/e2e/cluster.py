@@ -81,12 +81,13 @@ def metric(text, name, **labels):
 class Proxies:
     """p3proxy and its redirect on some hosts; stopped and removed on exit."""
 
-    def __init__(self, hosts, tag, args=(), metrics_on_host=False, as_uid=None):
+    def __init__(self, hosts, tag, args=(), metrics_on_host=False, as_uid=None, binary=None):
         """`metrics_on_host`: each proxy serves metrics on its host address (port 9464),
         reachable from the other hosts, instead of its 127.0.0.1. `as_uid`: run each proxy
         as that uid with no capability at all (the redirect exempts the uid; the caller's
-        config says `[exempt] uid`)."""
+        config says `[exempt] uid`). `binary`: another p3proxy build (a baseline)."""
         self.as_uid = as_uid
+        self.binary = binary or PROXY
         self.hosts = list(hosts)
         self.procs = {}
         self.tag = tag
@@ -119,7 +120,7 @@ class Proxies:
             if self.as_uid is not None:
                 user = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups",
                         "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
-            self.procs[h] = subprocess.Popen(netns(h) + user + [PROXY, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.procs[h] = subprocess.Popen(netns(h) + user + [self.binary, "run", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         for h in self.hosts:
             deadline = time.time() + 10
             while sh(*netns(h), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":
