@@ -76,21 +76,30 @@ def test_without_scheduling_the_urgent_push_waits(testbed):
     assert latency > 0.25
 
 
-def test_class_connections_carry_their_dscp_and_urgent_data_overtakes(testbed):
-    arrivals, small_sent, conns, metrics = preempt(f"sched-{testbed}", [])
+TRIALS = 3
 
-    # The urgent push arrived first, long before the 40 MB one.
-    assert [a["key"] for a in arrivals] == [0, 29], arrivals
-    latency = arrivals[0]["arrival"] - small_sent
-    big_done = arrivals[1]["arrival"] - small_sent
+
+def test_class_connections_carry_their_dscp_and_urgent_data_overtakes(testbed):
     slice_time = SLICE_BYTES * 8 / RATE_BPS
-    print(f"\n[{testbed}] first-layer push: {latency * 1000:.1f} ms after it was handed over "
-          f"({latency / slice_time:.1f} slice times of {slice_time * 1000:.2f} ms); "
-          f"the 40 MB push completed {big_done * 1000:.0f} ms after it")
-    assert big_done > 0.25, "the 40 MB push needs about 0.32 s at 1 Gbit/s: it was really queued"
+    latencies = []
+    for trial in range(TRIALS):
+        arrivals, small_sent, conns, metrics = preempt(f"sched-{testbed}-{trial}", [])
+        # The urgent push arrived first, long before the 40 MB one, every time.
+        assert [a["key"] for a in arrivals] == [0, 29], arrivals
+        latency = arrivals[0]["arrival"] - small_sent
+        big_done = arrivals[1]["arrival"] - small_sent
+        print(f"\n[{testbed}] first-layer push: {latency * 1000:.1f} ms after it was handed over "
+              f"({latency / slice_time:.1f} slice times of {slice_time * 1000:.2f} ms); "
+              f"the 40 MB push completed {big_done * 1000:.0f} ms after it")
+        assert big_done > 0.25, "the 40 MB push needs about 0.32 s at 1 Gbit/s: it was really queued"
+        latencies.append(latency)
     # "A few slice times": the FIFO on the sending host's NIC still holds some packets of
-    # the big push (its TCP window), so allow a margin over the slice time itself.
-    assert latency < 10 * slice_time, f"{latency * 1000:.1f} ms"
+    # the big push (its TCP window), so allow a margin over the slice time itself. The
+    # median of three trials: on these 2 shared cores (the proxies, the load generator
+    # and the capture all run here) one trial in a CI run once took 18 ms where the
+    # others take 0.4-4.5 ms; without scheduling it is over 250 ms every time.
+    median = sorted(latencies)[TRIALS // 2]
+    assert median < 10 * slice_time, f"{[round(l * 1000, 1) for l in latencies]} ms"
 
     # Every tunnel connection from h1 kept one DSCP for its whole life, and the session
     # used all four classes: CS6 (main stream), CS4, CS2, CS0.
