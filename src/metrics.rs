@@ -64,8 +64,8 @@ pub const SPLIT_REQUESTS: &str = "p3proxy_split_requests_total";
 pub const SLICE_REQUESTS: &str = "p3proxy_slice_requests_total";
 /// Responses merged from slice-key responses.
 pub const SPLIT_RESPONSES_MERGED: &str = "p3proxy_split_responses_merged_total";
-/// Requests to a local server held until the server answered the same worker's
-/// earlier request for their key (ps-lite's server queue is not first-in first-out).
+/// Requests to a local server held for order, by the `reason` they first waited for
+/// (`core::order`: ps-lite's server queue is not first-in first-out).
 pub const REQUESTS_HELD_FOR_ORDER: &str = "p3proxy_requests_held_for_order_total";
 
 /// Journal writes that failed.
@@ -122,7 +122,7 @@ pub fn describe() {
     describe_counter!(JOURNAL_ERRORS, "Journal writes that failed.");
     describe_counter!(
         REQUESTS_HELD_FOR_ORDER,
-        "Requests to a local server held until it answered the same worker's earlier request for their key (ps-lite's server queue may serve a later request first)."
+        "Requests to a local server held for order (ps-lite's server queue may serve a later request first), by the reason they first waited for: earlier_pull, init_in_flight, not_initialized."
     );
     describe_counter!(
         SPLIT_RESPONSES_MERGED,
@@ -206,9 +206,11 @@ pub fn describe() {
         SLICE_REQUESTS,
         SPLIT_RESPONSES_MERGED,
         JOURNAL_ERRORS,
-        REQUESTS_HELD_FOR_ORDER,
     ] {
         counter!(name).increment(0);
+    }
+    for reason in crate::core::order::HoldReason::ALL {
+        counter!(REQUESTS_HELD_FOR_ORDER, "reason" => reason.label()).increment(0);
     }
     gauge!(NODES).set(0.0);
     counter!(SLICES_SENT).increment(0);

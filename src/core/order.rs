@@ -57,6 +57,13 @@ pub enum HoldReason {
 }
 
 impl HoldReason {
+    /// Every reason (each is exported at zero from the start).
+    pub const ALL: [HoldReason; 3] = [
+        HoldReason::EarlierPull,
+        HoldReason::InitInFlight,
+        HoldReason::NotInitialized,
+    ];
+
     /// The metric label (`p3proxy_requests_held_for_order_total{reason}`).
     pub fn label(self) -> &'static str {
         match self {
@@ -378,14 +385,7 @@ mod tests {
 
     #[test]
     fn labels_are_the_metric_values() {
-        let labels: Vec<_> = [
-            HoldReason::EarlierPull,
-            HoldReason::InitInFlight,
-            HoldReason::NotInitialized,
-        ]
-        .iter()
-        .map(|r| r.label())
-        .collect();
+        let labels: Vec<_> = HoldReason::ALL.iter().map(|r| r.label()).collect();
         assert_eq!(
             labels,
             ["earlier_pull", "init_in_flight", "not_initialized"]
