@@ -1,5 +1,7 @@
 use super::*;
 use crate::core::order::HoldReason;
+use p3proxy_parsers::mxnet::ServerRanges;
+use p3proxy_parsers::pslite::ControlCommand;
 use p3proxy_parsers::pslite::PsMessage;
 use p3proxy_parsers::zmtp::{parse_unit, Limits};
 
