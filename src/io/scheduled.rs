@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use p3proxy_parsers::pslite::{parse_meta, PsMessage};
-use p3proxy_parsers::zmtp::{parse_frame_header, Limits, StreamDecoder, StreamEvent};
+use p3proxy_parsers::zmtp::{
+    copy_range, FrameScanner, Limits, StreamDecoder, StreamEvent, ZmtpError,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -523,25 +525,6 @@ pub(crate) async fn run_receiver(
     drop(idle_writes);
 }
 
-/// Bytes `off..off + n` of a message held as pieces (fewer at its end).
-pub(crate) fn bytes_at(pieces: &[Bytes], mut off: u64, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n);
-    for p in pieces {
-        let len = p.len() as u64;
-        if off >= len {
-            off -= len;
-            continue;
-        }
-        let take = (n - out.len()).min(p.len() - off as usize);
-        out.extend_from_slice(&p[off as usize..off as usize + take]);
-        off = 0;
-        if out.len() == n {
-            break;
-        }
-    }
-    out
-}
-
 /// Largest first frame read as a ps-lite meta for observation.
 pub(crate) const MAX_META_LEN: u64 = 64 * 1024;
 
@@ -559,37 +542,29 @@ pub(crate) struct UnitShape {
 /// Checks that a reassembled message is exactly one ZMTP unit (frame headers
 /// consistent to its last byte, within the limits), without copying its bodies.
 fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'static str> {
-    let (mut off, mut meta, mut command) = (0u64, None, false);
-    let mut frames = Vec::new();
-    loop {
-        let head = bytes_at(&msg.pieces, off, 9);
-        let (rest, h) = parse_frame_header(&head, limits.max_frame_len)
-            .map_err(|_| "a frame header is broken")?;
-        let body = off + (head.len() - rest.len()) as u64;
-        let end = body
-            .checked_add(h.size)
-            .ok_or("a frame runs past the message")?;
-        if end > msg.len {
+    let (mut meta, mut command, mut frames) = (None, false, Vec::new());
+    let mut scan = FrameScanner::new(limits);
+    let pieces = &msg.pieces[..];
+    while let Some(f) = scan.next_frame(pieces).map_err(|e| match e {
+        ZmtpError::Unexpected(_) | ZmtpError::MultipartCommand => "a command inside a message",
+        ZmtpError::TooManyFrames { .. } => "too many frames",
+        ZmtpError::TooLarge { .. } => "a frame is over the limits",
+        _ => "a frame header is broken",
+    })? {
+        if f.end() > msg.len {
             return Err("a frame runs past the message");
         }
-        if h.command {
-            if !frames.is_empty() || h.more {
-                return Err("a command inside a message");
-            }
+        if f.header.command {
             command = true;
-        } else if frames.is_empty() && h.size <= MAX_META_LEN {
-            meta = Some(Bytes::from(bytes_at(&msg.pieces, body, h.size as usize)));
+        } else if frames.is_empty() && f.header.size <= MAX_META_LEN {
+            meta = Some(Bytes::from(copy_range(pieces, f.body, f.header.size as usize)));
         }
-        frames.push((body, h.size));
-        off = end;
-        if !h.more {
-            break;
-        }
-        if frames.len() >= limits.max_frames {
-            return Err("too many frames");
-        }
+        frames.push((f.body, f.header.size));
     }
-    if off != msg.len {
+    if !scan.is_done() {
+        return Err("a frame runs past the message");
+    }
+    if scan.offset() != msg.len {
         return Err("bytes after the message's last frame");
     }
     Ok(UnitShape {

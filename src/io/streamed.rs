@@ -9,12 +9,12 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::{parse_meta, Meta};
-use p3proxy_parsers::zmtp::{parse_frame_header, Limits};
+use p3proxy_parsers::zmtp::{copy_range, ByteSource, FrameScanner, Limits};
 use tokio::net::tcp::OwnedWriteHalf;
 
 use super::egress::write_pieces;
 use super::relay::SessionInfo;
-use super::scheduled::{bytes_at, UnitShape, MAX_META_LEN};
+use super::scheduled::{UnitShape, MAX_META_LEN};
 use super::server::Shared;
 use crate::core::slice::{Reassembled, Reassembler};
 use crate::core::split::{byte_range, slice_request, HeadPlan, Layout, Merger, Pieces};
@@ -62,41 +62,37 @@ enum HeadScan {
 
 /// Reads a message's first three frame headers (and the meta and keys bodies) from
 /// the bytes in so far.
-fn scan_head(pieces: &[Bytes], have: u64, limits: &Limits) -> HeadScan {
-    let mut off = 0u64;
+fn scan_head(pieces: &[Bytes], limits: &Limits) -> HeadScan {
+    let have = ByteSource::len(pieces);
+    let mut scan = FrameScanner::new(limits);
     let mut bodies = Vec::new();
-    for (i, max) in [(0, MAX_META_LEN), (1, 8 * 16), (2, u64::MAX)] {
-        let head = bytes_at(pieces, off, 9);
-        let (rest, h) = match parse_frame_header(&head, limits.max_frame_len) {
-            Ok(x) => x,
-            Err(nom::Err::Incomplete(_)) => return HeadScan::More,
+    for max in [MAX_META_LEN, 8 * 16, u64::MAX] {
+        let f = match scan.next_frame(pieces) {
+            Ok(Some(f)) => f,
+            Ok(None) => return HeadScan::More,
             Err(_) => return HeadScan::NotData,
         };
-        if h.command || !h.more || h.size > max {
+        if f.header.command || !f.header.more || f.header.size > max {
             return HeadScan::NotData;
         }
-        let body = off + (head.len() - rest.len()) as u64;
-        if i == 2 {
-            let keys = bodies.pop().unwrap_or_default();
-            let meta: Vec<u8> = bodies.pop().unwrap_or_default();
+        if let [meta, keys] = &mut bodies[..] {
             if keys.len() % 8 != 0 {
                 return HeadScan::NotData;
             }
             return HeadScan::Head(Head {
-                meta_frame: Bytes::from(meta),
+                meta_frame: Bytes::from(std::mem::take(meta)),
                 keys: keys
                     .chunks_exact(8)
                     .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                     .collect(),
-                vals_off: body,
-                vals_len: h.size,
+                vals_off: f.body,
+                vals_len: f.header.size,
             });
         }
-        if have < body + h.size {
+        if have < f.end() {
             return HeadScan::More;
         }
-        bodies.push(bytes_at(pieces, body, h.size as usize));
-        off = body + h.size;
+        bodies.push(copy_range(pieces, f.body, f.header.size as usize));
     }
     HeadScan::NotData
 }
@@ -148,7 +144,7 @@ impl ReceiverSplit {
             if !p.may_pass {
                 return Ok(()); // Asked again when more of it arrives.
             }
-            let head = match scan_head(p.pieces, p.have, &shared.limits) {
+            let head = match scan_head(p.pieces, &shared.limits) {
                 HeadScan::More => return Ok(()),
                 HeadScan::NotData => None,
                 HeadScan::Head(h) => Some(h),

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::{parse_command, parse_frame_header, Command, FrameHeader, ZmtpError};
+use super::{parse_command, Command, FrameHeader, FrameScanner, ZmtpError};
 
 /// Default bound on one frame: ps-lite describes a value array by an i32 byte
 /// count, so no real frame is larger.
@@ -153,7 +153,7 @@ pub enum Unit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Scan {
     /// Body spans: one for a command, one per frame for a message.
-    spans: Vec<FrameSpan>,
+    spans: Vec<BodySpan>,
     /// The unit is a command frame.
     command: bool,
     /// Bytes the unit takes, headers included.
@@ -161,7 +161,7 @@ pub(crate) struct Scan {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FrameSpan {
+struct BodySpan {
     start: usize,
     len: usize,
     long: bool,
@@ -170,7 +170,7 @@ struct FrameSpan {
 impl Scan {
     /// Builds the unit from the buffer that was scanned (zero-copy slices of it).
     pub(crate) fn into_unit(self, buf: &Bytes) -> Result<Unit, ZmtpError> {
-        let slice = |s: &FrameSpan| buf.slice(s.start..s.start + s.len);
+        let slice = |s: &BodySpan| buf.slice(s.start..s.start + s.len);
         if self.command {
             return parse_command(&slice(&self.spans[0])).map(Unit::Command);
         }
@@ -190,76 +190,27 @@ impl Scan {
 /// are needed, an error as soon as a header is invalid or a length breaks a limit
 /// (before the bytes it claims have arrived).
 pub(crate) fn scan_unit(buf: &[u8], limits: &Limits) -> Result<Option<Scan>, ZmtpError> {
-    let mut spans: Vec<FrameSpan> = Vec::new();
-    let mut pos = 0usize;
-    let mut total = 0u64;
-    loop {
-        // Each kind of frame has its own bound, checked just below.
-        let header = match parse_frame_header(&buf[pos..], u64::MAX) {
-            Ok((_, header)) => header,
-            Err(nom::Err::Incomplete(_)) => return Ok(None),
-            Err(nom::Err::Error(e) | nom::Err::Failure(e)) => return Err(e),
-        };
-        let start = pos + header.encoded_len();
-        if header.command {
-            if !spans.is_empty() {
-                return Err(ZmtpError::Unexpected(
-                    "command frame inside a multipart message",
-                ));
-            }
-            if header.size > limits.max_command_len {
-                return Err(ZmtpError::TooLarge {
-                    what: "command frame",
-                    len: header.size,
-                    max: limits.max_command_len,
-                });
-            }
-        } else {
-            if header.size > limits.max_frame_len {
-                return Err(ZmtpError::TooLarge {
-                    what: "frame",
-                    len: header.size,
-                    max: limits.max_frame_len,
-                });
-            }
-            if spans.len() == limits.max_frames {
-                return Err(ZmtpError::TooManyFrames {
-                    max: limits.max_frames,
-                });
-            }
-            total += header.size;
-            if total > limits.max_message_len {
-                return Err(ZmtpError::TooLarge {
-                    what: "message",
-                    len: total,
-                    max: limits.max_message_len,
-                });
-            }
-        }
-        let too_large = ZmtpError::TooLarge {
-            what: "frame",
-            len: header.size,
-            max: usize::MAX as u64,
-        };
-        let len = usize::try_from(header.size).map_err(|_| too_large.clone())?;
-        let end = start.checked_add(len).ok_or(too_large)?;
-        if buf.len() < end {
+    let mut scan = FrameScanner::new(limits);
+    let mut spans = Vec::new();
+    while let Some(frame) = scan.next_frame(buf)? {
+        if (buf.len() as u64) < frame.end() {
             return Ok(None);
         }
-        spans.push(FrameSpan {
-            start,
-            len,
-            long: header.long,
+        // Inside `buf`, so the offsets fit in usize.
+        spans.push(BodySpan {
+            start: frame.body as usize,
+            len: frame.header.size as usize,
+            long: frame.header.long,
         });
-        pos = end;
-        if header.command || !header.more {
+        if scan.is_done() {
             return Ok(Some(Scan {
                 spans,
-                command: header.command,
-                consumed: pos,
+                command: frame.header.command,
+                consumed: scan.offset() as usize,
             }));
         }
     }
+    Ok(None)
 }
 
 /// Cuts the next complete unit off the front of `buf`.
