@@ -557,7 +557,11 @@ fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'static 
         if f.header.command {
             command = true;
         } else if frames.is_empty() && f.header.size <= MAX_META_LEN {
-            meta = Some(Bytes::from(copy_range(pieces, f.body, f.header.size as usize)));
+            meta = Some(Bytes::from(copy_range(
+                pieces,
+                f.body,
+                f.header.size as usize,
+            )));
         }
         frames.push((f.body, f.header.size));
     }

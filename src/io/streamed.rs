@@ -65,7 +65,7 @@ enum HeadScan {
 fn scan_head(pieces: &[Bytes], limits: &Limits) -> HeadScan {
     let have = ByteSource::len(pieces);
     let mut scan = FrameScanner::new(limits);
-    let mut bodies = Vec::new();
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
     for max in [MAX_META_LEN, 8 * 16, u64::MAX] {
         let f = match scan.next_frame(pieces) {
             Ok(Some(f)) => f,

@@ -20,8 +20,8 @@ pub use greeting::{
     MAJOR_END, SIGNATURE_LEN,
 };
 pub(crate) use message::scan_unit;
-pub use scan::{copy_range, ByteSource, FrameScanner, FrameSpan};
 pub use message::{
     parse_unit, Frame, Limits, Unit, ZmtpMessage, DEFAULT_MAX_COMMAND_LEN, DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_FRAME_LEN, DEFAULT_MAX_MESSAGE_LEN,
 };
+pub use scan::{copy_range, ByteSource, FrameScanner, FrameSpan};

@@ -199,7 +199,10 @@ mod tests {
     use super::*;
     use crate::zmtp::{Command, ZmtpMessage};
 
-    fn frames<S: ByteSource + ?Sized>(src: &S, limits: &Limits) -> Result<Vec<FrameSpan>, ZmtpError> {
+    fn frames<S: ByteSource + ?Sized>(
+        src: &S,
+        limits: &Limits,
+    ) -> Result<Vec<FrameSpan>, ZmtpError> {
         let mut scan = FrameScanner::new(limits);
         let mut out = Vec::new();
         while let Some(f) = scan.next_frame(src)? {
@@ -218,7 +221,10 @@ mod tests {
         let wire = msg.encode();
         let whole = frames(&wire[..], &Limits::default()).unwrap();
         assert_eq!(
-            whole.iter().map(|f| (f.body, f.header.size)).collect::<Vec<_>>(),
+            whole
+                .iter()
+                .map(|f| (f.body, f.header.size))
+                .collect::<Vec<_>>(),
             [(2, 4), (15, 300), (317, 0)]
         );
         assert_eq!(whole.last().unwrap().end(), wire.len() as u64);
@@ -227,13 +233,19 @@ mod tests {
                 Bytes::copy_from_slice(&wire[..cut]),
                 Bytes::copy_from_slice(&wire[cut..]),
             ];
-            assert_eq!(frames(&pieces[..], &Limits::default()).unwrap(), whole, "cut {cut}");
+            assert_eq!(
+                frames(&pieces[..], &Limits::default()).unwrap(),
+                whole,
+                "cut {cut}"
+            );
         }
     }
 
     #[test]
     fn a_header_not_yet_in_asks_for_more_and_the_scan_resumes() {
-        let wire = ZmtpMessage::from_bodies([Bytes::from_static(b"a"), Bytes::from(vec![1u8; 400])]).encode();
+        let wire =
+            ZmtpMessage::from_bodies([Bytes::from_static(b"a"), Bytes::from(vec![1u8; 400])])
+                .encode();
         let mut scan = FrameScanner::new(&Limits::default());
         assert_eq!(scan.next_frame(&wire[..0]).unwrap(), None);
         let first = scan.next_frame(&wire[..3]).unwrap().unwrap();
@@ -261,12 +273,27 @@ mod tests {
             b
         };
         let err = |wire: Vec<u8>| frames(&wire[..], &limits).unwrap_err();
-        assert!(matches!(err(header(101, false, false)), ZmtpError::TooLarge { what: "frame", .. }));
-        assert!(matches!(err(header(11, false, true)), ZmtpError::TooLarge { what: "command frame", .. }));
+        assert!(matches!(
+            err(header(101, false, false)),
+            ZmtpError::TooLarge { what: "frame", .. }
+        ));
+        assert!(matches!(
+            err(header(11, false, true)),
+            ZmtpError::TooLarge {
+                what: "command frame",
+                ..
+            }
+        ));
         let mut two = header(100, true, false);
         two.extend(vec![0u8; 100]);
         two.extend(header(60, false, false));
-        assert!(matches!(err(two), ZmtpError::TooLarge { what: "message", .. }));
+        assert!(matches!(
+            err(two),
+            ZmtpError::TooLarge {
+                what: "message",
+                ..
+            }
+        ));
         let mut three = Vec::new();
         for _ in 0..3 {
             three.extend(header(0, true, false));
@@ -286,7 +313,11 @@ mod tests {
 
     #[test]
     fn copy_range_reads_across_pieces_and_stops_at_the_end() {
-        let pieces = [Bytes::from_static(b"abc"), Bytes::new(), Bytes::from_static(b"defg")];
+        let pieces = [
+            Bytes::from_static(b"abc"),
+            Bytes::new(),
+            Bytes::from_static(b"defg"),
+        ];
         assert_eq!(copy_range(&pieces[..], 2, 3), b"cde");
         assert_eq!(copy_range(&pieces[..], 5, 9), b"fg");
         assert_eq!(copy_range(&pieces[..], 9, 2), b"");
