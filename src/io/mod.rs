@@ -12,9 +12,11 @@ mod scheduled;
 mod server;
 mod session;
 mod split;
+mod state;
 mod streamed;
 
 pub use inbound::InboundError;
 pub use journal::JournalFileError;
-pub use net::{Env, OrigDst};
-pub use server::{run, Bound, Shared, StartError};
+pub use net::{Bound, Env, OrigDst};
+pub use server::run;
+pub use state::{Shared, StartError};

@@ -1,10 +1,12 @@
 //! Socket helpers and the seams tests replace: original destination, "is this
 //! address mine", "is something listening there".
 
+use crate::config::Config;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -157,6 +159,46 @@ pub(crate) fn set_dscp(sock: &socket2::SockRef<'_>, ipv4: bool, dscp: Dscp) -> i
         sock.set_tos_v4(dscp.tos())
     } else {
         sock.set_tclass_v6(dscp.tos())
+    }
+}
+
+/// The listeners of one proxy, bound (port 0 allowed) before `run`.
+#[derive(Debug)]
+pub struct Bound {
+    /// Redirect listener.
+    pub redirect: TcpListener,
+    /// Tunnel listener, if any.
+    pub tunnel: Option<TcpListener>,
+    /// Inbound-capture listener, if any.
+    pub inbound: Option<TcpListener>,
+}
+
+impl Bound {
+    /// Binds the listeners of `config`.
+    pub async fn bind(config: &Config) -> std::io::Result<Bound> {
+        let redirect = TcpListener::bind(config.listen).await?;
+        let tunnel = match config.tunnel {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let inbound = match config.inbound {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Bound {
+            redirect,
+            tunnel,
+            inbound,
+        })
+    }
+
+    /// The addresses actually bound.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let mut v = vec![self.redirect.local_addr().expect("bound")];
+        for l in self.tunnel.iter().chain(&self.inbound) {
+            v.push(l.local_addr().expect("bound"));
+        }
+        v
     }
 }
 

@@ -2,7 +2,6 @@
 //! message, observed (node table, registrations, requests in flight), and
 //! forwarded unchanged.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::server::Shared;
 use super::split::{OrderWait, Outgoing};
+use super::state::{SessionInfo, Shared};
 use crate::core::split::Failure;
 use crate::core::topology::MessageContext;
 use crate::metrics;
@@ -36,15 +35,6 @@ pub(crate) enum PumpEnd {
 pub(crate) struct End {
     pub(crate) stream: TcpStream,
     pub(crate) dec: StreamDecoder,
-}
-
-/// Who the relayed session is, for observation and logs.
-#[derive(Debug, Clone)]
-pub(crate) struct SessionInfo {
-    /// Identity of the app that opened the session (the DEALER).
-    pub(crate) identity: Bytes,
-    /// The destination ROUTER.
-    pub(crate) dst: SocketAddr,
 }
 
 const WRITE_BUFFER: usize = 64 * 1024;

@@ -9,16 +9,14 @@
 //! Receiving side: every connection of a sliced tunnel session feeds one reassembler;
 //! complete messages go to the destination app in the order rules of §4.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use p3proxy_parsers::pslite::{parse_meta, PsMessage};
-use p3proxy_parsers::zmtp::{
-    copy_range, FrameScanner, Limits, StreamDecoder, StreamEvent, ZmtpError,
-};
+use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -26,11 +24,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::egress::{run_lane, write_pieces, Body, Item};
-use super::relay::{classify, pump, End, PumpEnd, SessionInfo};
-use super::server::Shared;
+use super::relay::{classify, pump, End, PumpEnd};
 use super::session::PeerInfo;
 use super::split::{OrderWait, Outgoing, Unit};
-use super::streamed::ReceiverSplit;
+use super::state::{SessionInfo, Shared, TunnelEntry, TunnelTable};
+use super::streamed::{check_unit, ReceiverSplit};
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
 use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
@@ -246,22 +244,6 @@ async fn read_to_egress(
         }
     }
 }
-
-/// A sliced tunnel session waiting for (or receiving) its class connections.
-#[derive(Debug)]
-pub(crate) struct TunnelEntry {
-    /// The destination it was admitted to.
-    pub(crate) target: SocketAddr,
-    /// The originating app's Identity.
-    pub(crate) identity: Bytes,
-    /// The destination app's READY.
-    pub(crate) dst_info: PeerInfo,
-    /// Hands a class connection (and bytes read past its preamble) to the session.
-    pub(crate) attach: mpsc::UnboundedSender<(TcpStream, Vec<u8>, OpenConnection)>,
-}
-
-/// Sliced tunnel sessions by (peer address, session id).
-pub(crate) type TunnelTable = std::sync::Mutex<HashMap<(IpAddr, u64), TunnelEntry>>;
 
 /// Removes a session from the table when its task ends.
 struct Registered<'a> {
@@ -525,59 +507,6 @@ pub(crate) async fn run_receiver(
     drop(idle_writes);
 }
 
-/// Largest first frame read as a ps-lite meta for observation.
-pub(crate) const MAX_META_LEN: u64 = 64 * 1024;
-
-/// The shape of a reassembled unit, read from its frame headers.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct UnitShape {
-    /// Its first frame, if small enough to be a ps-lite meta (not for commands).
-    pub(crate) meta: Option<Bytes>,
-    /// (offset, length) of each frame body in the unit.
-    pub(crate) frames: Vec<(u64, u64)>,
-    /// A ZMTP command, not a message.
-    pub(crate) command: bool,
-}
-
-/// Checks that a reassembled message is exactly one ZMTP unit (frame headers
-/// consistent to its last byte, within the limits), without copying its bodies.
-fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'static str> {
-    let (mut meta, mut command, mut frames) = (None, false, Vec::new());
-    let mut scan = FrameScanner::new(limits);
-    let pieces = &msg.pieces[..];
-    while let Some(f) = scan.next_frame(pieces).map_err(|e| match e {
-        ZmtpError::Unexpected(_) | ZmtpError::MultipartCommand => "a command inside a message",
-        ZmtpError::TooManyFrames { .. } => "too many frames",
-        ZmtpError::TooLarge { .. } => "a frame is over the limits",
-        _ => "a frame header is broken",
-    })? {
-        if f.end() > msg.len {
-            return Err("a frame runs past the message");
-        }
-        if f.header.command {
-            command = true;
-        } else if frames.is_empty() && f.header.size <= MAX_META_LEN {
-            meta = Some(Bytes::from(copy_range(
-                pieces,
-                f.body,
-                f.header.size as usize,
-            )));
-        }
-        frames.push((f.body, f.header.size));
-    }
-    if !scan.is_done() {
-        return Err("a frame runs past the message");
-    }
-    if scan.offset() != msg.len {
-        return Err("bytes after the message's last frame");
-    }
-    Ok(UnitShape {
-        meta,
-        frames,
-        command,
-    })
-}
-
 /// Observes complete messages and writes them to the destination app.
 #[allow(clippy::too_many_arguments)]
 async fn deliver(
@@ -698,59 +627,4 @@ async fn deliver(
     write_pieces(out, pieces)
         .await
         .map_err(|e| format!("writing to the destination: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use p3proxy_parsers::zmtp::{Command, ZmtpMessage};
-
-    /// `bytes` cut into pieces at every `step` bytes.
-    fn pieces(bytes: &[u8], step: usize) -> Reassembled {
-        Reassembled {
-            seq: 0,
-            part: None,
-            pieces: bytes.chunks(step).map(Bytes::copy_from_slice).collect(),
-            len: bytes.len() as u64,
-            fence: false,
-        }
-    }
-
-    #[test]
-    fn reassembled_units_are_checked_across_piece_boundaries() {
-        let limits = Limits::default();
-        let meta = Bytes::from_static(b"\x08\x01meta bytes");
-        let msg = ZmtpMessage::from_bodies([
-            meta.clone(),
-            Bytes::from(vec![7u8; 300]),
-            Bytes::from_static(b"lens"),
-        ])
-        .encode();
-        for step in [1, 2, 3, 9, 100, msg.len()] {
-            let shape = check_unit(&pieces(&msg, step), &limits).unwrap();
-            assert_eq!(shape.meta, Some(meta.clone()));
-            let bodies: Vec<u64> = shape.frames.iter().map(|f| f.1).collect();
-            assert_eq!(bodies, vec![meta.len() as u64, 300, 4]);
-            assert_eq!(shape.frames[1].0, 2 + meta.len() as u64 + 9);
-        }
-        let cmd = Command::ready(&[("Socket-Type", b"DEALER")]).encode();
-        let shape = check_unit(&pieces(&cmd, 5), &limits).unwrap();
-        assert!(shape.command && shape.meta.is_none());
-        let mut trailing = msg.clone();
-        trailing.push(0);
-        assert_eq!(
-            check_unit(&pieces(&trailing, 7), &limits).unwrap_err(),
-            "bytes after the message's last frame"
-        );
-        assert_eq!(
-            check_unit(&pieces(&msg[..msg.len() - 1], 7), &limits).unwrap_err(),
-            "a frame runs past the message"
-        );
-        let mut two = vec![0x01, 0x01, b'x']; // a one-byte frame with MORE...
-        two.extend(&cmd); // ...then a command
-        assert_eq!(
-            check_unit(&pieces(&two, 4), &limits).unwrap_err(),
-            "a command inside a message"
-        );
-    }
 }

@@ -11,8 +11,7 @@ use bytes::Bytes;
 use p3proxy_parsers::pslite::{MessageKind, Meta, PsMessage};
 use tokio::sync::futures::Notified;
 
-use super::relay::SessionInfo;
-use super::server::Shared;
+use super::state::{SessionInfo, Shared};
 use crate::core::journal::Record;
 use crate::core::order::HoldReason;
 use crate::core::slice::Part;
@@ -103,10 +102,6 @@ impl Shared {
         }
     }
 
-    fn splitter(&self) -> std::sync::MutexGuard<'_, Splitter> {
-        self.splitter.lock().expect("splitter lock")
-    }
-
     /// A message on its way to the ROUTER of `info.dst`: if that is a local server,
     /// the splitter decides what goes instead. `None` frames: not ps-lite (a fence).
     /// `since`: when the message was first asked about (its holds are bounded from
@@ -189,13 +184,6 @@ impl Shared {
                 }
                 RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason)),
             }
-        }
-    }
-
-    /// Wakes requests held behind an answer, if the splitter released any.
-    pub(crate) fn wake_held(&self, sp: &mut Splitter) {
-        if sp.take_released() {
-            self.order_released.notify_waiters();
         }
     }
 

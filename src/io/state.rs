@@ -1,0 +1,445 @@
+//! The state every connection of one proxy shares: configuration, the relay policy,
+//! the topology, the priority table, the splitter and the journal, each behind its own
+//! lock (the topology lock is never taken while the splitter's is held), and the table
+//! of tunnel sessions waiting for their class connections. The sessions and handlers
+//! of `io` build on it; it builds on none of them (`scripts/check-layout`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use p3proxy_parsers::mxnet::ServerRanges;
+use p3proxy_parsers::pslite::{PsMessage, Role};
+use p3proxy_parsers::zmtp::Limits;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::egress::Egress;
+use super::inbound::{InboundError, InboundRules};
+use super::journal::{JournalFile, JournalFileError};
+use super::net::{Bound, Env};
+use super::session::PeerInfo;
+use crate::config::{Config, PrioritySource};
+use crate::core::journal::Record;
+use crate::core::policy::Policy;
+use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency};
+use crate::core::split::Splitter;
+use crate::core::topology::{Learned, MessageContext, NodeInfo, Topology};
+use crate::metrics::{self, OpenConnection};
+
+/// Who the relayed session is, for observation and logs.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionInfo {
+    /// Identity of the app that opened the session (the DEALER).
+    pub(crate) identity: Bytes,
+    /// The destination ROUTER.
+    pub(crate) dst: SocketAddr,
+}
+
+/// A sliced tunnel session waiting for (or receiving) its class connections.
+#[derive(Debug)]
+pub(crate) struct TunnelEntry {
+    /// The destination it was admitted to.
+    pub(crate) target: SocketAddr,
+    /// The originating app's Identity.
+    pub(crate) identity: Bytes,
+    /// The destination app's READY.
+    pub(crate) dst_info: PeerInfo,
+    /// Hands a class connection (and bytes read past its preamble) to the session.
+    pub(crate) attach: mpsc::UnboundedSender<(TcpStream, Vec<u8>, OpenConnection)>,
+}
+
+/// Sliced tunnel sessions by (peer address, session id).
+pub(crate) type TunnelTable = std::sync::Mutex<HashMap<(IpAddr, u64), TunnelEntry>>;
+
+/// State shared by every connection of one proxy.
+pub struct Shared {
+    pub(crate) config: Config,
+    pub(super) env: Env,
+    pub(crate) limits: Limits,
+    pub(super) policy: Mutex<Policy>,
+    pub(super) topology: Mutex<Topology>,
+    pub(super) priority: Mutex<PriorityTable>,
+    pub(crate) egress: Arc<Egress>,
+    pub(crate) tunnels: TunnelTable,
+    pub(crate) splitter: Mutex<Splitter>,
+    /// Notified when requests held behind an unanswered one may go.
+    pub(crate) order_released: tokio::sync::Notify,
+    pub(super) journal: Option<Mutex<JournalFile>>,
+    /// Inbound capture of registered ports, if on.
+    pub(super) inbound: Option<InboundRules>,
+    pub(super) next_session: AtomicU64,
+}
+
+/// Why a proxy could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The journal could not be opened or is damaged.
+    #[error(transparent)]
+    Journal(#[from] JournalFileError),
+    /// The inbound capture rules could not be installed.
+    #[error("inbound capture: {0}")]
+    Inbound(#[from] InboundError),
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Shared state for a proxy with these listeners (its own addresses are never
+    /// relayed to), continuing from the journal if there is one.
+    pub fn new(config: Config, env: Env, bound: &Bound) -> Result<Arc<Shared>, StartError> {
+        let mut own = bound.addrs();
+        own.extend(config.metrics);
+        let policy = Policy::new(
+            own,
+            config.cluster_cidr.clone(),
+            config.scheduler_port,
+            std::time::Duration::from_secs(config.no_proxy_ttl_s),
+        );
+        let source = match config.priority {
+            PrioritySource::Learned => Source::Learned,
+            PrioritySource::Key => Source::Key,
+            PrioritySource::Map => Source::Map,
+        };
+        // Validated with the config; a map that cannot be read now is reported then.
+        let map = config.load_priority_map().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "priority map unusable: MXNet key order instead");
+            None
+        });
+        let priority = PriorityTable::new(source, map);
+        tracing::info!(
+            configured = source.label(),
+            in_use = priority.in_use().label(),
+            "key priorities"
+        );
+        metrics::priority_source(priority.in_use().label());
+        let (journal, records) = match &config.journal {
+            Some(path) => {
+                let (file, records) = JournalFile::open(path)?;
+                (Some(Mutex::new(file)), records)
+            }
+            None => (None, Vec::new()),
+        };
+        let inbound = match &bound.inbound {
+            Some(l) => Some(InboundRules::install(
+                l.local_addr().expect("bound").port(),
+            )?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            limits: Limits::default(),
+            egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
+            splitter: Mutex::new(Splitter::new(config.split_config())),
+            order_released: tokio::sync::Notify::new(),
+            config,
+            env,
+            policy: Mutex::new(policy),
+            topology: Mutex::new(Topology::default()),
+            priority: Mutex::new(priority),
+            tunnels: TunnelTable::default(),
+            next_session: AtomicU64::new(rand_seed()),
+            journal,
+            inbound,
+        });
+        shared.replay(&records);
+        let registered: Vec<SocketAddr> = shared
+            .policy
+            .lock()
+            .expect("policy lock")
+            .registered()
+            .collect();
+        for addr in registered {
+            shared.capture_inbound(addr);
+        }
+        Ok(shared)
+    }
+
+    /// Sends connections from other hosts to the local node at `addr` through the
+    /// inbound listener, if inbound capture is on. A failure is loud but safe: peers
+    /// then reach the node directly, so this proxy never sees their requests and splits
+    /// nothing for them (with proxied workers too, it refuses: `worker_not_proxied`).
+    fn capture_inbound(&self, addr: SocketAddr) {
+        if let Some(rules) = &self.inbound {
+            match rules.capture(addr) {
+                Ok(()) => tracing::info!(%addr, "inbound connections to this node are captured"),
+                Err(e) => tracing::error!(%addr, error = %e, "inbound capture failed"),
+            }
+        }
+    }
+
+    /// Removes the inbound capture rules (at shutdown).
+    pub fn remove_inbound_rules(&self) {
+        if let Some(rules) = &self.inbound {
+            rules.remove();
+        }
+    }
+
+    /// Rebuilds what the journal's records say (this proxy's previous run).
+    fn replay(&self, records: &[Record]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut policy = self.policy.lock().expect("policy lock");
+        let mut topology = self.topology.lock().expect("topology lock");
+        let mut splitter = self.splitter.lock().expect("splitter lock");
+        let mut layouts = 0;
+        for r in records {
+            match r {
+                Record::Registered { addr, server } => {
+                    let _ = policy.register(*addr);
+                    if *server {
+                        splitter.server_registered(*addr);
+                    }
+                }
+                Record::Exited { addr } => {
+                    policy.forget(*addr);
+                    splitter.server_exited(*addr);
+                }
+                Record::Nodes { nodes } => {
+                    let nodes: Vec<NodeInfo> = nodes
+                        .iter()
+                        .map(|&(id, role, addr)| NodeInfo {
+                            id,
+                            role: Role::from(role),
+                            addr,
+                        })
+                        .collect();
+                    splitter.node_table(&nodes);
+                    topology.set_nodes(nodes);
+                }
+                Record::SchedulerPort { port } => {
+                    policy.learn_scheduler(*port);
+                }
+                Record::Layout {
+                    server,
+                    layout,
+                    next_slice,
+                } => {
+                    splitter.restore(*server, *layout, *next_slice);
+                    layouts += 1;
+                }
+            }
+        }
+        tracing::warn!(
+            records = records.len(),
+            layouts,
+            split_keys = splitter.split_keys(),
+            "continuing from the journal of a previous run"
+        );
+    }
+
+    /// Appends a record to the journal; `sync`: a layout, on disk before it is used.
+    pub(crate) fn journal(&self, record: &Record, sync: bool) -> bool {
+        let Some(journal) = &self.journal else {
+            return true;
+        };
+        let mut file = journal.lock().expect("journal lock");
+        match file.append(record, sync) {
+            Ok(()) => true,
+            Err(e) => {
+                ::metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
+                tracing::error!(path = %file.path().display(), error = %e, "journal write failed");
+                false
+            }
+        }
+    }
+
+    /// Looks at a message going from a session's DEALER to its ROUTER, before it
+    /// is forwarded, and acts on what it teaches.
+    pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage) {
+        let learned = self
+            .topology
+            .lock()
+            .expect("topology lock")
+            .observe(ctx, msg);
+        match learned {
+            Some(Learned::Registration { role, addr }) => {
+                let local = (self.env.is_local)(addr.ip()) && !(self.env.is_loopback)(addr.ip());
+                if !local {
+                    return; // Another host's node: its own proxy learns it.
+                }
+                if !(self.env.is_listening)(addr) {
+                    tracing::warn!(%addr, ?role, "registration ignored: nothing listens there");
+                    return;
+                }
+                match self.policy.lock().expect("policy lock").register(addr) {
+                    Ok(true) => {
+                        self.journal(
+                            &Record::Registered {
+                                addr,
+                                server: role == Role::Server,
+                            },
+                            false,
+                        );
+                        self.capture_inbound(addr);
+                        if role == Role::Server {
+                            // This proxy relays the server's traffic from its registration on:
+                            // the history a split needs starts here.
+                            let mut sp = self.splitter.lock().expect("splitter lock");
+                            sp.server_registered(addr);
+                            self.wake_held(&mut sp);
+                        }
+                        tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
+                    }
+                    Ok(false) => {}
+                    Err(r) => tracing::warn!(%addr, reason = %r, "registration ignored"),
+                }
+            }
+            Some(Learned::NodeTable) => {
+                let topo = self.topology.lock().expect("topology lock");
+                ::metrics::gauge!(metrics::NODES).set(topo.nodes().len() as f64);
+                self.splitter
+                    .lock()
+                    .expect("splitter lock")
+                    .node_table(topo.nodes());
+                let nodes = topo
+                    .nodes()
+                    .iter()
+                    .map(|n| (n.id, role_code(n.role), n.addr))
+                    .collect();
+                self.journal(&Record::Nodes { nodes }, false);
+                let table: Vec<String> = topo
+                    .nodes()
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "{}={:?}@{}",
+                            n.id,
+                            n.role,
+                            n.addr.map(|a| a.to_string()).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                tracing::info!(nodes = %table.join(" "), "node table from ADD_NODE");
+            }
+            Some(Learned::NodeExit(addr))
+                if self.policy.lock().expect("policy lock").forget(addr) =>
+            {
+                {
+                    let mut sp = self.splitter.lock().expect("splitter lock");
+                    sp.server_exited(addr);
+                    self.wake_held(&mut sp);
+                }
+                self.journal(&Record::Exited { addr }, false);
+                if let Some(rules) = &self.inbound {
+                    if let Err(e) = rules.release(addr) {
+                        tracing::warn!(%addr, error = %e, "inbound capture rule not removed");
+                    }
+                }
+                tracing::info!(%addr, "local node exited: its registration is forgotten");
+            }
+            Some(Learned::NodeExit(_)) => {}
+            None => {}
+        }
+    }
+
+    /// The node id listening at `addr`, from the node table.
+    pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<i32> {
+        self.topology.lock().expect("topology lock").id_at(addr)
+    }
+
+    /// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
+    fn server_ranges(&self) -> Option<ServerRanges> {
+        let servers = self.topology.lock().expect("topology lock").num_servers();
+        ServerRanges::new(servers as u64)
+    }
+
+    /// How urgent a message a local app sent is (its key's priority); a request also
+    /// teaches the learned order and is checked against the map.
+    pub(crate) fn prioritize(&self, msg: &PsMessage) -> Urgency {
+        let ranges = self.server_ranges();
+        let mut table = self.priority.lock().expect("priority lock");
+        if let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) {
+            match event {
+                PriorityEvent::Trusted => {
+                    tracing::info!("learned layer order trusted: it replaces MXNet key order")
+                }
+                PriorityEvent::Distrusted => tracing::warn!(
+                    "learned layer order no longer holds: MXNet key order until relearned"
+                ),
+                PriorityEvent::MapRefused { keys, key } => tracing::error!(
+                    keys,
+                    key,
+                    "priority map refused: it has {keys} keys but the job uses key {key} (a map of another model?); MXNet key order instead"
+                ),
+            }
+            metrics::priority_source(table.in_use().label());
+        }
+        table.urgency(msg, ranges.as_ref())
+    }
+
+    /// A peer proxy announced the priority it used for a message with these keys.
+    pub(crate) fn priority_hint(&self, ps_keys: &[u64], priority: u32) {
+        let ranges = self.server_ranges();
+        self.priority
+            .lock()
+            .expect("priority lock")
+            .hint(ps_keys, ranges.as_ref(), priority);
+    }
+
+    /// The upstream of a session died while its app lived: requests in flight are lost.
+    pub(crate) fn upstream_died(&self, info: &SessionInfo, end: &impl std::fmt::Debug) {
+        let (lost, responder) = {
+            let mut topo = self.topology.lock().expect("topology lock");
+            (
+                topo.take_lost(&info.identity, info.dst),
+                topo.id_at(info.dst),
+            )
+        };
+        if lost > 0 {
+            ::metrics::counter!(metrics::REQUESTS_LOST).increment(lost);
+            tracing::error!(
+                requester = %String::from_utf8_lossy(&info.identity),
+                responder = ?responder,
+                dst = %info.dst,
+                lost,
+                reason = ?end,
+                "upstream died with requests in flight: ps-lite will not resend them; the job may stall"
+            );
+        } else {
+            tracing::info!(dst = %info.dst, reason = ?end, "upstream closed; closing the app's connection");
+        }
+    }
+
+    pub(super) fn session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+fn role_code(role: Role) -> i32 {
+    match role {
+        Role::Server => 0,
+        Role::Worker => 1,
+        Role::Scheduler => 2,
+        Role::Other(v) => v,
+    }
+}
+
+fn rand_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+}
+
+impl Shared {
+    /// Wakes requests held behind an answer, if the splitter released any.
+    pub(crate) fn wake_held(&self, sp: &mut Splitter) {
+        if sp.take_released() {
+            self.order_released.notify_waiters();
+        }
+    }
+
+    pub(super) fn splitter(&self) -> std::sync::MutexGuard<'_, Splitter> {
+        self.splitter.lock().expect("splitter lock")
+    }
+}
