@@ -2,21 +2,24 @@
 //! sessions toward apps, tunnels toward peer proxies. Thin: it asks `core` what to
 //! do and does it, like quinn over quinn-proto.
 
+mod captured;
 mod egress;
 mod inbound;
 mod journal;
+mod listener;
 mod memory;
 mod net;
 mod relay;
 mod scheduled;
-mod server;
 mod session;
 mod split;
 mod state;
 mod streamed;
+mod tunnel_in;
+mod upstream;
 
 pub use inbound::InboundError;
 pub use journal::JournalFileError;
+pub use listener::run;
 pub use net::{Bound, Env, OrigDst};
-pub use server::run;
 pub use state::{Shared, StartError};
