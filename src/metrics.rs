@@ -1,6 +1,9 @@
-//! Every metric the proxy exports: names as constants, described once at start-up,
-//! low-cardinality labels only (never keys or addresses). DESIGN.md §9 fixes the
-//! names that tools and checks rely on.
+//! Every metric the proxy exports, in one table: each row gives the name (a constant
+//! of its own), the kind, the unit, the HELP text and the label, and which series exist
+//! at zero from the start; `describe` and the zero series are driven by it, and the
+//! rest of the crate records through the functions here (no raw `counter!` outside).
+//! Low-cardinality labels only (never keys or addresses). DESIGN.md §9 fixes the names
+//! that tools and checks rely on.
 
 use std::net::SocketAddr;
 
@@ -11,65 +14,69 @@ use metrics::{
     Gauge, Histogram, Unit,
 };
 
-/// Bytes relayed, by `direction` (`outbound`: from a local app; `inbound`: to a local app).
-pub const FORWARDED_BYTES: &str = "p3proxy_forwarded_bytes_total";
-/// ZMTP messages relayed, by `direction`.
-pub const FORWARDED_MESSAGES: &str = "p3proxy_forwarded_messages_total";
-/// Bytes that failed to parse, by `kind`.
-pub const PARSE_ERRORS: &str = "p3proxy_parse_errors_total";
-/// Connections refused, by `reason`.
-pub const CONNECTIONS_REFUSED: &str = "p3proxy_connections_refused_total";
-/// Requests in flight when their upstream died (ps-lite never resends them).
-pub const REQUESTS_LOST: &str = "p3proxy_requests_lost_total";
-/// Connections accepted, by `route` (tunnel, direct, same_host, opaque, tunnel_in).
-pub const CONNECTIONS: &str = "p3proxy_connections_total";
-/// Connections open now.
-pub const CONNECTIONS_OPEN: &str = "p3proxy_connections_open";
-/// Messages forwarded as fences because they are not ps-lite.
-pub const NOT_PSLITE: &str = "p3proxy_not_pslite_messages_total";
-/// Tunnel answers received, by `outcome`.
-pub const TUNNEL_ANSWERS: &str = "p3proxy_tunnel_answers_total";
-/// Nodes in the node table learned from ADD_NODE.
-pub const NODES: &str = "p3proxy_nodes";
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution of observations.
+    Histogram,
+}
 
-/// Bytes handed to output connections by the egress scheduler, by priority `class`.
-pub const CLASS_BYTES: &str = "p3proxy_class_bytes_total";
-/// Messages whose first byte the egress scheduler handed out, by `class`.
-pub const CLASS_MESSAGES: &str = "p3proxy_class_messages_total";
-/// Time from a message's arrival to its first byte handed out, by `class`.
-pub const QUEUE_DELAY: &str = "p3proxy_queue_delay_seconds";
-/// Slices of a message that interrupted a less urgent unfinished one on its connection.
-pub const PREEMPTIONS: &str = "p3proxy_preemptions_total";
-/// Slices sent to peer proxies.
-pub const SLICES_SENT: &str = "p3proxy_slices_sent_total";
-/// Slices received from peer proxies and reassembled.
-pub const SLICES_REASSEMBLED: &str = "p3proxy_slices_reassembled_total";
-/// Bytes held for reassembly now, over every tunnel session.
-pub const REASSEMBLY_BYTES: &str = "p3proxy_reassembly_bytes";
-/// Bytes queued in the egress scheduler now.
-pub const SCHEDULER_QUEUED_BYTES: &str = "p3proxy_scheduler_queued_bytes";
-/// 1 for the key-priority source in use, by `source`.
-pub const PRIORITY_SOURCE: &str = "p3proxy_priority_source";
+/// Which series of a metric exist from the start (at zero), so that a scrape before
+/// any traffic already shows them and the first event is an increase a rate sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zero {
+    /// None (labelled by something open-ended, or registered by their user).
+    No,
+    /// The one series without labels.
+    Plain,
+    /// One series per label value.
+    Each(&'static [&'static str]),
+}
 
-/// Keys split into slice keys in front of a local server.
-pub const KEYS_SPLIT: &str = "p3proxy_keys_split_total";
-/// Keys above the split threshold left whole, by `reason`.
-pub const SPLIT_REFUSED: &str = "p3proxy_split_refused_total";
-/// Servers whose traffic was stopped because a split layout could not serve a
-/// request (or a response bypassed the proxy), by `reason`.
-pub const SPLIT_FAILURES: &str = "p3proxy_split_failures_total";
-/// Requests for split keys turned into slice-key requests.
-pub const SPLIT_REQUESTS: &str = "p3proxy_split_requests_total";
-/// Slice-key requests sent to local servers.
-pub const SLICE_REQUESTS: &str = "p3proxy_slice_requests_total";
-/// Responses merged from slice-key responses.
-pub const SPLIT_RESPONSES_MERGED: &str = "p3proxy_split_responses_merged_total";
-/// Requests to a local server held for order, by the `reason` they first waited for
-/// (`core::order`: ps-lite's server queue is not first-in first-out).
-pub const REQUESTS_HELD_FOR_ORDER: &str = "p3proxy_requests_held_for_order_total";
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// The exported name.
+    pub name: &'static str,
+    /// Its kind.
+    pub kind: Kind,
+    /// Its unit, if it has one.
+    pub unit: Option<Unit>,
+    /// The HELP text.
+    pub help: &'static str,
+    /// Its label's name, if it has one (every metric has at most one).
+    pub label: Option<&'static str>,
+    /// The series exported at zero from the start.
+    pub zero: Zero,
+}
 
-/// Journal writes that failed.
-pub const JOURNAL_ERRORS: &str = "p3proxy_journal_errors_total";
+/// Declares the table: a constant per name, and [`TABLE`] with every row.
+macro_rules! metrics_table {
+    ($(
+        $(#[doc = $doc:literal])*
+        $konst:ident = $name:literal, $kind:ident, $unit:expr, $label:expr, $zero:expr, $help:literal;
+    )*) => {
+        $(
+            $(#[doc = $doc])*
+            pub const $konst: &str = $name;
+        )*
+        /// Every metric the proxy exports.
+        pub const TABLE: &[Metric] = &[
+            $(Metric {
+                name: $name,
+                kind: Kind::$kind,
+                unit: $unit,
+                help: $help,
+                label: $label,
+                zero: $zero,
+            },)*
+        ];
+    };
+}
 
 /// Class labels (no allocation per sample).
 const CLASS_LABELS: [&str; 4] = ["0", "1", "2", "3"];
@@ -94,129 +101,158 @@ pub const OUTBOUND: &str = "outbound";
 /// Direction label: bytes delivered to a local app.
 pub const INBOUND: &str = "inbound";
 
-/// Describes every metric (HELP text and units).
+const DIRECTIONS: [&str; 2] = [OUTBOUND, INBOUND];
+const HOLD_REASONS: [&str; 3] = crate::core::order::HoldReason::LABELS;
+
+metrics_table! {
+    /// Bytes relayed, by `direction` (`outbound`: from a local app; `inbound`: to a local app).
+    FORWARDED_BYTES = "p3proxy_forwarded_bytes_total", Counter, Some(Unit::Bytes), Some("direction"), Zero::Each(&DIRECTIONS),
+        "Bytes relayed, by direction (outbound: from a local app; inbound: to a local app).";
+    /// ZMTP messages relayed, by `direction`.
+    FORWARDED_MESSAGES = "p3proxy_forwarded_messages_total", Counter, None, Some("direction"), Zero::Each(&DIRECTIONS),
+        "ZMTP messages relayed, by direction.";
+    /// Streams closed on bytes that failed to parse, by `kind`.
+    PARSE_ERRORS = "p3proxy_parse_errors_total", Counter, None, Some("kind"), Zero::Each(&PARSE_ERROR_KINDS),
+        "Streams closed because their bytes broke ZMTP framing or a limit, by kind.";
+    /// Connections refused, by `reason`.
+    CONNECTIONS_REFUSED = "p3proxy_connections_refused_total", Counter, None, Some("reason"), Zero::No,
+        "Connections refused, by reason.";
+    /// Requests in flight when their upstream died (ps-lite never resends them).
+    REQUESTS_LOST = "p3proxy_requests_lost_total", Counter, None, None, Zero::Plain,
+        "Requests in flight when their upstream died; ps-lite never resends them.";
+    /// Connections accepted, by `route` (tunnel, direct, same_host, opaque, tunnel_in).
+    CONNECTIONS = "p3proxy_connections_total", Counter, None, Some("route"), Zero::No,
+        "Connections accepted, by route.";
+    /// Connections open now.
+    CONNECTIONS_OPEN = "p3proxy_connections_open", Gauge, None, None, Zero::Plain,
+        "Connections open now.";
+    /// Messages forwarded as fences because they are not ps-lite.
+    NOT_PSLITE = "p3proxy_not_pslite_messages_total", Counter, None, None, Zero::Plain,
+        "Well-framed ZMTP messages that are not ps-lite, forwarded unchanged as fences.";
+    /// Tunnel answers received, by `outcome`.
+    TUNNEL_ANSWERS = "p3proxy_tunnel_answers_total", Counter, None, Some("outcome"), Zero::No,
+        "Answers from peer proxies to tunnel requests, by outcome.";
+    /// Nodes in the node table learned from ADD_NODE.
+    NODES = "p3proxy_nodes", Gauge, None, None, Zero::Plain,
+        "Nodes in the job's node table, from the scheduler's ADD_NODE broadcast.";
+    /// Bytes handed to output connections by the egress scheduler, by priority `class`.
+    CLASS_BYTES = "p3proxy_class_bytes_total", Counter, Some(Unit::Bytes), Some("class"), Zero::No,
+        "Bytes handed to output connections by the egress scheduler, by priority class (0 = top).";
+    /// Messages whose first byte the egress scheduler handed out, by `class`.
+    CLASS_MESSAGES = "p3proxy_class_messages_total", Counter, None, Some("class"), Zero::No,
+        "Messages started by the egress scheduler, by priority class.";
+    /// Time from a message's arrival to its first byte handed out, by `class`.
+    QUEUE_DELAY = "p3proxy_queue_delay_seconds", Histogram, Some(Unit::Seconds), Some("class"), Zero::No,
+        "Time from a message's arrival to its first byte handed out, by priority class.";
+    /// Slices of a message that interrupted a less urgent unfinished one on its connection.
+    PREEMPTIONS = "p3proxy_preemptions_total", Counter, None, None, Zero::Plain,
+        "Slices that interrupted a less urgent unfinished message on the same connection.";
+    /// Slices sent to peer proxies.
+    SLICES_SENT = "p3proxy_slices_sent_total", Counter, None, None, Zero::Plain,
+        "Slices sent to peer proxies.";
+    /// Slices received from peer proxies and reassembled.
+    SLICES_REASSEMBLED = "p3proxy_slices_reassembled_total", Counter, None, None, Zero::Plain,
+        "Slices received from peer proxies and reassembled.";
+    /// Bytes held for reassembly now, over every tunnel session.
+    REASSEMBLY_BYTES = "p3proxy_reassembly_bytes", Gauge, Some(Unit::Bytes), None, Zero::Plain,
+        "Bytes held for reassembly now, over every tunnel session.";
+    /// Bytes queued in the egress scheduler now.
+    SCHEDULER_QUEUED_BYTES = "p3proxy_scheduler_queued_bytes", Gauge, Some(Unit::Bytes), None, Zero::No,
+        "Bytes queued in the egress scheduler now.";
+    /// 1 for the key-priority source in use, by `source`.
+    PRIORITY_SOURCE = "p3proxy_priority_source", Gauge, None, Some("source"), Zero::No,
+        "1 for the key-priority source in use (key, learned, map), by source.";
+    /// Keys split into slice keys in front of a local server.
+    KEYS_SPLIT = "p3proxy_keys_split_total", Counter, None, None, Zero::Plain,
+        "Keys split into slice keys in front of a local server.";
+    /// Keys above the split threshold left whole, by `reason`.
+    SPLIT_REFUSED = "p3proxy_split_refused_total", Counter, None, Some("reason"), Zero::No,
+        "Keys above the split threshold left whole, by reason.";
+    /// Servers whose traffic was stopped because a split layout could not serve a
+    /// request (or a response bypassed the proxy), by `reason`.
+    SPLIT_FAILURES = "p3proxy_split_failures_total", Counter, None, Some("reason"), Zero::No,
+        "Servers whose traffic was stopped: a request its split layout cannot serve, or a bypass, by reason.";
+    /// Requests for split keys turned into slice-key requests.
+    SPLIT_REQUESTS = "p3proxy_split_requests_total", Counter, None, None, Zero::Plain,
+        "Requests for split keys turned into slice-key requests.";
+    /// Slice-key requests sent to local servers.
+    SLICE_REQUESTS = "p3proxy_slice_requests_total", Counter, None, None, Zero::Plain,
+        "Slice-key requests sent to local servers.";
+    /// Responses merged from slice-key responses.
+    SPLIT_RESPONSES_MERGED = "p3proxy_split_responses_merged_total", Counter, None, None, Zero::Plain,
+        "Responses merged from slice-key responses.";
+    /// Requests to a local server held for order, by the `reason` they first waited for
+    /// (`core::order`: ps-lite's server queue is not first-in first-out).
+    REQUESTS_HELD_FOR_ORDER = "p3proxy_requests_held_for_order_total", Counter, None, Some("reason"), Zero::Each(&HOLD_REASONS),
+        "Requests to a local server held for order (ps-lite's server queue may serve a later request first), by the reason they first waited for: earlier_pull, init_in_flight, not_initialized.";
+    /// Journal writes that failed.
+    JOURNAL_ERRORS = "p3proxy_journal_errors_total", Counter, None, None, Zero::Plain,
+        "Journal writes that failed.";
+}
+
+/// Describes every metric of [`TABLE`] (HELP text and units) and makes its zero series
+/// exist.
 pub fn describe() {
-    describe_counter!(
-        FORWARDED_BYTES,
-        Unit::Bytes,
-        "Bytes relayed, by direction (outbound: from a local app; inbound: to a local app)."
-    );
-    describe_counter!(FORWARDED_MESSAGES, "ZMTP messages relayed, by direction.");
-    describe_counter!(
-        KEYS_SPLIT,
-        "Keys split into slice keys in front of a local server."
-    );
-    describe_counter!(
-        SPLIT_REFUSED,
-        "Keys above the split threshold left whole, by reason."
-    );
-    describe_counter!(
-        SPLIT_FAILURES,
-        "Servers whose traffic was stopped: a request its split layout cannot serve, or a bypass, by reason."
-    );
-    describe_counter!(
-        SPLIT_REQUESTS,
-        "Requests for split keys turned into slice-key requests."
-    );
-    describe_counter!(SLICE_REQUESTS, "Slice-key requests sent to local servers.");
-    describe_counter!(JOURNAL_ERRORS, "Journal writes that failed.");
-    describe_counter!(
-        REQUESTS_HELD_FOR_ORDER,
-        "Requests to a local server held for order (ps-lite's server queue may serve a later request first), by the reason they first waited for: earlier_pull, init_in_flight, not_initialized."
-    );
-    describe_counter!(
-        SPLIT_RESPONSES_MERGED,
-        "Responses merged from slice-key responses."
-    );
-    describe_counter!(
-        PARSE_ERRORS,
-        "Streams closed because their bytes broke ZMTP framing or a limit, by kind."
-    );
-    describe_counter!(CONNECTIONS_REFUSED, "Connections refused, by reason.");
-    describe_counter!(
-        REQUESTS_LOST,
-        "Requests in flight when their upstream died; ps-lite never resends them."
-    );
-    describe_counter!(CONNECTIONS, "Connections accepted, by route.");
-    describe_gauge!(CONNECTIONS_OPEN, "Connections open now.");
-    describe_counter!(
-        NOT_PSLITE,
-        "Well-framed ZMTP messages that are not ps-lite, forwarded unchanged as fences."
-    );
-    describe_counter!(
-        TUNNEL_ANSWERS,
-        "Answers from peer proxies to tunnel requests, by outcome."
-    );
-    describe_gauge!(
-        NODES,
-        "Nodes in the job's node table, from the scheduler's ADD_NODE broadcast."
-    );
-    describe_counter!(
-        CLASS_BYTES,
-        Unit::Bytes,
-        "Bytes handed to output connections by the egress scheduler, by priority class (0 = top)."
-    );
-    describe_counter!(
-        CLASS_MESSAGES,
-        "Messages started by the egress scheduler, by priority class."
-    );
-    describe_histogram!(
-        QUEUE_DELAY,
-        Unit::Seconds,
-        "Time from a message's arrival to its first byte handed out, by priority class."
-    );
-    describe_counter!(
-        PREEMPTIONS,
-        "Slices that interrupted a less urgent unfinished message on the same connection."
-    );
-    describe_counter!(SLICES_SENT, "Slices sent to peer proxies.");
-    describe_counter!(
-        SLICES_REASSEMBLED,
-        "Slices received from peer proxies and reassembled."
-    );
-    describe_gauge!(
-        REASSEMBLY_BYTES,
-        Unit::Bytes,
-        "Bytes held for reassembly now, over every tunnel session."
-    );
-    describe_gauge!(
-        SCHEDULER_QUEUED_BYTES,
-        Unit::Bytes,
-        "Bytes queued in the egress scheduler now."
-    );
-    describe_gauge!(
-        PRIORITY_SOURCE,
-        "1 for the key-priority source in use (key, learned, map), by source."
-    );
-    // Make the fixed series exist from the start, so that a scrape before any
-    // traffic already shows them at zero.
-    for d in [OUTBOUND, INBOUND] {
-        counter!(FORWARDED_BYTES, "direction" => d).increment(0);
-        counter!(FORWARDED_MESSAGES, "direction" => d).increment(0);
+    for m in TABLE {
+        match (m.kind, m.unit) {
+            (Kind::Counter, Some(u)) => describe_counter!(m.name, u, m.help),
+            (Kind::Counter, None) => describe_counter!(m.name, m.help),
+            (Kind::Gauge, Some(u)) => describe_gauge!(m.name, u, m.help),
+            (Kind::Gauge, None) => describe_gauge!(m.name, m.help),
+            (Kind::Histogram, Some(u)) => describe_histogram!(m.name, u, m.help),
+            (Kind::Histogram, None) => describe_histogram!(m.name, m.help),
+        }
+        let values: &[&'static str] = match m.zero {
+            Zero::No => continue,
+            Zero::Plain => &[""],
+            Zero::Each(values) => values,
+        };
+        for &v in values {
+            let labels: Vec<(&'static str, &'static str)> = match m.label {
+                Some(l) if !v.is_empty() => vec![(l, v)],
+                _ => Vec::new(),
+            };
+            match m.kind {
+                Kind::Counter => counter!(m.name, &labels).increment(0),
+                Kind::Gauge => gauge!(m.name, &labels).set(0.0),
+                Kind::Histogram => {}
+            }
+        }
     }
-    for kind in PARSE_ERROR_KINDS {
-        counter!(PARSE_ERRORS, "kind" => kind).increment(0);
-    }
-    for name in [
-        REQUESTS_LOST,
-        PREEMPTIONS,
-        NOT_PSLITE,
-        KEYS_SPLIT,
-        SPLIT_REQUESTS,
-        SLICE_REQUESTS,
-        SPLIT_RESPONSES_MERGED,
-        JOURNAL_ERRORS,
-    ] {
-        counter!(name).increment(0);
-    }
-    for reason in crate::core::order::HoldReason::ALL {
-        counter!(REQUESTS_HELD_FOR_ORDER, "reason" => reason.label()).increment(0);
-    }
-    gauge!(NODES).set(0.0);
-    counter!(SLICES_SENT).increment(0);
-    counter!(SLICES_REASSEMBLED).increment(0);
-    gauge!(REASSEMBLY_BYTES).set(0.0);
-    gauge!(CONNECTIONS_OPEN).set(0.0);
+}
+
+/// The row of `name`.
+fn row(name: &str) -> &'static Metric {
+    TABLE
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in the metrics table"))
+}
+
+/// Counts `n` events of the unlabelled counter `name` (a constant of this module).
+pub fn count(name: &'static str, n: u64) {
+    debug_assert!(
+        row(name).label.is_none() && row(name).kind == Kind::Counter,
+        "{name}"
+    );
+    counter!(name).increment(n);
+}
+
+/// Counts `n` events of counter `name` with its label set to `value`.
+pub fn count_by(name: &'static str, value: &'static str, n: u64) {
+    let label = row(name)
+        .label
+        .unwrap_or_else(|| panic!("{name} has no label"));
+    counter!(name, label => value).increment(n);
+}
+
+/// Sets the unlabelled gauge `name`.
+pub fn set(name: &'static str, value: f64) {
+    debug_assert!(
+        row(name).label.is_none() && row(name).kind == Kind::Gauge,
+        "{name}"
+    );
+    gauge!(name).set(value);
 }
 
 /// Installs the Prometheus exporter on `addr` (call inside the tokio runtime).
@@ -351,6 +387,68 @@ impl Drop for OpenConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_names_each_metric_once_and_its_zero_series_exist_with_help() {
+        let mut names: Vec<_> = TABLE.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a name twice");
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe);
+        let text = handle.render();
+        for m in TABLE {
+            let zero = " 0\n";
+            match m.zero {
+                Zero::No => {}
+                Zero::Plain => {
+                    assert!(m.label.is_none(), "{}", m.name);
+                    assert!(
+                        text.contains(&format!("\n{}{zero}", m.name)),
+                        "{}:\n{text}",
+                        m.name
+                    );
+                }
+                Zero::Each(values) => {
+                    let label = m.label.expect("a labelled zero needs a label");
+                    for v in values {
+                        let series = format!("{}{{{label}=\"{v}\"}}{zero}", m.name);
+                        assert!(text.contains(&series), "{series}:\n{text}");
+                    }
+                }
+            }
+            if m.zero != Zero::No {
+                assert!(
+                    text.contains(&format!("# HELP {} {}", m.name, m.help)),
+                    "{}",
+                    m.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn recording_uses_the_tables_label() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            count_by(SPLIT_REFUSED, "not_dense", 2);
+            count_by(REQUESTS_HELD_FOR_ORDER, "init_in_flight", 1);
+            count(KEYS_SPLIT, 3);
+            set(NODES, 5.0);
+        });
+        let text = handle.render();
+        for series in [
+            "p3proxy_split_refused_total{reason=\"not_dense\"} 2\n",
+            "p3proxy_requests_held_for_order_total{reason=\"init_in_flight\"} 1\n",
+            "p3proxy_keys_split_total 3\n",
+            "p3proxy_nodes 5\n",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+    }
 
     #[test]
     fn every_series_an_alert_relies_on_exists_at_zero_with_help_text() {

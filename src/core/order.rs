@@ -64,8 +64,15 @@ impl HoldReason {
         HoldReason::NotInitialized,
     ];
 
+    /// Every reason's label, in [`Self::ALL`]'s order.
+    pub const LABELS: [&'static str; 3] = [
+        Self::ALL[0].label(),
+        Self::ALL[1].label(),
+        Self::ALL[2].label(),
+    ];
+
     /// The metric label (`p3proxy_requests_held_for_order_total{reason}`).
-    pub fn label(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             HoldReason::EarlierPull => "earlier_pull",
             HoldReason::InitInFlight => "init_in_flight",

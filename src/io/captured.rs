@@ -258,8 +258,7 @@ async fn open_upstream(
             .await
             .map_err(|_| Refusal::UpstreamFailed)?;
         let (answer, rest) = read_answer(&mut upstream).await?;
-        ::metrics::counter!(metrics::TUNNEL_ANSWERS, "outcome" => outcome_label(answer.outcome))
-            .increment(1);
+        metrics::count_by(metrics::TUNNEL_ANSWERS, outcome_label(answer.outcome), 1);
         shared
             .policy
             .lock()

@@ -85,7 +85,7 @@ pub(crate) fn classify(
             Ok(ps)
         }
         Err((reason, msg)) => {
-            ::metrics::counter!(metrics::NOT_PSLITE).increment(1);
+            metrics::count(metrics::NOT_PSLITE, 1);
             tracing::debug!(%reason, "not ps-lite: forwarded unchanged as a fence");
             Err(msg)
         }

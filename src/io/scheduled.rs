@@ -322,7 +322,7 @@ fn reassemble(
 ) -> Result<(u64, Vec<Reassembled>), String> {
     let seq = match &frame {
         SliceFrame::Slice { seq, .. } => {
-            ::metrics::counter!(metrics::SLICES_REASSEMBLED).increment(1);
+            metrics::count(metrics::SLICES_REASSEMBLED, 1);
             *seq
         }
         SliceFrame::Announce(a) => {

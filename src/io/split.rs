@@ -81,7 +81,7 @@ impl Shared {
                         },
                         true,
                     );
-                    ::metrics::counter!(metrics::KEYS_SPLIT).increment(1);
+                    metrics::count(metrics::KEYS_SPLIT, 1);
                     tracing::info!(%server, key = layout.key, bytes = layout.total, slices = layout.count, first_slice_key = layout.first, "key split");
                 }
                 SplitEvent::Refused {
@@ -89,12 +89,11 @@ impl Shared {
                     key,
                     reason,
                 } => {
-                    ::metrics::counter!(metrics::SPLIT_REFUSED, "reason" => reason.label())
-                        .increment(1);
+                    metrics::count_by(metrics::SPLIT_REFUSED, reason.label(), 1);
                     tracing::warn!(%server, key, reason = reason.label(), "key not split");
                 }
                 SplitEvent::Failed(f) => {
-                    ::metrics::counter!(metrics::SPLIT_FAILURES, "reason" => f.reason).increment(1);
+                    metrics::count_by(metrics::SPLIT_FAILURES, f.reason, 1);
                     tracing::error!(server = %f.server, key = ?f.key, reason = f.reason, detail = %f.detail,
                         "STOPPING the server's traffic: a request its split layout cannot serve (closing its connections rather than corrupting the job)");
                 }
@@ -173,8 +172,8 @@ impl Shared {
             match plan {
                 RequestPlan::Forward => return Ok(Outgoing::Pass),
                 RequestPlan::Split(msgs) => {
-                    ::metrics::counter!(metrics::SPLIT_REQUESTS).increment(1);
-                    ::metrics::counter!(metrics::SLICE_REQUESTS).increment(msgs.len() as u64);
+                    metrics::count(metrics::SPLIT_REQUESTS, 1);
+                    metrics::count(metrics::SLICE_REQUESTS, msgs.len() as u64);
                     return Ok(Outgoing::Replace(msgs));
                 }
                 RequestPlan::Stop(f) => return Err(f),
@@ -220,7 +219,7 @@ impl Shared {
             ResponsePlan::Forward => Ok(Outgoing::Pass),
             ResponsePlan::Absorb => Ok(Outgoing::Absorb),
             ResponsePlan::Merged { key, pieces } => {
-                ::metrics::counter!(metrics::SPLIT_RESPONSES_MERGED).increment(1);
+                metrics::count(metrics::SPLIT_RESPONSES_MERGED, 1);
                 Ok(Outgoing::Merged(key, pieces))
             }
             ResponsePlan::Part(part) => Ok(Outgoing::Part(part)),
@@ -329,8 +328,7 @@ impl<'a> OrderWait<'a> {
     ) {
         if !self.held {
             self.held = true;
-            ::metrics::counter!(metrics::REQUESTS_HELD_FOR_ORDER, "reason" => reason.label())
-                .increment(1);
+            metrics::count_by(metrics::REQUESTS_HELD_FOR_ORDER, reason.label(), 1);
             tracing::debug!(dst = %info.dst, reason = reason.label(), "request held until {}", reason.describe());
         }
         if !self.warned && self.since.elapsed() >= HELD_WARN {

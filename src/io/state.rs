@@ -246,7 +246,7 @@ impl Shared {
         match file.append(record, sync) {
             Ok(()) => true,
             Err(e) => {
-                ::metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
+                metrics::count(metrics::JOURNAL_ERRORS, 1);
                 tracing::error!(path = %file.path().display(), error = %e, "journal write failed");
                 false
             }
@@ -296,7 +296,7 @@ impl Shared {
             }
             Some(Learned::NodeTable) => {
                 let topo = self.topology.lock().expect("topology lock");
-                ::metrics::gauge!(metrics::NODES).set(topo.nodes().len() as f64);
+                metrics::set(metrics::NODES, topo.nodes().len() as f64);
                 self.splitter
                     .lock()
                     .expect("splitter lock")
@@ -396,7 +396,7 @@ impl Shared {
             )
         };
         if lost > 0 {
-            ::metrics::counter!(metrics::REQUESTS_LOST).increment(lost);
+            metrics::count(metrics::REQUESTS_LOST, lost);
             tracing::error!(
                 requester = %String::from_utf8_lossy(&info.identity),
                 responder = ?responder,

@@ -158,7 +158,7 @@ impl ReceiverSplit {
                                 HeadPlan::Whole => Stream::Whole,
                                 HeadPlan::Stop(f) => return Err(stopped(f)),
                                 HeadPlan::Stream(layout) => {
-                                    ::metrics::counter!(metrics::SPLIT_REQUESTS).increment(1);
+                                    metrics::count(metrics::SPLIT_REQUESTS, 1);
                                     Stream::Slicing {
                                         layout,
                                         meta: Pieces::one(h.meta_frame),
@@ -192,7 +192,7 @@ impl ReceiverSplit {
             let vals = range(p.pieces, *vals_off + off, len);
             pieces.extend(slice_request(meta, layout, *next, Some(vals)));
             *next += 1;
-            ::metrics::counter!(metrics::SLICE_REQUESTS).increment(1);
+            metrics::count(metrics::SLICE_REQUESTS, 1);
         }
         if pieces.is_empty() {
             return Ok(());
@@ -228,7 +228,7 @@ impl ReceiverSplit {
                 .on_part(meta, frame, &frames(), part)
                 .map_err(|e| format!("merging a split key's response: {e}"))?;
             if merged.is_some() {
-                ::metrics::counter!(metrics::SPLIT_RESPONSES_MERGED).increment(1);
+                metrics::count(metrics::SPLIT_RESPONSES_MERGED, 1);
             }
             return Ok(Some(merged.unwrap_or_default()));
         }
@@ -254,7 +254,7 @@ impl ReceiverSplit {
             let (off, len) = layout.range(i);
             let vals = range(&msg.pieces, vals_off + off, len);
             pieces.extend(slice_request(&meta_frame, &layout, i, Some(vals)));
-            ::metrics::counter!(metrics::SLICE_REQUESTS).increment(1);
+            metrics::count(metrics::SLICE_REQUESTS, 1);
         }
         Ok(Some(pieces))
     }
