@@ -238,6 +238,12 @@ impl RequestOrder {
         self.released |= self.pulls.len() + self.inits.len() != before;
     }
 
+    /// Something else a held request depends on changed (the node table, a worker's
+    /// connection, a server's registration): requests that were held ask again.
+    pub fn changed(&mut self) {
+        self.released = true;
+    }
+
     /// Whether something that requests waited for went since the last call: requests
     /// that were held may go now (ask again).
     pub fn take_released(&mut self) -> bool {

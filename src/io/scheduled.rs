@@ -377,6 +377,7 @@ pub(crate) async fn run_receiver(
             attach,
         },
     );
+    shared.tunnels_changed.notify_waiters();
     let _registered = Registered {
         table: &shared.tunnels,
         key,

@@ -21,12 +21,6 @@ use crate::core::split::{
 use crate::core::topology::node_id_from_identity;
 use crate::metrics;
 
-/// How long rank 0's first init push waits for every worker to reach the server.
-const HOLD_POLL: Duration = Duration::from_millis(5);
-/// How often a held request looks again (a wake-up comes with each answer; this
-/// only bounds a missed one).
-const BEHIND_POLL: Duration = Duration::from_millis(20);
-
 /// What goes out instead of one message.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
@@ -162,6 +156,10 @@ impl Shared {
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
         let deadline = since + self.config.split_hold();
         loop {
+            // Armed before asking, so a change in between is not missed.
+            let changed = self.order_released.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let plan = {
                 let mut sp = self.splitter();
                 let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
@@ -179,7 +177,8 @@ impl Shared {
                 RequestPlan::Stop(f) => return Err(f),
                 RequestPlan::Hold => {
                     tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
-                    tokio::time::sleep(HOLD_POLL).await;
+                    // A worker connecting wakes it; the deadline ends the hold.
+                    let _ = tokio::time::timeout_at(deadline.into(), changed).await;
                 }
                 RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason)),
             }
@@ -336,7 +335,17 @@ impl<'a> OrderWait<'a> {
             tracing::warn!(dst = %info.dst, reason = reason.label(), waited_s = self.since.elapsed().as_secs(),
                 "a request still waits for {}", reason.describe());
         }
-        let _ = tokio::time::timeout(BEHIND_POLL, released).await;
+        // Woken by what the splitter says changed; besides that, only at the warning
+        // and, for a key never initialized, at the deadline after which it goes anyway.
+        let warn_at = (!self.warned).then(|| self.since + HELD_WARN);
+        let give_up_at = (reason == HoldReason::NotInitialized)
+            .then(|| self.since + self.shared.config.split_hold());
+        match warn_at.into_iter().chain(give_up_at).min() {
+            Some(at) => {
+                let _ = tokio::time::timeout_at(at.into(), released).await;
+            }
+            None => released.await,
+        }
     }
 }
 
@@ -363,6 +372,8 @@ impl SplitLink {
             let mut sp = shared.splitter();
             if sp.is_server(info.dst) {
                 sp.worker_connected(info.dst, id);
+                // Rank 0's first init may wait for this worker.
+                shared.wake_held(&mut sp);
                 Link::Requests {
                     server: info.dst,
                     worker: id,

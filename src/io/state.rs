@@ -65,8 +65,12 @@ pub struct Shared {
     pub(super) priority: Mutex<PriorityTable>,
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
+    /// Notified when a sliced session enters the tunnel table (its class connections
+    /// may be waiting for it).
+    pub(crate) tunnels_changed: tokio::sync::Notify,
     pub(crate) splitter: Mutex<Splitter>,
-    /// Notified when requests held behind an unanswered one may go.
+    /// Notified when what held requests wait for changed (`Splitter::take_released`):
+    /// an answer, a worker's connection, the node table, a server's registration.
     pub(crate) order_released: tokio::sync::Notify,
     pub(super) journal: Option<Mutex<JournalFile>>,
     /// Inbound capture of registered ports, if on.
@@ -146,6 +150,7 @@ impl Shared {
             topology: Mutex::new(Topology::default()),
             priority: Mutex::new(priority),
             tunnels: TunnelTable::default(),
+            tunnels_changed: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(rand_seed()),
             journal,
             inbound,
@@ -297,10 +302,11 @@ impl Shared {
             Some(Learned::NodeTable) => {
                 let topo = self.topology.lock().expect("topology lock");
                 metrics::set(metrics::NODES, topo.nodes().len() as f64);
-                self.splitter
-                    .lock()
-                    .expect("splitter lock")
-                    .node_table(topo.nodes());
+                {
+                    let mut sp = self.splitter.lock().expect("splitter lock");
+                    sp.node_table(topo.nodes());
+                    self.wake_held(&mut sp);
+                }
                 let nodes = topo
                     .nodes()
                     .iter()

@@ -148,6 +148,10 @@ async fn attach_class(
     let key = (peer.ip(), preamble.session);
     let deadline = Instant::now() + shared.config.handshake_timeout();
     let found = loop {
+        // Armed before looking, so a session registered in between is not missed.
+        let registered = shared.tunnels_changed.notified();
+        tokio::pin!(registered);
+        registered.as_mut().enable();
         let entry = shared
             .tunnels
             .lock()
@@ -163,7 +167,7 @@ async fn attach_class(
         if entry.is_some() || Instant::now() >= deadline {
             break entry;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let _ = tokio::time::timeout_at(deadline.into(), registered).await;
     };
     let valid = usize::from(preamble.class) < CLASSES && preamble.sliced;
     let Some((true, dst_info, attach)) = found.filter(|_| valid) else {

@@ -269,6 +269,7 @@ impl Splitter {
     /// A local server registered with the scheduler through this proxy: a new
     /// server process (a new job), whatever was known of that address before.
     pub fn server_registered(&mut self, addr: SocketAddr) {
+        self.order.changed();
         if let Some(id) = self.servers.get(&addr).and_then(|s| s.id) {
             self.forget_server(id);
         }
@@ -278,6 +279,7 @@ impl Splitter {
 
     /// A local server exited.
     pub fn server_exited(&mut self, addr: SocketAddr) {
+        self.order.changed();
         if let Some(id) = self.servers.remove(&addr).and_then(|s| s.id) {
             self.forget_server(id);
         }
@@ -286,6 +288,7 @@ impl Splitter {
     /// A layout from the journal of this proxy's previous run: its key goes on being
     /// split; no other key of that server will be.
     pub fn restore(&mut self, server: SocketAddr, layout: Layout, next_slice: u64) {
+        self.order.changed();
         let s = self.servers.entry(server).or_default();
         s.restored = true;
         s.first_init = true;
@@ -298,6 +301,7 @@ impl Splitter {
 
     /// The scheduler's node table.
     pub fn node_table(&mut self, nodes: &[NodeInfo]) {
+        self.order.changed();
         self.workers = Some(
             nodes
                 .iter()
@@ -348,6 +352,7 @@ impl Splitter {
 
     /// A request connection from `worker` into `server` completed its handshake.
     pub fn worker_connected(&mut self, server: SocketAddr, worker: i32) {
+        self.order.changed();
         if let Some(s) = self.servers.get_mut(&server) {
             *s.workers.entry(worker).or_insert(0) += 1;
         }
@@ -355,6 +360,7 @@ impl Splitter {
 
     /// That connection closed: its requests will never be answered, forget them.
     pub fn worker_disconnected(&mut self, server: SocketAddr, worker: i32) {
+        self.order.changed();
         let Some(s) = self.servers.get_mut(&server) else {
             return;
         };
@@ -414,8 +420,11 @@ impl Splitter {
         self.order.forget(server_id, worker);
     }
 
-    /// Whether a request stopped being unanswered since the last call: requests that
-    /// were [`RequestPlan::Behind`] may go now.
+    /// Whether anything a held request ([`RequestPlan::Hold`], [`RequestPlan::Behind`])
+    /// depends on changed since the last call (an answer, a connection, the node table,
+    /// a server's registration): ask again. With the deadlines the caller keeps (the
+    /// first init's hold, a never-initialized key's wait), this is when to wake; there
+    /// is nothing to poll.
     pub fn take_released(&mut self) -> bool {
         self.order.take_released()
     }

@@ -1240,3 +1240,48 @@ fn a_job_that_does_not_initialize_from_rank_0_waits_one_deadline_per_server() {
         RequestPlan::Behind(HoldReason::NotInitialized)
     );
 }
+
+#[test]
+fn what_a_held_request_depends_on_says_when_to_ask_again() {
+    // Rank 0's first init waits for every worker: the connection that completes the
+    // set is what wakes it (no polling in the shell).
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.on_command(addr(S8), 3, b"");
+    sp.worker_connected(addr(S8), W9);
+    sp.take_released();
+    let init = Req::push(4, values(800, 0), 1, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Hold
+    );
+    assert!(!sp.take_released(), "nothing changed yet");
+    sp.worker_connected(addr(S8), W11);
+    assert!(sp.take_released(), "a worker connected");
+    assert!(matches!(
+        sp.on_data_request(addr(S8), W9, &init.view(), false),
+        RequestPlan::Split(_)
+    ));
+    // A never-initialized key's wait ends when a worker leaves (this proxy no longer
+    // sees every init), and the node table or a server's registration may change it.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    sp.take_released();
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &Req::pull(8, 1).view(), false),
+        RequestPlan::Behind(HoldReason::NotInitialized)
+    );
+    sp.worker_disconnected(addr(S8), W9);
+    assert!(sp.take_released());
+    assert_eq!(
+        sp.on_data_request(addr(S8), W11, &Req::pull(8, 1).view(), false),
+        RequestPlan::Forward
+    );
+    sp.node_table(&nodes(1));
+    assert!(sp.take_released());
+    sp.server_registered(addr(S8));
+    assert!(sp.take_released());
+    assert!(!sp.take_released(), "reported once");
+}
