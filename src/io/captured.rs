@@ -10,8 +10,9 @@ use p3proxy_parsers::zmtp::StreamDecoder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::error::Side;
 use super::net;
-use super::relay::{relay, End};
+use super::relay::{relay, End, Sides};
 use super::scheduled::{run_origin, Upstream};
 use super::session::{accept_app, connect_as, PeerInfo};
 use super::split::SplitLink;
@@ -198,7 +199,16 @@ pub(super) async fn handle_captured(
         };
         run_origin(shared, info, session, app, up, directions).await;
     } else {
-        relay(shared, info, app, far, directions, true).await;
+        let far_side = if route == Route::Tunnel {
+            Side::PeerProxy
+        } else {
+            Side::Upstream
+        };
+        let sides = Sides {
+            from: Side::Downstream,
+            to: far_side,
+        };
+        relay(shared, info, app, far, directions, sides, true).await;
     }
 }
 

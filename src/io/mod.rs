@@ -4,6 +4,7 @@
 
 mod captured;
 mod egress;
+mod error;
 mod inbound;
 mod journal;
 mod listener;
@@ -18,6 +19,7 @@ mod streamed;
 mod tunnel_in;
 mod upstream;
 
+pub use error::{SessionError, Side};
 pub use inbound::InboundError;
 pub use journal::JournalFileError;
 pub use listener::run;

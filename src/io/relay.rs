@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::PsMessage;
-use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpError, ZmtpMessage};
+use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::error::{report, SessionError, Side};
 use super::split::{OrderWait, Outgoing};
 use super::state::{SessionInfo, Shared};
 use crate::core::split::Failure;
@@ -23,12 +24,41 @@ use crate::metrics;
 pub(crate) enum PumpEnd {
     /// The sender closed its side.
     Closed,
-    /// Reading or writing failed.
-    Io(std::io::Error),
-    /// The sender broke ZMTP framing or a limit.
-    Parse(ZmtpError),
-    /// A split layout could not serve a message: the server's traffic stops.
-    Stopped(Failure),
+    /// It failed, by the fault of the side the error names.
+    Failed(SessionError),
+}
+
+/// The sides one direction of a session reads from and writes to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sides {
+    /// Who sends (its bytes are decoded; read errors are its).
+    pub(crate) from: Side,
+    /// Who receives (write errors are its).
+    pub(crate) to: Side,
+}
+
+impl Sides {
+    /// The other direction.
+    pub(crate) fn back(self) -> Sides {
+        Sides {
+            from: self.to,
+            to: self.from,
+        }
+    }
+
+    fn read_failed(self, e: std::io::Error) -> PumpEnd {
+        PumpEnd::Failed(SessionError::Io {
+            side: self.from,
+            source: e,
+        })
+    }
+
+    fn write_failed(self, e: std::io::Error) -> PumpEnd {
+        PumpEnd::Failed(SessionError::Io {
+            side: self.to,
+            source: e,
+        })
+    }
 }
 
 /// One end of a relay: a socket and the decoder holding what was read from it.
@@ -124,6 +154,7 @@ pub(crate) async fn pump(
     wr: OwnedWriteHalf,
     direction: &'static str,
     observe: Option<(&Shared, &SessionInfo)>,
+    sides: Sides,
 ) -> PumpEnd {
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, wr);
     let mut seen = 0u64;
@@ -132,14 +163,19 @@ pub(crate) async fn pump(
             let event = match dec.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
-                Err(e) => return PumpEnd::Parse(e),
+                Err(e) => {
+                    return PumpEnd::Failed(SessionError::Framing {
+                        side: sides.from,
+                        source: e,
+                    })
+                }
             };
             let written = match event {
                 StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
                     Ok(ps) => match observe {
                         Some((shared, info)) => {
                             match route_in_order(shared, info, &ps, &mut out).await {
-                                Err(e) => return PumpEnd::Io(e),
+                                Err(e) => return sides.write_failed(e),
                                 Ok(Ok(Outgoing::Behind(_))) => unreachable!("waited out"),
                                 Ok(Ok(Outgoing::Pass | Outgoing::Part(_))) => {
                                     write_message(&mut out, &ps.to_zmtp()).await
@@ -151,7 +187,7 @@ pub(crate) async fn pump(
                                 Ok(Ok(Outgoing::Merged(_, pieces))) => {
                                     write_all_pieces(&mut out, vec![pieces]).await
                                 }
-                                Ok(Err(f)) => return PumpEnd::Stopped(f),
+                                Ok(Err(f)) => return PumpEnd::Failed(SessionError::Stopped(f)),
                             }
                         }
                         None => write_message(&mut out, &ps.to_zmtp()).await,
@@ -159,7 +195,7 @@ pub(crate) async fn pump(
                     Err(msg) => {
                         if let Some((shared, info)) = observe {
                             if let Err(f) = shared.split_request(info, None, Instant::now()).await {
-                                return PumpEnd::Stopped(f);
+                                return PumpEnd::Failed(SessionError::Stopped(f));
                             }
                         }
                         write_message(&mut out, &msg).await
@@ -177,11 +213,11 @@ pub(crate) async fn pump(
                     seen += 1;
                     metrics::forwarded(direction, n);
                 }
-                Err(e) => return PumpEnd::Io(e),
+                Err(e) => return sides.write_failed(e),
             }
         }
         if let Err(e) = out.flush().await {
-            return PumpEnd::Io(e);
+            return sides.write_failed(e);
         }
         match rd.read_buf(dec.buffer_mut()).await {
             Ok(0) => {
@@ -189,40 +225,43 @@ pub(crate) async fn pump(
                 return PumpEnd::Closed;
             }
             Ok(_) => {}
-            Err(e) => return PumpEnd::Io(e),
+            Err(e) => return sides.read_failed(e),
         }
     }
 }
 
 /// Relays until either side ends. `app` is the side the session's DEALER is on
 /// (the captured app, or the tunnel from its proxy); `far` is the ROUTER's side.
-/// `labels`: direction labels for (app -> far, far -> app).
+/// `labels`: direction labels for (app -> far, far -> app); `sides`: who is at the
+/// other end of `app` and of `far`.
 pub(crate) async fn relay(
     shared: Arc<Shared>,
     info: SessionInfo,
     app: End,
     far: End,
     labels: (&'static str, &'static str),
+    sides: Sides,
     count_losses: bool,
 ) {
     let (app_rd, app_wr) = app.stream.into_split();
     let (far_rd, far_wr) = far.stream.into_split();
-    let to_far = pump(app_rd, app.dec, far_wr, labels.0, Some((&shared, &info)));
-    let to_app = pump(far_rd, far.dec, app_wr, labels.1, None);
+    let to_far = pump(
+        app_rd,
+        app.dec,
+        far_wr,
+        labels.0,
+        Some((&shared, &info)),
+        sides,
+    );
+    let to_app = pump(far_rd, far.dec, app_wr, labels.1, None, sides.back());
     tokio::select! {
         end = to_far => match end {
             PumpEnd::Closed => tracing::debug!(dst = %info.dst, "app closed its session"),
-            PumpEnd::Io(e) => tracing::debug!(dst = %info.dst, error = %e, "session ended"),
-            PumpEnd::Stopped(f) => tracing::error!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), reason = f.reason, "session closed: the server's traffic is stopped"),
-            PumpEnd::Parse(e) => {
-                metrics::parse_error("zmtp_framing");
-                tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), error = %e, "closing session: ZMTP framing error from the sender");
-            }
+            PumpEnd::Failed(e) => report(&info, &e),
         },
         end = to_app => {
-            if let PumpEnd::Parse(e) = &end {
-                metrics::parse_error("zmtp_framing");
-                tracing::warn!(dst = %info.dst, error = %e, "closing session: ZMTP framing error from the destination side");
+            if let PumpEnd::Failed(e) = &end {
+                report(&info, e);
             }
             if count_losses {
                 shared.upstream_died(&info, &end);

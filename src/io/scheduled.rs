@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::egress::{run_lane, write_pieces, Body, Item};
-use super::relay::{classify, pump, End, PumpEnd};
+use super::error::{report, SessionError, Side};
+use super::relay::{classify, pump, End, PumpEnd, Sides};
 use super::session::PeerInfo;
 use super::split::{OrderWait, Outgoing, Unit};
 use super::state::{SessionInfo, Shared, TunnelEntry, TunnelTable};
@@ -88,7 +89,16 @@ pub(crate) async fn run_origin(
     let reader = read_to_egress(
         &shared, &info, app_rd, app.dec, session, &lanes, up.sliced, labels.0,
     );
-    let to_app = pump(far_rd, up.main.dec, app_wr, labels.1, None);
+    let far_side = if up.sliced {
+        Side::PeerProxy
+    } else {
+        Side::Upstream
+    };
+    let back = Sides {
+        from: far_side,
+        to: Side::Downstream,
+    };
+    let to_app = pump(far_rd, up.main.dec, app_wr, labels.1, None, back);
     tokio::pin!(reader);
     tokio::pin!(to_app);
     let mut reading = true;
@@ -100,17 +110,8 @@ pub(crate) async fn run_origin(
                     egress.finish(&lanes);
                     reading = false;
                 }
-                PumpEnd::Parse(e) => {
-                    metrics::parse_error("zmtp_framing");
-                    tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), error = %e, "closing session: ZMTP framing error from the sender");
-                    break None;
-                }
-                PumpEnd::Io(e) => {
-                    tracing::debug!(dst = %info.dst, error = %e, "session ended");
-                    break None;
-                }
-                PumpEnd::Stopped(f) => {
-                    tracing::error!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), reason = f.reason, "session closed: the server's traffic is stopped");
+                PumpEnd::Failed(e) => {
+                    report(&info, &e);
                     break None;
                 }
             },
@@ -120,13 +121,15 @@ pub(crate) async fn run_origin(
                     break None;
                 }
                 Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => break Some(PumpEnd::Io(e)),
-                Some(Err(e)) => break Some(PumpEnd::Io(std::io::Error::other(e))),
+                Some(Ok(Err(e))) => break Some(PumpEnd::Failed(SessionError::Io { side: far_side, source: e })),
+                Some(Err(e)) => break Some(PumpEnd::Failed(SessionError::Io {
+                    side: Side::Internal,
+                    source: std::io::Error::other(e),
+                })),
             },
             end = &mut to_app => {
-                if let PumpEnd::Parse(e) = &end {
-                    metrics::parse_error("zmtp_framing");
-                    tracing::warn!(dst = %info.dst, error = %e, "closing session: ZMTP framing error from the destination side");
+                if let PumpEnd::Failed(e) = &end {
+                    report(&info, e);
                 }
                 break Some(end);
             }
@@ -158,7 +161,12 @@ async fn read_to_egress(
             let event = match dec.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
-                Err(e) => return PumpEnd::Parse(e),
+                Err(e) => {
+                    return PumpEnd::Failed(SessionError::Framing {
+                        side: Side::Downstream,
+                        source: e,
+                    })
+                }
             };
             let mut part = None;
             let (body, urgency, keys) = match event {
@@ -198,15 +206,18 @@ async fn read_to_egress(
                         }
                         Ok(Outgoing::Replace(_) | Outgoing::Behind(_)) => {
                             // Requests to a local server never take this path (same host: relay).
-                            return PumpEnd::Io(std::io::Error::other(
-                                "split requests on a scheduled session",
-                            ));
+                            return PumpEnd::Failed(SessionError::Io {
+                                side: Side::Internal,
+                                source: std::io::Error::other(
+                                    "split requests on a scheduled session",
+                                ),
+                            });
                         }
-                        Err(f) => return PumpEnd::Stopped(f),
+                        Err(f) => return PumpEnd::Failed(SessionError::Stopped(f)),
                     },
                     Err(msg) => {
                         if let Err(f) = shared.split_request(info, None, Instant::now()).await {
-                            return PumpEnd::Stopped(f);
+                            return PumpEnd::Failed(SessionError::Stopped(f));
                         }
                         (Body::Message(msg), FENCE_URGENCY, Vec::new())
                     }
@@ -240,7 +251,12 @@ async fn read_to_egress(
         match rd.read_buf(dec.buffer_mut()).await {
             Ok(0) => return PumpEnd::Closed,
             Ok(_) => {}
-            Err(e) => return PumpEnd::Io(e),
+            Err(e) => {
+                return PumpEnd::Failed(SessionError::Io {
+                    side: Side::Downstream,
+                    source: e,
+                })
+            }
         }
     }
 }
@@ -319,7 +335,7 @@ fn reassemble(
     reasm: &mut Reassembler,
     held: &mut u64,
     frame: SliceFrame,
-) -> Result<(u64, Vec<Reassembled>), String> {
+) -> Result<(u64, Vec<Reassembled>), SessionError> {
     let seq = match &frame {
         SliceFrame::Slice { seq, .. } => {
             metrics::count(metrics::SLICES_REASSEMBLED, 1);
@@ -330,10 +346,7 @@ fn reassemble(
             a.seq
         }
     };
-    let ready = reasm.on_frame(frame).map_err(|e| {
-        metrics::parse_error("tunnel_reassembly");
-        format!("reassembly: {e}")
-    })?;
+    let ready = reasm.on_frame(frame).map_err(SessionError::Reassembly)?;
     let now_held = reasm.held();
     metrics::reassembly_held(*held, now_held);
     *held = now_held;
@@ -389,7 +402,11 @@ pub(crate) async fn run_receiver(
     // Class connections only receive; their write halves live as long as the session.
     let mut idle_writes: Vec<(OwnedWriteHalf, OpenConnection)> = Vec::new();
     let (dst_rd, mut dst_wr) = dst.stream.into_split();
-    let back = pump(dst_rd, dst.dec, main_wr, labels.1, None);
+    let sides = Sides {
+        from: Side::Upstream,
+        to: Side::PeerProxy,
+    };
+    let back = pump(dst_rd, dst.dec, main_wr, labels.1, None, sides);
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
     // In front of a local server this proxy saw register: its requests may be split.
@@ -407,7 +424,7 @@ pub(crate) async fn run_receiver(
     let mut first = true;
     // A frame-channel event taken while a delivery waited (see `Inflow`).
     let mut deferred: Option<Option<(usize, FrameEvent)>> = None;
-    let outcome: Result<(), String> = loop {
+    let outcome: Result<(), SessionError> = loop {
         let next = match deferred.take() {
             Some(event) => Wake::Frames(event),
             None => tokio::select! {
@@ -446,16 +463,15 @@ pub(crate) async fn run_receiver(
                         }
                         continue;
                     }
-                    Some((_, FrameEvent::Bad(e))) => {
-                        metrics::parse_error("tunnel_frame");
-                        break Err(format!("bad tunnel frame: {e}"));
+                    Some((_, FrameEvent::Bad(e))) => break Err(SessionError::TunnelFrame(e)),
+                    Some((_, FrameEvent::Truncated)) => break Err(SessionError::TunnelTruncated),
+                    Some((_, FrameEvent::Io(e))) => {
+                        break Err(SessionError::Io {
+                            side: Side::PeerProxy,
+                            source: e,
+                        })
                     }
-                    Some((_, FrameEvent::Truncated)) => {
-                        metrics::parse_error("tunnel_frame");
-                        break Err("tunnel connection closed mid-frame".into());
-                    }
-                    Some((_, FrameEvent::Io(e))) => break Err(format!("tunnel connection: {e}")),
-                    None => break Err("every tunnel reader ended".into()),
+                    None => break Err(SessionError::TunnelGone),
                 };
                 let (seq, ready) = match reassemble(&shared, &mut reasm, &mut held, frame) {
                     Ok(x) => x,
@@ -501,9 +517,7 @@ pub(crate) async fn run_receiver(
         Ok(()) => {
             let _ = dst_wr.shutdown().await;
         }
-        Err(why) => {
-            tracing::warn!(dst = %info.dst, identity = %String::from_utf8_lossy(&info.identity), why, "closing tunnel session");
-        }
+        Err(e) => report(&info, &e),
     }
     drop(idle_writes);
 }
@@ -519,17 +533,14 @@ async fn deliver(
     split: &mut ReceiverSplit,
     direction: &'static str,
     inflow: &mut Inflow<'_>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     if ready.is_empty() {
         return Ok(());
     }
     let mut ready = VecDeque::from(ready);
     let mut pieces = Vec::new();
     while let Some(msg) = ready.pop_front() {
-        let shape = check_unit(&msg, &shared.limits).map_err(|why| {
-            metrics::parse_error("tunnel_message");
-            format!("a reassembled message is not one ZMTP unit: {why}")
-        })?;
+        let shape = check_unit(&msg, &shared.limits).map_err(SessionError::NotOneUnit)?;
         let meta = shape
             .meta
             .as_ref()
@@ -585,7 +596,10 @@ async fn deliver(
                             // What went before (the pull it waits for may be among it) goes first.
                             write_pieces(out, std::mem::take(&mut pieces))
                                 .await
-                                .map_err(|e| format!("writing to the destination: {e}"))?;
+                                .map_err(|e| SessionError::Io {
+                                    side: Side::Upstream,
+                                    source: e,
+                                })?;
                             // Messages waiting here left the reassembler: they count
                             // against its bound, past which the tunnel is not read.
                             let waiting: u64 = ready.iter().map(|m| m.len).sum::<u64>() + msg.len;
@@ -614,12 +628,7 @@ async fn deliver(
         match routed {
             Ok(Outgoing::Replace(msgs)) => pieces.extend(msgs.into_iter().flatten()),
             Ok(_) => pieces.extend(msg.pieces),
-            Err(f) => {
-                return Err(format!(
-                    "the server's traffic is stopped ({}): {}",
-                    f.reason, f.detail
-                ))
-            }
+            Err(f) => return Err(SessionError::Stopped(f)),
         }
     }
     let now = inflow.reasm.held();
@@ -627,5 +636,8 @@ async fn deliver(
     *inflow.held = now;
     write_pieces(out, pieces)
         .await
-        .map_err(|e| format!("writing to the destination: {e}"))
+        .map_err(|e| SessionError::Io {
+            side: Side::Upstream,
+            source: e,
+        })
 }

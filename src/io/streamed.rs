@@ -13,6 +13,7 @@ use p3proxy_parsers::zmtp::{copy_range, ByteSource, FrameScanner, Limits, ZmtpEr
 use tokio::net::tcp::OwnedWriteHalf;
 
 use super::egress::write_pieces;
+use super::error::{SessionError, Side};
 use super::state::{SessionInfo, Shared};
 use crate::core::slice::{Reassembled, Reassembler};
 use crate::core::split::{byte_range, slice_request, HeadPlan, Layout, Merger, Pieces};
@@ -103,13 +104,6 @@ fn range(pieces: &[Bytes], off: u64, n: u64) -> Pieces {
     }
 }
 
-fn stopped(f: crate::core::split::Failure) -> String {
-    format!(
-        "the server's traffic is stopped ({}): {}",
-        f.reason, f.detail
-    )
-}
-
 impl ReceiverSplit {
     /// The state of a session going to a local server (`to_server`) or elsewhere.
     pub(crate) fn new(to_server: bool) -> ReceiverSplit {
@@ -134,7 +128,7 @@ impl ReceiverSplit {
         reasm: &Reassembler,
         seq: u64,
         out: &mut OwnedWriteHalf,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         let Some(p) = reasm.progress(seq) else {
             return Ok(());
         };
@@ -156,7 +150,7 @@ impl ReceiverSplit {
                         (Some(meta), Some(sender)) => {
                             match shared.split_head(info, sender, &meta, &h.keys, h.vals_len) {
                                 HeadPlan::Whole => Stream::Whole,
-                                HeadPlan::Stop(f) => return Err(stopped(f)),
+                                HeadPlan::Stop(f) => return Err(SessionError::Stopped(f)),
                                 HeadPlan::Stream(layout) => {
                                     metrics::count(metrics::SPLIT_REQUESTS, 1);
                                     Stream::Slicing {
@@ -199,7 +193,10 @@ impl ReceiverSplit {
         }
         write_pieces(out, pieces)
             .await
-            .map_err(|e| format!("writing to the destination: {e}"))
+            .map_err(|e| SessionError::Io {
+                side: Side::Upstream,
+                source: e,
+            })
     }
 
     /// A complete message: `Some(bytes)` to write instead of it (the rest of a
@@ -212,7 +209,7 @@ impl ReceiverSplit {
         msg: &Reassembled,
         shape: &UnitShape,
         meta: Option<&(Bytes, Meta)>,
-    ) -> Result<Option<Vec<Bytes>>, String> {
+    ) -> Result<Option<Vec<Bytes>>, SessionError> {
         let frames = || -> Vec<Pieces> {
             shape.frames[1..]
                 .iter()
@@ -221,12 +218,14 @@ impl ReceiverSplit {
         };
         if let Some(part) = msg.part {
             let Some((frame, meta)) = meta else {
-                return Err("a part that is not a ps-lite message".into());
+                return Err(SessionError::BadPart(
+                    "a part that is not a ps-lite message".into(),
+                ));
             };
             let merged = self
                 .merger
                 .on_part(meta, frame, &frames(), part)
-                .map_err(|e| format!("merging a split key's response: {e}"))?;
+                .map_err(SessionError::BadPart)?;
             if merged.is_some() {
                 metrics::count(metrics::SPLIT_RESPONSES_MERGED, 1);
             }
@@ -247,7 +246,7 @@ impl ReceiverSplit {
             .then(|| data[2].le_words(i32::from_le_bytes))
             .flatten();
         if let Some(f) = shared.split_finished(info, &layout, lens.as_deref()) {
-            return Err(stopped(f));
+            return Err(SessionError::Stopped(f));
         }
         let mut pieces = Vec::new();
         for i in next..layout.count {

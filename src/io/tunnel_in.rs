@@ -10,8 +10,9 @@ use p3proxy_parsers::zmtp::StreamDecoder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::error::Side;
 use super::net;
-use super::relay::{relay, End};
+use super::relay::{relay, End, Sides};
 use super::scheduled::run_receiver;
 use super::session::{connect_as, PeerInfo};
 use super::split::SplitLink;
@@ -131,6 +132,10 @@ pub(super) async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, pe
         End { stream, dec },
         dst,
         (INBOUND, OUTBOUND),
+        Sides {
+            from: Side::PeerProxy,
+            to: Side::Upstream,
+        },
         false,
     )
     .await;
