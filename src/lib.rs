@@ -13,5 +13,6 @@ pub mod core;
 pub mod inspect;
 pub mod io;
 pub mod metrics;
+pub mod testkit;
 
 pub use p3proxy_parsers as parsers;

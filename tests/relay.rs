@@ -11,8 +11,9 @@ use bytes::Bytes;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use p3proxy::config::Config;
 use p3proxy::io::{run, Bound, Env, Shared};
-use p3proxy::parsers::pslite::{Control, Meta, Node, PsMessage, K_EMPTY};
+use p3proxy::parsers::pslite::{Meta, PsMessage};
 use p3proxy::parsers::zmtp::{Command, Greeting, Limits, StreamDecoder, StreamEvent, ZmtpMessage};
+use p3proxy::testkit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -129,26 +130,9 @@ async fn router(ip: IpAddr, drop_first: usize) -> (SocketAddr, mpsc::UnboundedRe
             }
             let tx = tx.clone();
             tokio::spawn(async move {
-                s.write_all(&Greeting::null(0).encode()).await.unwrap();
-                s.write_all(
-                    &Command::ready(&[("Socket-Type", b"ROUTER"), ("Identity", b"")]).encode(),
-                )
-                .await
-                .unwrap();
-                let mut dec = StreamDecoder::new(Limits::default());
-                let mut ready = None;
-                while ready.is_none() {
-                    if s.read_buf(dec.buffer_mut()).await.unwrap() == 0 {
-                        return;
-                    }
-                    while let Some(ev) = dec.next_event().unwrap() {
-                        if let StreamEvent::Command(c) = ev {
-                            ready = Some(c);
-                            break;
-                        }
-                    }
-                }
-                let ready = ready.unwrap();
+                let Ok((mut dec, ready)) = testkit::handshake(&mut s, b"ROUTER", b"").await else {
+                    return;
+                };
                 let mut bytes = dec.take_buffered().to_vec();
                 let _ = s.read_to_end(&mut bytes).await;
                 let _ = tx.send(Seen {
@@ -166,31 +150,10 @@ async fn router(ip: IpAddr, drop_first: usize) -> (SocketAddr, mpsc::UnboundedRe
 /// Returns the stream and the peer's READY, or what it received before EOF.
 async fn dealer(proxy: SocketAddr, identity: &[u8]) -> Result<(TcpStream, Command), Vec<u8>> {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(&Greeting::null(identity.len()).encode())
+    let (_, ready) = timeout(T, testkit::handshake(&mut s, b"DEALER", identity))
         .await
-        .unwrap();
-    s.write_all(&Command::ready(&[("Socket-Type", b"DEALER"), ("Identity", identity)]).encode())
-        .await
-        .unwrap();
-    let mut dec = StreamDecoder::new(Limits::default());
-    let mut got = Vec::new();
-    loop {
-        let mut buf = [0u8; 4096];
-        let n = timeout(T, s.read(&mut buf))
-            .await
-            .expect("no hang")
-            .unwrap_or(0);
-        if n == 0 {
-            return Err(got);
-        }
-        got.extend_from_slice(&buf[..n]);
-        dec.push(&buf[..n]);
-        while let Some(ev) = dec.next_event().unwrap() {
-            if let StreamEvent::Command(c) = ev {
-                return Ok((s, c));
-            }
-        }
-    }
+        .expect("no hang")?;
+    Ok((s, ready))
 }
 
 fn data_message(ts: i32, vals: usize) -> Vec<u8> {
@@ -199,29 +162,8 @@ fn data_message(ts: i32, vals: usize) -> Vec<u8> {
 
 /// A push request of `vals` value bytes for one MXNet key (one server).
 fn keyed_message(ts: i32, key: u64, vals: usize) -> Vec<u8> {
-    let meta = Meta {
-        head: Some(0),
-        request: Some(true),
-        push: Some(true),
-        simple_app: Some(false),
-        app_id: Some(0),
-        timestamp: Some(ts),
-        data_type: vec![8, 11, 3],
-        customer_id: Some(0),
-        pull: Some(false),
-        priority: Some(0),
-        ..Meta::default()
-    };
     let vals: Vec<u8> = (0..vals).map(|i| (i * 7 + ts as usize) as u8).collect();
-    let msg = PsMessage::new(
-        meta,
-        vec![
-            Bytes::from(key.to_le_bytes().to_vec()),
-            Bytes::from(vals.clone()),
-            Bytes::from((vals.len() as i32).to_le_bytes().to_vec()),
-        ],
-    );
-    msg.to_zmtp().encode()
+    testkit::push_request(ts, key, Bytes::from(vals)).encode()
 }
 
 /// Timestamps of the messages in a relayed stream (-1: not ps-lite).
@@ -410,27 +352,8 @@ async fn tunnel_to_a_registered_node() {
     let (node, mut node_seen) = router(host(2), 0).await;
     let (scheduler, mut sched_seen) = router(host(2), 0).await;
     let (redirect2, tunnel) = proxy(2, true, 1, scheduler, |_| {}).await;
-    let registration = Meta {
-        head: Some(K_EMPTY),
-        control: Some(Control {
-            cmd: Some(2),
-            node: vec![Node {
-                role: Some(0),
-                id: Some(K_EMPTY),
-                hostname: Some(Bytes::from(host(2).to_string())),
-                port: Some(i32::from(node.port())),
-                is_recovery: Some(false),
-                customer_id: Some(0),
-                ..Node::default()
-            }],
-            ..Control::default()
-        }),
-        request: Some(false),
-        timestamp: Some(0),
-        customer_id: Some(K_EMPTY),
-        ..Meta::default()
-    };
-    let reg_wire = PsMessage::new(registration, vec![]).to_zmtp().encode();
+    let reg_wire =
+        testkit::server_registration(&host(2).to_string(), i32::from(node.port())).encode();
     let (s, _) = dealer(redirect2, b"").await.unwrap();
     send_and_close(s, &reg_wire).await;
     assert_eq!(

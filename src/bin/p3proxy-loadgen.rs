@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use p3proxy::parsers::pslite::{Control, Meta, Node, PsMessage, K_EMPTY};
-use p3proxy::parsers::zmtp::{Command, Greeting, Limits, StreamDecoder, StreamEvent};
+use p3proxy::parsers::zmtp::{StreamDecoder, StreamEvent};
+use p3proxy::testkit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -150,20 +150,9 @@ async fn handshake(
     socket_type: &[u8],
     identity: &[u8],
 ) -> anyhow::Result<StreamDecoder> {
-    s.write_all(&Greeting::null(identity.len()).encode())
-        .await?;
-    s.write_all(&Command::ready(&[("Socket-Type", socket_type), ("Identity", identity)]).encode())
-        .await?;
-    let mut dec = StreamDecoder::new(Limits::default());
-    loop {
-        if s.read_buf(dec.buffer_mut()).await? == 0 {
-            anyhow::bail!("peer closed during the handshake");
-        }
-        while let Some(ev) = dec.next_event()? {
-            if let StreamEvent::Command(_) = ev {
-                return Ok(dec);
-            }
-        }
+    match testkit::handshake(s, socket_type, identity).await {
+        Ok((dec, _)) => Ok(dec),
+        Err(_) => anyhow::bail!("peer closed during the handshake"),
     }
 }
 
@@ -296,27 +285,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Register { to, host, port } => {
             let mut s = TcpStream::connect(to).await?;
             handshake(&mut s, b"DEALER", b"").await?;
-            let meta = Meta {
-                head: Some(K_EMPTY),
-                control: Some(Control {
-                    cmd: Some(2),
-                    node: vec![Node {
-                        role: Some(0),
-                        id: Some(K_EMPTY),
-                        hostname: Some(Bytes::from(host.clone())),
-                        port: Some(port),
-                        is_recovery: Some(false),
-                        customer_id: Some(0),
-                        ..Node::default()
-                    }],
-                    ..Control::default()
-                }),
-                request: Some(false),
-                timestamp: Some(0),
-                customer_id: Some(K_EMPTY),
-                ..Meta::default()
-            };
-            s.write_all(&PsMessage::new(meta, vec![]).to_zmtp().encode())
+            s.write_all(&testkit::server_registration(&host, port).encode())
                 .await?;
             s.shutdown().await?;
             let mut rest = Vec::new();
@@ -344,30 +313,12 @@ async fn write_message(
     s: &mut TcpStream,
     msg: &p3proxy::parsers::zmtp::ZmtpMessage,
 ) -> anyhow::Result<u64> {
-    for piece in msg.wire_pieces() {
-        s.write_all(&piece).await?;
-    }
-    Ok(msg.encoded_len() as u64)
+    Ok(testkit::write_message(s, msg).await?)
 }
 
 /// A push request of key `key`.
 fn push(ts: i32, key: u64, vals: Bytes) -> p3proxy::parsers::zmtp::ZmtpMessage {
-    let meta = Meta {
-        head: Some(0),
-        request: Some(true),
-        push: Some(true),
-        simple_app: Some(false),
-        app_id: Some(0),
-        timestamp: Some(ts),
-        data_type: vec![8, 11, 3],
-        customer_id: Some(0),
-        pull: Some(false),
-        priority: Some(0),
-        ..Meta::default()
-    };
-    let lens = Bytes::copy_from_slice(&(vals.len() as i32).to_le_bytes());
-    let keys = Bytes::copy_from_slice(&key.to_le_bytes());
-    PsMessage::new(meta, vec![keys, vals, lens]).to_zmtp()
+    testkit::push_request(ts, key, vals)
 }
 
 /// Per TCP connection (by its two endpoints) seen on `iface` to or from `port`: packets,
