@@ -5,17 +5,15 @@
 mod captured;
 mod egress;
 mod error;
+mod handshake;
 mod inbound;
 mod journal;
 mod listener;
 mod memory;
 mod net;
-mod relay;
-mod scheduled;
 mod session;
 mod split;
 mod state;
-mod streamed;
 mod tunnel_in;
 mod upstream;
 

@@ -18,10 +18,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::egress::Egress;
+use super::handshake::PeerInfo;
 use super::inbound::{InboundError, InboundRules};
 use super::journal::{JournalFile, JournalFileError};
 use super::net::{Bound, Env};
-use super::session::PeerInfo;
 use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
 use crate::core::policy::Policy;

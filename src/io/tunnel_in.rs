@@ -11,10 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::Side;
+use super::handshake::{connect_as, PeerInfo};
 use super::net;
-use super::relay::{relay, End, Sides};
-use super::scheduled::run_receiver;
-use super::session::{connect_as, PeerInfo};
+use super::session::pump::{End, Sides};
+use super::session::receiver::run_receiver;
+use super::session::relay::relay;
 use super::split::SplitLink;
 use super::state::{SessionInfo, Shared};
 use super::upstream::{connect_direct, refuse, upstream_failed};

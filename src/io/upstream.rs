@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::handshake::HandshakeError;
 use super::net;
-use super::session::HandshakeError;
 use super::state::Shared;
 use crate::core::policy::Refusal;
 use crate::core::preamble::{parse_answer, Answer, Outcome, Preamble, MAX_PREAMBLE_LEN};

@@ -1,8 +1,8 @@
-//! Relaying a terminated ZMTP session: each direction is decoded message by
-//! message, observed (node table, registrations, requests in flight), and
-//! forwarded unchanged.
+//! One direction of a session, message by message: decoded, observed (node table,
+//! registrations, requests in flight), routed through the splitter and the order rules
+//! when it goes to a local server, and forwarded; and what every session module shares
+//! (its ends, the sides at fault, how a direction ended).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -12,11 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::error::{report, SessionError, Side};
-use super::split::{OrderWait, Outgoing};
-use super::state::{SessionInfo, Shared};
 use crate::core::split::Failure;
 use crate::core::topology::MessageContext;
+use crate::io::error::{SessionError, Side};
+use crate::io::split::{OrderWait, Outgoing};
+use crate::io::state::{SessionInfo, Shared};
 use crate::metrics;
 
 /// How one direction of a relay ended.
@@ -70,7 +70,7 @@ pub(crate) struct End {
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// Writes one message's wire bytes (bodies are not copied before the buffer).
-async fn write_message(
+pub(super) async fn write_message(
     out: &mut BufWriter<OwnedWriteHalf>,
     msg: &ZmtpMessage,
 ) -> std::io::Result<usize> {
@@ -83,7 +83,7 @@ async fn write_message(
 }
 
 /// Writes messages given as wire pieces.
-async fn write_all_pieces(
+pub(super) async fn write_all_pieces(
     out: &mut BufWriter<OwnedWriteHalf>,
     msgs: Vec<Vec<Bytes>>,
 ) -> std::io::Result<usize> {
@@ -226,46 +226,6 @@ pub(crate) async fn pump(
             }
             Ok(_) => {}
             Err(e) => return sides.read_failed(e),
-        }
-    }
-}
-
-/// Relays until either side ends. `app` is the side the session's DEALER is on
-/// (the captured app, or the tunnel from its proxy); `far` is the ROUTER's side.
-/// `labels`: direction labels for (app -> far, far -> app); `sides`: who is at the
-/// other end of `app` and of `far`.
-pub(crate) async fn relay(
-    shared: Arc<Shared>,
-    info: SessionInfo,
-    app: End,
-    far: End,
-    labels: (&'static str, &'static str),
-    sides: Sides,
-    count_losses: bool,
-) {
-    let (app_rd, app_wr) = app.stream.into_split();
-    let (far_rd, far_wr) = far.stream.into_split();
-    let to_far = pump(
-        app_rd,
-        app.dec,
-        far_wr,
-        labels.0,
-        Some((&shared, &info)),
-        sides,
-    );
-    let to_app = pump(far_rd, far.dec, app_wr, labels.1, None, sides.back());
-    tokio::select! {
-        end = to_far => match end {
-            PumpEnd::Closed => tracing::debug!(dst = %info.dst, "app closed its session"),
-            PumpEnd::Failed(e) => report(&info, &e),
-        },
-        end = to_app => {
-            if let PumpEnd::Failed(e) = &end {
-                report(&info, e);
-            }
-            if count_losses {
-                shared.upstream_died(&info, &end);
-            }
         }
     }
 }

@@ -12,12 +12,12 @@ use p3proxy_parsers::pslite::{parse_meta, Meta};
 use p3proxy_parsers::zmtp::{copy_range, ByteSource, FrameScanner, Limits, ZmtpError};
 use tokio::net::tcp::OwnedWriteHalf;
 
-use super::egress::write_pieces;
-use super::error::{SessionError, Side};
-use super::state::{SessionInfo, Shared};
 use crate::core::slice::{Reassembled, Reassembler};
 use crate::core::split::{byte_range, slice_request, HeadPlan, Layout, Merger, Pieces};
 use crate::core::topology::node_id_from_identity;
+use crate::io::egress::write_pieces;
+use crate::io::error::{SessionError, Side};
+use crate::io::state::{SessionInfo, Shared};
 use crate::metrics;
 
 /// What was decided for a message still arriving.
