@@ -9,6 +9,7 @@ pub mod order;
 pub mod policy;
 pub mod preamble;
 pub mod priority;
+pub mod proxy;
 pub mod scheduler;
 pub mod slice;
 pub mod split;

@@ -46,18 +46,14 @@ pub(super) async fn handle_captured(
     let dst_local = (shared.env.is_local)(dst.ip());
     let checked = if inbound {
         // Exactly what a tunnel may reach: a registered local node, from the cluster.
-        shared.policy.lock().expect("policy lock").admit(
+        shared.core().policy.admit(
             peer.ip(),
             dst,
             dst_local,
             (shared.env.is_loopback)(dst.ip()),
         )
     } else {
-        shared
-            .policy
-            .lock()
-            .expect("policy lock")
-            .check_captured(dst, dst_local)
+        shared.core().policy.check_captured(dst, dst_local)
     };
     if let Err(r) = checked {
         return refuse(r, "captured connection", peer, Some(dst));
@@ -75,11 +71,7 @@ pub(super) async fn handle_captured(
         return opaque(shared, app, peer, dst, first).await;
     }
     let started = Instant::now();
-    let route = shared
-        .policy
-        .lock()
-        .expect("policy lock")
-        .route(dst, dst_local, started);
+    let route = shared.core().policy.route(dst, dst_local, started);
     // Upstream first: no byte goes to the app before the upstream connection exists.
     let (upstream, route) = match route {
         Route::SameHost | Route::Direct => match connect_direct(&shared, dst).await {
@@ -107,11 +99,7 @@ pub(super) async fn handle_captured(
             {
                 Ok(s) => (s, Route::Tunnel),
                 Err(e) => {
-                    let fallback = shared
-                        .policy
-                        .lock()
-                        .expect("policy lock")
-                        .probe_failed(dst, Instant::now());
+                    let fallback = shared.core().policy.probe_failed(dst, Instant::now());
                     tracing::info!(host = %dst.ip(), error = %e, ?fallback, "no proxy answered on the tunnel port");
                     match fallback {
                         ProbeFailed::Refuse => {
@@ -240,12 +228,7 @@ async fn open_upstream(
         .map_err(|e| downstream_failed(&e))?;
     if node_id_from_identity(&app_info.identity) == Some(1) && route == Route::SameHost {
         // The scheduler's connection to itself tells us its port.
-        if shared
-            .policy
-            .lock()
-            .expect("policy lock")
-            .learn_scheduler(dst.port())
-        {
+        if shared.core().policy.learn_scheduler(dst.port()) {
             shared.journal(&Record::SchedulerPort { port: dst.port() }, false);
             tracing::info!(
                 port = dst.port(),
@@ -270,11 +253,7 @@ async fn open_upstream(
             .map_err(|_| Refusal::UpstreamFailed)?;
         let (answer, rest) = read_answer(&mut upstream).await?;
         metrics::count_by(metrics::TUNNEL_ANSWERS, outcome_label(answer.outcome), 1);
-        shared
-            .policy
-            .lock()
-            .expect("policy lock")
-            .proxy_answered(dst, answer.pinned);
+        shared.core().policy.proxy_answered(dst, answer.pinned);
         match answer.outcome {
             Outcome::Admitted => {
                 let mut dec = StreamDecoder::after_handshake(shared.limits);

@@ -57,9 +57,26 @@ impl<'a> Unit<'a> {
 }
 
 impl Shared {
-    /// Logs and counts what the splitter reports.
-    fn split_events(&self, sp: &mut Splitter) {
-        while let Some(event) = sp.poll_event() {
+    /// Asks the splitter (under the core's lock); then, with the lock let go, logs,
+    /// counts and journals what it reported (a layout is on disk before its first
+    /// slice request goes out, which is after this returns) and wakes held requests if
+    /// it released any.
+    fn with_splitter<R>(&self, ask: impl FnOnce(&mut Splitter) -> R) -> R {
+        let (answer, events) = {
+            let mut core = self.core();
+            let answer = ask(&mut core.splitter);
+            self.wake_held(&mut core.splitter);
+            let events: Vec<SplitEvent> =
+                std::iter::from_fn(|| core.splitter.poll_event()).collect();
+            (answer, events)
+        };
+        self.split_events(events);
+        answer
+    }
+
+    /// Logs and counts what the splitter reported.
+    fn split_events(&self, events: Vec<SplitEvent>) {
+        for event in events {
             match event {
                 SplitEvent::Split {
                     server,
@@ -105,31 +122,28 @@ impl Shared {
         unit: Option<Unit<'_>>,
         since: Instant,
     ) -> Result<Outgoing, Failure> {
-        if !self.splitter().is_server(info.dst) {
+        if !self.core().splitter.is_server(info.dst) {
             return Ok(Outgoing::Pass);
         }
         let Some(unit) = unit else {
-            let mut sp = self.splitter();
-            let r = sp.on_fence(info.dst);
-            self.split_events(&mut sp);
+            let r = self.with_splitter(|sp| sp.on_fence(info.dst));
             return r.map_or(Ok(Outgoing::Pass), Err);
         };
         let checked = match PsMessage::new(unit.meta.clone(), Vec::new()).kind() {
-            MessageKind::Control(cmd) => Some(self.splitter().on_control(info.dst, cmd)),
+            MessageKind::Control(cmd) => {
+                Some(self.with_splitter(|sp| sp.on_control(info.dst, cmd)))
+            }
             MessageKind::Command {
                 request: true,
                 head,
             } => {
                 let body = unit.meta.body.as_deref().unwrap_or_default();
-                Some(self.splitter().on_command(info.dst, head, body))
+                Some(self.with_splitter(|sp| sp.on_command(info.dst, head, body)))
             }
             MessageKind::Command { .. } => Some(None),
             MessageKind::Data { request, .. } => (!request).then_some(None),
         };
         if let Some(result) = checked {
-            let mut sp = self.splitter();
-            self.split_events(&mut sp);
-            self.wake_held(&mut sp);
             return result.map_or(Ok(Outgoing::Pass), Err);
         }
         let Some(sender) = node_id_from_identity(&info.identity) else {
@@ -160,13 +174,8 @@ impl Shared {
             let changed = self.order_released.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let plan = {
-                let mut sp = self.splitter();
-                let plan = sp.on_data_request(info.dst, sender, &req, Instant::now() >= deadline);
-                self.split_events(&mut sp);
-                self.wake_held(&mut sp);
-                plan
-            };
+            let waited = Instant::now() >= deadline;
+            let plan = self.with_splitter(|sp| sp.on_data_request(info.dst, sender, &req, waited));
             match plan {
                 RequestPlan::Forward => return Ok(Outgoing::Pass),
                 RequestPlan::Split(msgs) => {
@@ -199,21 +208,16 @@ impl Shared {
         let Some(server) = node_id_from_identity(&info.identity) else {
             return Ok(Outgoing::Pass);
         };
-        if self.splitter().server_addr(server).is_none() {
+        if self.core().splitter.server_addr(server).is_none() {
             return Ok(Outgoing::Pass);
         }
         let Some(worker) = self.node_at(info.dst) else {
             return Ok(Outgoing::Pass);
         };
         let data = Unit::data_of(ps);
-        let plan = {
-            let mut sp = self.splitter();
-            let plan =
-                sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data, defer);
-            self.split_events(&mut sp);
-            self.wake_held(&mut sp);
-            plan
-        };
+        let plan = self.with_splitter(|sp| {
+            sp.on_data_response(server, worker, &ps.meta, &ps.meta_frame.body, &data, defer)
+        });
         match plan {
             ResponsePlan::Forward => Ok(Outgoing::Pass),
             ResponsePlan::Absorb => Ok(Outgoing::Absorb),
@@ -239,7 +243,7 @@ impl Shared {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return self.split_response(info, ps, defer);
         }
-        if !self.splitter().is_server(info.dst) {
+        if !self.core().splitter.is_server(info.dst) {
             return Ok(Outgoing::Pass);
         }
         let data = Unit::data_of(ps);
@@ -260,13 +264,12 @@ impl Shared {
         keys: &[u64],
         vals_len: u64,
     ) -> HeadPlan {
-        let mut sp = self.splitter();
-        if !sp.is_server(info.dst) {
-            return HeadPlan::Whole;
-        }
-        let plan = sp.on_request_head(info.dst, sender, meta, keys, vals_len);
-        self.split_events(&mut sp);
-        plan
+        self.with_splitter(|sp| {
+            if !sp.is_server(info.dst) {
+                return HeadPlan::Whole;
+            }
+            sp.on_request_head(info.dst, sender, meta, keys, vals_len)
+        })
     }
 
     /// A streamed request is complete, with these lens.
@@ -276,15 +279,12 @@ impl Shared {
         layout: &Layout,
         lens: Option<&[i32]>,
     ) -> Option<Failure> {
-        let mut sp = self.splitter();
-        let f = sp.finish_streamed(info.dst, layout, lens);
-        self.split_events(&mut sp);
-        f
+        self.with_splitter(|sp| sp.finish_streamed(info.dst, layout, lens))
     }
 
     /// A split server holds keys a bypass would corrupt.
     pub(crate) fn pinned(&self, addr: SocketAddr) -> bool {
-        self.splitter().pinned(addr)
+        self.core().splitter.pinned(addr)
     }
 }
 
@@ -366,14 +366,14 @@ impl SplitLink {
     /// The link a session from `info.identity` to `info.dst` makes, if any.
     pub(crate) fn new(shared: &Arc<Shared>, info: &SessionInfo) -> Option<SplitLink> {
         let id = node_id_from_identity(&info.identity)?;
-        // The topology lock is never taken while the splitter's is held.
         let dst_node = shared.node_at(info.dst);
         let link = {
-            let mut sp = shared.splitter();
+            let mut core = shared.core();
+            let sp = &mut core.splitter;
             if sp.is_server(info.dst) {
                 sp.worker_connected(info.dst, id);
                 // Rank 0's first init may wait for this worker.
-                shared.wake_held(&mut sp);
+                shared.wake_held(sp);
                 Link::Requests {
                     server: info.dst,
                     worker: id,
@@ -395,11 +395,12 @@ impl SplitLink {
 
 impl Drop for SplitLink {
     fn drop(&mut self) {
-        let mut sp = self.shared.splitter();
+        let mut core = self.shared.core();
+        let sp = &mut core.splitter;
         match self.link {
             Link::Requests { server, worker } => sp.worker_disconnected(server, worker),
             Link::Responses { server, worker } => sp.responses_closed(server, worker),
         }
-        self.shared.wake_held(&mut sp);
+        self.shared.wake_held(sp);
     }
 }

@@ -1,18 +1,19 @@
-//! The state every connection of one proxy shares: configuration, the relay policy,
-//! the topology, the priority table, the splitter and the journal, each behind its own
-//! lock (the topology lock is never taken while the splitter's is held), and the table
-//! of tunnel sessions waiting for their class connections. The sessions and handlers
-//! of `io` build on it; it builds on none of them (`scripts/check-layout`).
+//! The state every connection of one proxy shares: configuration, the one `core`
+//! object that decides (`core::proxy::ProxyState`: policy, topology, priorities,
+//! splitter) behind one lock, the journal file, the inbound capture rules, and the
+//! table of tunnel sessions waiting for their class connections. What the core asks
+//! for (journal records, iptables rules) is done after its lock is let go. The sessions
+//! and handlers of `io` build on it; it builds on none of them (`scripts/check-layout`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
 use p3proxy_parsers::mxnet::ServerRanges;
-use p3proxy_parsers::pslite::{PsMessage, Role};
+use p3proxy_parsers::pslite::PsMessage;
 use p3proxy_parsers::zmtp::Limits;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -26,8 +27,9 @@ use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
 use crate::core::policy::Policy;
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency};
+use crate::core::proxy::{Effect, ProxyState, Registration};
 use crate::core::split::Splitter;
-use crate::core::topology::{Learned, MessageContext, NodeInfo, Topology};
+use crate::core::topology::{Learned, MessageContext};
 use crate::metrics::{self, OpenConnection};
 
 /// Who the relayed session is, for observation and logs.
@@ -60,15 +62,14 @@ pub struct Shared {
     pub(crate) config: Config,
     pub(super) env: Env,
     pub(crate) limits: Limits,
-    pub(super) policy: Mutex<Policy>,
-    pub(super) topology: Mutex<Topology>,
-    pub(super) priority: Mutex<PriorityTable>,
+    /// Everything that decides, behind one lock: never held across an await, and
+    /// never while the journal is written or iptables runs.
+    core: Mutex<ProxyState>,
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
     /// Notified when a sliced session enters the tunnel table (its class connections
     /// may be waiting for it).
     pub(crate) tunnels_changed: tokio::sync::Notify,
-    pub(crate) splitter: Mutex<Splitter>,
     /// Notified when what held requests wait for changed (`Splitter::take_released`):
     /// an answer, a worker's connection, the node table, a server's registration.
     pub(crate) order_released: tokio::sync::Notify,
@@ -139,32 +140,36 @@ impl Shared {
             )?),
             None => None,
         };
+        let mut core = ProxyState::new(policy, priority, Splitter::new(config.split_config()));
+        if !records.is_empty() {
+            let layouts = core.replay(&records);
+            tracing::warn!(
+                records = records.len(),
+                layouts,
+                split_keys = core.splitter.split_keys(),
+                "continuing from the journal of a previous run"
+            );
+        }
         let shared = Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
-            splitter: Mutex::new(Splitter::new(config.split_config())),
             order_released: tokio::sync::Notify::new(),
             config,
             env,
-            policy: Mutex::new(policy),
-            topology: Mutex::new(Topology::default()),
-            priority: Mutex::new(priority),
+            core: Mutex::new(core),
             tunnels: TunnelTable::default(),
             tunnels_changed: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(rand_seed()),
             journal,
             inbound,
         });
-        shared.replay(&records);
-        let registered: Vec<SocketAddr> = shared
-            .policy
-            .lock()
-            .expect("policy lock")
-            .registered()
-            .collect();
-        for addr in registered {
-            shared.capture_inbound(addr);
-        }
+        // The journal's own records are not written again: only its nodes are captured.
+        let effects = shared.effects(&mut shared.core());
+        shared.apply(
+            effects
+                .into_iter()
+                .filter(|e| !matches!(e, Effect::Journal(_))),
+        );
         Ok(shared)
     }
 
@@ -188,58 +193,35 @@ impl Shared {
         }
     }
 
-    /// Rebuilds what the journal's records say (this proxy's previous run).
-    fn replay(&self, records: &[Record]) {
-        if records.is_empty() {
-            return;
-        }
-        let mut policy = self.policy.lock().expect("policy lock");
-        let mut topology = self.topology.lock().expect("topology lock");
-        let mut splitter = self.splitter.lock().expect("splitter lock");
-        let mut layouts = 0;
-        for r in records {
-            match r {
-                Record::Registered { addr, server } => {
-                    let _ = policy.register(*addr);
-                    if *server {
-                        splitter.server_registered(*addr);
+    /// The core object, locked (never across an await).
+    pub(crate) fn core(&self) -> MutexGuard<'_, ProxyState> {
+        self.core.lock().expect("core lock")
+    }
+
+    /// What the core asks for now; `core` is the caller's guard, dropped before
+    /// [`Self::apply`] carries it out.
+    pub(crate) fn effects(&self, core: &mut ProxyState) -> Vec<Effect> {
+        self.wake_held(&mut core.splitter);
+        std::iter::from_fn(|| core.poll_effect()).collect()
+    }
+
+    /// Carries out what the core asked for (with its lock let go).
+    pub(crate) fn apply(&self, effects: impl IntoIterator<Item = Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Journal(record) => {
+                    self.journal(&record, false);
+                }
+                Effect::CaptureInbound(addr) => self.capture_inbound(addr),
+                Effect::ReleaseInbound(addr) => {
+                    if let Some(rules) = &self.inbound {
+                        if let Err(e) = rules.release(addr) {
+                            tracing::warn!(%addr, error = %e, "inbound capture rule not removed");
+                        }
                     }
-                }
-                Record::Exited { addr } => {
-                    policy.forget(*addr);
-                    splitter.server_exited(*addr);
-                }
-                Record::Nodes { nodes } => {
-                    let nodes: Vec<NodeInfo> = nodes
-                        .iter()
-                        .map(|&(id, role, addr)| NodeInfo {
-                            id,
-                            role: Role::from(role),
-                            addr,
-                        })
-                        .collect();
-                    splitter.node_table(&nodes);
-                    topology.set_nodes(nodes);
-                }
-                Record::SchedulerPort { port } => {
-                    policy.learn_scheduler(*port);
-                }
-                Record::Layout {
-                    server,
-                    layout,
-                    next_slice,
-                } => {
-                    splitter.restore(*server, *layout, *next_slice);
-                    layouts += 1;
                 }
             }
         }
-        tracing::warn!(
-            records = records.len(),
-            layouts,
-            split_keys = splitter.split_keys(),
-            "continuing from the journal of a previous run"
-        );
     }
 
     /// Appends a record to the journal; `sync`: a layout, on disk before it is used.
@@ -261,11 +243,7 @@ impl Shared {
     /// Looks at a message going from a session's DEALER to its ROUTER, before it
     /// is forwarded, and acts on what it teaches.
     pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage) {
-        let learned = self
-            .topology
-            .lock()
-            .expect("topology lock")
-            .observe(ctx, msg);
+        let learned = self.core().topology.observe(ctx, msg);
         match learned {
             Some(Learned::Registration { role, addr }) => {
                 let local = (self.env.is_local)(addr.ip()) && !(self.env.is_loopback)(addr.ip());
@@ -276,94 +254,71 @@ impl Shared {
                     tracing::warn!(%addr, ?role, "registration ignored: nothing listens there");
                     return;
                 }
-                match self.policy.lock().expect("policy lock").register(addr) {
-                    Ok(true) => {
-                        self.journal(
-                            &Record::Registered {
-                                addr,
-                                server: role == Role::Server,
-                            },
-                            false,
-                        );
-                        self.capture_inbound(addr);
-                        if role == Role::Server {
-                            // This proxy relays the server's traffic from its registration on:
-                            // the history a split needs starts here.
-                            let mut sp = self.splitter.lock().expect("splitter lock");
-                            sp.server_registered(addr);
-                            self.wake_held(&mut sp);
-                        }
+                let (outcome, effects) = {
+                    let mut core = self.core();
+                    let outcome = core.register(addr, role);
+                    (outcome, self.effects(&mut core))
+                };
+                self.apply(effects);
+                match outcome {
+                    Registration::New => {
                         tracing::info!(%addr, ?role, "local node registered: tunnels to it are admitted")
                     }
-                    Ok(false) => {}
-                    Err(r) => tracing::warn!(%addr, reason = %r, "registration ignored"),
+                    Registration::Known => {}
+                    Registration::Refused(r) => {
+                        tracing::warn!(%addr, reason = %r, "registration ignored")
+                    }
                 }
             }
             Some(Learned::NodeTable) => {
-                let topo = self.topology.lock().expect("topology lock");
-                metrics::set(metrics::NODES, topo.nodes().len() as f64);
-                {
-                    let mut sp = self.splitter.lock().expect("splitter lock");
-                    sp.node_table(topo.nodes());
-                    self.wake_held(&mut sp);
-                }
-                let nodes = topo
-                    .nodes()
-                    .iter()
-                    .map(|n| (n.id, role_code(n.role), n.addr))
-                    .collect();
-                self.journal(&Record::Nodes { nodes }, false);
-                let table: Vec<String> = topo
-                    .nodes()
-                    .iter()
-                    .map(|n| {
-                        format!(
-                            "{}={:?}@{}",
-                            n.id,
-                            n.role,
-                            n.addr.map(|a| a.to_string()).unwrap_or_default()
-                        )
-                    })
-                    .collect();
+                let (table, effects) = {
+                    let mut core = self.core();
+                    core.node_table_learned();
+                    let table: Vec<String> = core
+                        .topology
+                        .nodes()
+                        .iter()
+                        .map(|n| {
+                            format!(
+                                "{}={:?}@{}",
+                                n.id,
+                                n.role,
+                                n.addr.map(|a| a.to_string()).unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    (table, self.effects(&mut core))
+                };
+                metrics::set(metrics::NODES, table.len() as f64);
+                self.apply(effects);
                 tracing::info!(nodes = %table.join(" "), "node table from ADD_NODE");
             }
-            Some(Learned::NodeExit(addr))
-                if self.policy.lock().expect("policy lock").forget(addr) =>
-            {
-                {
-                    let mut sp = self.splitter.lock().expect("splitter lock");
-                    sp.server_exited(addr);
-                    self.wake_held(&mut sp);
+            Some(Learned::NodeExit(addr)) => {
+                let (exited, effects) = {
+                    let mut core = self.core();
+                    let exited = core.node_exited(addr);
+                    (exited, self.effects(&mut core))
+                };
+                self.apply(effects);
+                if exited {
+                    tracing::info!(%addr, "local node exited: its registration is forgotten");
                 }
-                self.journal(&Record::Exited { addr }, false);
-                if let Some(rules) = &self.inbound {
-                    if let Err(e) = rules.release(addr) {
-                        tracing::warn!(%addr, error = %e, "inbound capture rule not removed");
-                    }
-                }
-                tracing::info!(%addr, "local node exited: its registration is forgotten");
             }
-            Some(Learned::NodeExit(_)) => {}
             None => {}
         }
     }
 
     /// The node id listening at `addr`, from the node table.
     pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<i32> {
-        self.topology.lock().expect("topology lock").id_at(addr)
-    }
-
-    /// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
-    fn server_ranges(&self) -> Option<ServerRanges> {
-        let servers = self.topology.lock().expect("topology lock").num_servers();
-        ServerRanges::new(servers as u64)
+        self.core().topology.id_at(addr)
     }
 
     /// How urgent a message a local app sent is (its key's priority); a request also
     /// teaches the learned order and is checked against the map.
     pub(crate) fn prioritize(&self, msg: &PsMessage) -> Urgency {
-        let ranges = self.server_ranges();
-        let mut table = self.priority.lock().expect("priority lock");
+        let mut core = self.core();
+        let ranges = server_ranges(&core);
+        let table = &mut core.priority;
         if let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) {
             match event {
                 PriorityEvent::Trusted => {
@@ -385,17 +340,16 @@ impl Shared {
 
     /// A peer proxy announced the priority it used for a message with these keys.
     pub(crate) fn priority_hint(&self, ps_keys: &[u64], priority: u32) {
-        let ranges = self.server_ranges();
-        self.priority
-            .lock()
-            .expect("priority lock")
-            .hint(ps_keys, ranges.as_ref(), priority);
+        let mut core = self.core();
+        let ranges = server_ranges(&core);
+        core.priority.hint(ps_keys, ranges.as_ref(), priority);
     }
 
     /// The upstream of a session died while its app lived: requests in flight are lost.
     pub(crate) fn upstream_died(&self, info: &SessionInfo, end: &impl std::fmt::Debug) {
         let (lost, responder) = {
-            let mut topo = self.topology.lock().expect("topology lock");
+            let mut core = self.core();
+            let topo = &mut core.topology;
             (
                 topo.take_lost(&info.identity, info.dst),
                 topo.id_at(info.dst),
@@ -421,15 +375,6 @@ impl Shared {
     }
 }
 
-fn role_code(role: Role) -> i32 {
-    match role {
-        Role::Server => 0,
-        Role::Worker => 1,
-        Role::Scheduler => 2,
-        Role::Other(v) => v,
-    }
-}
-
 fn rand_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -444,8 +389,9 @@ impl Shared {
             self.order_released.notify_waiters();
         }
     }
+}
 
-    pub(super) fn splitter(&self) -> std::sync::MutexGuard<'_, Splitter> {
-        self.splitter.lock().expect("splitter lock")
-    }
+/// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
+fn server_ranges(core: &ProxyState) -> Option<ServerRanges> {
+    ServerRanges::new(core.topology.num_servers() as u64)
 }

@@ -57,12 +57,10 @@ pub(super) async fn handle_tunnel(shared: Arc<Shared>, mut stream: TcpStream, pe
     let target = preamble.target;
     let target_local = (shared.env.is_local)(target.ip());
     let target_loopback = (shared.env.is_loopback)(target.ip());
-    let admitted = shared.policy.lock().expect("policy lock").admit(
-        peer.ip(),
-        target,
-        target_local,
-        target_loopback,
-    );
+    let admitted = shared
+        .core()
+        .policy
+        .admit(peer.ip(), target, target_local, target_loopback);
     if let Err(r) = admitted {
         refuse(r, "tunnel", peer, Some(target));
         send_answer(&mut stream, &Answer::refused(Outcome::RefusedByPolicy)).await;

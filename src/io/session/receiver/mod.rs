@@ -179,13 +179,7 @@ pub(crate) async fn run_receiver(
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
     // In front of a local server this proxy saw register: its requests may be split.
-    let mut split = ReceiverSplit::new(
-        shared
-            .splitter
-            .lock()
-            .expect("splitter lock")
-            .is_server(info.dst),
-    );
+    let mut split = ReceiverSplit::new(shared.core().splitter.is_server(info.dst));
     let mut held = 0u64;
     // The session ends when its main stream and every class connection that attached
     // have closed (the origin closes them all; one that failed to open never attaches).

@@ -1,0 +1,269 @@
+//! Everything one proxy knows and decides, in one object (quinn-proto's `Connection`
+//! is the model): the relay policy, the job's topology, the key priorities and the
+//! splitter, what an observed message teaches them, and the side effects the shell
+//! must carry out for them (journal records, inbound capture rules, waking held
+//! requests), polled as [`Effect`]s so that the shell applies them after letting go
+//! of the object's lock.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use p3proxy_parsers::pslite::Role;
+
+use super::journal::Record;
+use super::policy::{Policy, Refusal};
+use super::priority::PriorityTable;
+use super::split::Splitter;
+use super::topology::{NodeInfo, Topology};
+
+/// What the shell does for the state, in the order given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Append a record to the journal.
+    Journal(Record),
+    /// Send other hosts' connections to this local node through the inbound listener.
+    CaptureInbound(SocketAddr),
+    /// Stop doing so (the node exited).
+    ReleaseInbound(SocketAddr),
+}
+
+/// A local node's registration, as [`ProxyState::register`] decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// New: tunnels to it are admitted from now on.
+    New,
+    /// Known already.
+    Known,
+    /// Refused (a privileged port, one of the proxy's own addresses...).
+    Refused(Refusal),
+}
+
+/// The proxy's state; the shell keeps it behind one lock.
+#[derive(Debug)]
+pub struct ProxyState {
+    /// What may be relayed where.
+    pub policy: Policy,
+    /// The job's nodes and the requests in flight between them.
+    pub topology: Topology,
+    /// Key priorities (key order, learned, or a map).
+    pub priority: PriorityTable,
+    /// Key splitting and request order in front of local servers.
+    pub splitter: Splitter,
+    effects: VecDeque<Effect>,
+}
+
+impl ProxyState {
+    /// A proxy that has seen nothing yet.
+    pub fn new(policy: Policy, priority: PriorityTable, splitter: Splitter) -> ProxyState {
+        ProxyState {
+            policy,
+            topology: Topology::default(),
+            priority,
+            splitter,
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// The next side effect to carry out (call until `None` after each change, with
+    /// the lock released).
+    #[must_use]
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// A local node at `addr` asked the scheduler to register (the shell checked that
+    /// the address is this host's and that something listens there).
+    pub fn register(&mut self, addr: SocketAddr, role: Role) -> Registration {
+        match self.policy.register(addr) {
+            Ok(true) => {
+                self.effects.push_back(Effect::Journal(Record::Registered {
+                    addr,
+                    server: role == Role::Server,
+                }));
+                self.effects.push_back(Effect::CaptureInbound(addr));
+                if role == Role::Server {
+                    // This proxy relays the server's traffic from its registration on:
+                    // the history a split needs starts here.
+                    self.splitter.server_registered(addr);
+                }
+                Registration::New
+            }
+            Ok(false) => Registration::Known,
+            Err(r) => Registration::Refused(r),
+        }
+    }
+
+    /// The scheduler's node table was learned ([`Topology::observe`] said so).
+    pub fn node_table_learned(&mut self) {
+        self.splitter.node_table(self.topology.nodes());
+        let nodes = self
+            .topology
+            .nodes()
+            .iter()
+            .map(|n| (n.id, role_code(n.role), n.addr))
+            .collect();
+        self.effects
+            .push_back(Effect::Journal(Record::Nodes { nodes }));
+    }
+
+    /// A node at `addr` stopped: whether it was a registered local node.
+    pub fn node_exited(&mut self, addr: SocketAddr) -> bool {
+        if !self.policy.forget(addr) {
+            return false;
+        }
+        self.splitter.server_exited(addr);
+        self.effects
+            .push_back(Effect::Journal(Record::Exited { addr }));
+        self.effects.push_back(Effect::ReleaseInbound(addr));
+        true
+    }
+
+    /// Rebuilds what a journal's records say (this proxy's previous run); the local
+    /// nodes it registered are captured inbound again. Returns the layouts restored.
+    pub fn replay(&mut self, records: &[Record]) -> usize {
+        let mut layouts = 0;
+        for r in records {
+            match r {
+                Record::Registered { addr, server } => {
+                    let _ = self.policy.register(*addr);
+                    if *server {
+                        self.splitter.server_registered(*addr);
+                    }
+                }
+                Record::Exited { addr } => {
+                    self.policy.forget(*addr);
+                    self.splitter.server_exited(*addr);
+                }
+                Record::Nodes { nodes } => {
+                    let nodes: Vec<NodeInfo> = nodes
+                        .iter()
+                        .map(|&(id, role, addr)| NodeInfo {
+                            id,
+                            role: Role::from(role),
+                            addr,
+                        })
+                        .collect();
+                    self.splitter.node_table(&nodes);
+                    self.topology.set_nodes(nodes);
+                }
+                Record::SchedulerPort { port } => {
+                    self.policy.learn_scheduler(*port);
+                }
+                Record::Layout {
+                    server,
+                    layout,
+                    next_slice,
+                } => {
+                    self.splitter.restore(*server, *layout, *next_slice);
+                    layouts += 1;
+                }
+            }
+        }
+        let registered: Vec<SocketAddr> = self.policy.registered().collect();
+        self.effects
+            .extend(registered.into_iter().map(Effect::CaptureInbound));
+        layouts
+    }
+}
+
+/// The role as the journal stores it.
+fn role_code(role: Role) -> i32 {
+    match role {
+        Role::Server => 0,
+        Role::Worker => 1,
+        Role::Scheduler => 2,
+        Role::Other(v) => v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::priority::Source;
+    use crate::core::split::SplitConfig;
+
+    fn state() -> ProxyState {
+        let policy = Policy::new(
+            vec!["127.0.0.1:15301".parse().unwrap()],
+            vec![crate::core::policy::Cidr::ANY_V4],
+            None,
+            std::time::Duration::from_secs(60),
+        );
+        let splitter = Splitter::new(SplitConfig {
+            enabled: true,
+            slice_bytes: 400,
+            min_bytes: 400,
+            optimizers: crate::core::optimizer::OptimizerSet::ALL,
+        });
+        ProxyState::new(policy, PriorityTable::new(Source::Key, None), splitter)
+    }
+
+    fn effects(s: &mut ProxyState) -> Vec<Effect> {
+        std::iter::from_fn(|| s.poll_effect()).collect()
+    }
+
+    #[test]
+    fn a_new_local_server_is_journaled_captured_and_fronted_once() {
+        let mut s = state();
+        let addr: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+        assert_eq!(s.register(addr, Role::Server), Registration::New);
+        assert_eq!(
+            effects(&mut s),
+            [
+                Effect::Journal(Record::Registered { addr, server: true }),
+                Effect::CaptureInbound(addr)
+            ]
+        );
+        assert!(s.splitter.is_server(addr));
+        assert_eq!(s.register(addr, Role::Server), Registration::Known);
+        assert_eq!(effects(&mut s), []);
+        let low: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert!(matches!(
+            s.register(low, Role::Worker),
+            Registration::Refused(_)
+        ));
+        assert!(s.node_exited(addr));
+        assert_eq!(
+            effects(&mut s),
+            [
+                Effect::Journal(Record::Exited { addr }),
+                Effect::ReleaseInbound(addr)
+            ]
+        );
+        assert!(!s.splitter.is_server(addr));
+        assert!(!s.node_exited(addr), "forgotten once");
+    }
+
+    #[test]
+    fn a_replayed_journal_rebuilds_the_state_and_captures_its_nodes_again() {
+        let mut s = state();
+        let server: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+        let worker: SocketAddr = "10.0.0.2:9001".parse().unwrap();
+        let records = [
+            Record::Registered {
+                addr: server,
+                server: true,
+            },
+            Record::Registered {
+                addr: worker,
+                server: false,
+            },
+            Record::Nodes {
+                nodes: vec![(8, 0, Some(server)), (9, 1, Some(worker))],
+            },
+            Record::Exited { addr: worker },
+        ];
+        assert_eq!(s.replay(&records), 0);
+        assert_eq!(effects(&mut s), [Effect::CaptureInbound(server)]);
+        assert!(s.splitter.is_server(server));
+        assert_eq!(s.topology.nodes().len(), 2);
+        // The node table it learns next is journaled in the same form.
+        s.node_table_learned();
+        assert_eq!(
+            effects(&mut s),
+            [Effect::Journal(Record::Nodes {
+                nodes: vec![(8, 0, Some(server)), (9, 1, Some(worker))]
+            })]
+        );
+    }
+}
