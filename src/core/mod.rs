@@ -1,6 +1,7 @@
 //! Everything that decides, sans-IO: no sockets, no clock reads, no tokio. The IO
 //! shell (`crate::io`) feeds events in and does what these types say.
 
+pub mod delivery;
 pub mod dscp;
 pub mod journal;
 pub mod learner;

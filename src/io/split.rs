@@ -16,7 +16,7 @@ use crate::core::journal::Record;
 use crate::core::order::HoldReason;
 use crate::core::slice::Part;
 use crate::core::split::{
-    DataRequest, Failure, HeadPlan, Layout, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
+    DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
 };
 use crate::core::topology::node_id_from_identity;
 use crate::metrics;
@@ -61,7 +61,7 @@ impl Shared {
     /// counts and journals what it reported (a layout is on disk before its first
     /// slice request goes out, which is after this returns) and wakes held requests if
     /// it released any.
-    fn with_splitter<R>(&self, ask: impl FnOnce(&mut Splitter) -> R) -> R {
+    pub(crate) fn with_splitter<R>(&self, ask: impl FnOnce(&mut Splitter) -> R) -> R {
         let (answer, events) = {
             let mut core = self.core();
             let answer = ask(&mut core.splitter);
@@ -253,33 +253,6 @@ impl Shared {
             data: &data,
         };
         self.split_request(info, Some(unit), since).await
-    }
-
-    /// The head of a request to a local server whose bytes still arrive.
-    pub(crate) fn split_head(
-        &self,
-        info: &SessionInfo,
-        sender: i32,
-        meta: &Meta,
-        keys: &[u64],
-        vals_len: u64,
-    ) -> HeadPlan {
-        self.with_splitter(|sp| {
-            if !sp.is_server(info.dst) {
-                return HeadPlan::Whole;
-            }
-            sp.on_request_head(info.dst, sender, meta, keys, vals_len)
-        })
-    }
-
-    /// A streamed request is complete, with these lens.
-    pub(crate) fn split_finished(
-        &self,
-        info: &SessionInfo,
-        layout: &Layout,
-        lens: Option<&[i32]>,
-    ) -> Option<Failure> {
-        self.with_splitter(|sp| sp.finish_streamed(info.dst, layout, lens))
     }
 
     /// A split server holds keys a bypass would corrupt.

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::pump::{pump, End, PumpEnd, Sides};
+use crate::core::delivery::{check_unit, Delivery};
 use crate::core::slice::{take_frame, Reassembled, Reassembler, SliceError, SliceFrame};
 use crate::core::split::Pieces;
 use crate::core::topology::MessageContext;
@@ -28,7 +29,6 @@ use crate::io::handshake::PeerInfo;
 use crate::io::split::{OrderWait, Outgoing, Unit};
 use crate::io::state::{SessionInfo, Shared, TunnelEntry, TunnelTable};
 use crate::metrics::{self, OpenConnection};
-use split::{check_unit, ReceiverSplit};
 
 /// Removes a session from the table when its task ends.
 struct Registered<'a> {
@@ -179,7 +179,7 @@ pub(crate) async fn run_receiver(
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
     // In front of a local server this proxy saw register: its requests may be split.
-    let mut split = ReceiverSplit::new(shared.core().splitter.is_server(info.dst));
+    let mut delivery = Delivery::new(shared.core().splitter.is_server(info.dst));
     let mut held = 0u64;
     // The session ends when its main stream and every class connection that attached
     // have closed (the origin closes them all; one that failed to open never attaches).
@@ -240,10 +240,10 @@ pub(crate) async fn run_receiver(
                     Ok(x) => x,
                     Err(e) => break Err(e),
                 };
-                if split.in_front_of_server() {
-                    if let Err(e) = split
-                        .on_progress(&shared, &info, &reasm, seq, &mut dst_wr)
-                        .await
+                if delivery.in_front_of_server() {
+                    if let Err(e) =
+                        split::on_progress(&shared, &info, &mut delivery, &reasm, seq, &mut dst_wr)
+                            .await
                     {
                         break Err(e);
                     }
@@ -260,7 +260,7 @@ pub(crate) async fn run_receiver(
                     ready,
                     &mut dst_wr,
                     &mut first,
-                    &mut split,
+                    &mut delivery,
                     labels.0,
                     &mut inflow,
                 )
@@ -293,7 +293,7 @@ async fn deliver(
     ready: Vec<Reassembled>,
     out: &mut OwnedWriteHalf,
     first: &mut bool,
-    split: &mut ReceiverSplit,
+    delivery: &mut Delivery,
     direction: &'static str,
     inflow: &mut Inflow<'_>,
 ) -> Result<(), SessionError> {
@@ -308,7 +308,7 @@ async fn deliver(
             .meta
             .as_ref()
             .and_then(|m| parse_meta(m).ok().map(|p| (m.clone(), p)));
-        let replaced = split.on_complete(shared, info, &msg, &shape, meta.as_ref())?;
+        let replaced = split::on_complete(shared, info, delivery, &msg, &shape, meta.as_ref())?;
         if msg.part.is_some() && replaced.as_ref().is_some_and(|r| r.is_empty()) {
             continue; // A part of a response still missing others: nothing to observe yet.
         }
@@ -327,7 +327,7 @@ async fn deliver(
             pieces.extend(replaced);
             continue;
         }
-        if shape.command || !split.in_front_of_server() {
+        if shape.command || !delivery.in_front_of_server() {
             pieces.extend(msg.pieces);
             continue;
         }
