@@ -7,12 +7,14 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::time::Instant;
 
-use p3proxy_parsers::pslite::Role;
+use p3proxy_parsers::mxnet::ServerRanges;
+use p3proxy_parsers::pslite::{PsMessage, Role};
 
 use super::journal::Record;
 use super::policy::{Policy, Refusal};
-use super::priority::PriorityTable;
+use super::priority::{PriorityEvent, PriorityTable, Urgency};
 use super::split::Splitter;
 use super::topology::{NodeInfo, Topology};
 
@@ -116,6 +118,30 @@ impl ProxyState {
             .push_back(Effect::Journal(Record::Exited { addr }));
         self.effects.push_back(Effect::ReleaseInbound(addr));
         true
+    }
+
+    /// How urgent a message a local app sent `now` is (its keys' priority); a request
+    /// also teaches the learned order and is checked against the map. The event, if
+    /// the source in use changed (for the log and the metric).
+    pub fn prioritize(
+        &mut self,
+        msg: &PsMessage,
+        now: Instant,
+    ) -> (Urgency, Option<PriorityEvent>) {
+        let ranges = self.server_ranges();
+        let event = self.priority.observe_request(msg, ranges.as_ref(), now);
+        (self.priority.urgency(msg, ranges.as_ref()), event)
+    }
+
+    /// A peer proxy announced the priority it used for a message with these keys.
+    pub fn priority_hint(&mut self, ps_keys: &[u64], priority: u32) {
+        let ranges = self.server_ranges();
+        self.priority.hint(ps_keys, ranges.as_ref(), priority);
+    }
+
+    /// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
+    fn server_ranges(&self) -> Option<ServerRanges> {
+        ServerRanges::new(self.topology.num_servers() as u64)
     }
 
     /// Rebuilds what a journal's records say (this proxy's previous run); the local

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
-use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::PsMessage;
 use p3proxy_parsers::zmtp::Limits;
 use tokio::net::TcpStream;
@@ -316,10 +315,12 @@ impl Shared {
     /// How urgent a message a local app sent is (its key's priority); a request also
     /// teaches the learned order and is checked against the map.
     pub(crate) fn prioritize(&self, msg: &PsMessage) -> Urgency {
-        let mut core = self.core();
-        let ranges = server_ranges(&core);
-        let table = &mut core.priority;
-        if let Some(event) = table.observe_request(msg, ranges.as_ref(), Instant::now()) {
+        let (urgency, event, in_use) = {
+            let mut core = self.core();
+            let (urgency, event) = core.prioritize(msg, Instant::now());
+            (urgency, event, core.priority.in_use().label())
+        };
+        if let Some(event) = event {
             match event {
                 PriorityEvent::Trusted => {
                     tracing::info!("learned layer order trusted: it replaces MXNet key order")
@@ -333,16 +334,14 @@ impl Shared {
                     "priority map refused: it has {keys} keys but the job uses key {key} (a map of another model?); MXNet key order instead"
                 ),
             }
-            metrics::priority_source(table.in_use().label());
+            metrics::priority_source(in_use);
         }
-        table.urgency(msg, ranges.as_ref())
+        urgency
     }
 
     /// A peer proxy announced the priority it used for a message with these keys.
     pub(crate) fn priority_hint(&self, ps_keys: &[u64], priority: u32) {
-        let mut core = self.core();
-        let ranges = server_ranges(&core);
-        core.priority.hint(ps_keys, ranges.as_ref(), priority);
+        self.core().priority_hint(ps_keys, priority);
     }
 
     /// The upstream of a session died while its app lived: requests in flight are lost.
@@ -389,9 +388,4 @@ impl Shared {
             self.order_released.notify_waiters();
         }
     }
-}
-
-/// The server ranges of the node table (ps-lite keys -> MXNet keys), if known.
-fn server_ranges(core: &ProxyState) -> Option<ServerRanges> {
-    ServerRanges::new(core.topology.num_servers() as u64)
 }
