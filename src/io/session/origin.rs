@@ -32,6 +32,12 @@ const FENCE_URGENCY: Urgency = Urgency {
     fence: true,
 };
 
+/// The app's messages go to the egress scheduler (this proxy) from the app.
+const APP: Sides = Sides {
+    from: Side::Downstream,
+    to: Side::Internal,
+};
+
 /// Where a session's messages go: the main upstream connection, and for a sliced
 /// tunnel one connection per other class.
 pub(crate) struct Upstream {
@@ -150,12 +156,7 @@ async fn read_to_egress(
             let event = match dec.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
-                Err(e) => {
-                    return PumpEnd::Failed(SessionError::Framing {
-                        side: Side::Downstream,
-                        source: e,
-                    })
-                }
+                Err(e) => return APP.framing_failed(e),
             };
             let mut part = None;
             let (body, urgency, keys) = match event {
@@ -240,12 +241,7 @@ async fn read_to_egress(
         match rd.read_buf(dec.buffer_mut()).await {
             Ok(0) => return PumpEnd::Closed,
             Ok(_) => {}
-            Err(e) => {
-                return PumpEnd::Failed(SessionError::Io {
-                    side: Side::Downstream,
-                    source: e,
-                })
-            }
+            Err(e) => return APP.read_failed(e),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::PsMessage;
-use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpMessage};
+use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpError, ZmtpMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -46,8 +46,16 @@ impl Sides {
         }
     }
 
-    fn read_failed(self, e: std::io::Error) -> PumpEnd {
+    pub(crate) fn read_failed(self, e: std::io::Error) -> PumpEnd {
         PumpEnd::Failed(SessionError::Io {
+            side: self.from,
+            source: e,
+        })
+    }
+
+    /// The sender broke ZMTP framing or a limit.
+    pub(crate) fn framing_failed(self, e: ZmtpError) -> PumpEnd {
+        PumpEnd::Failed(SessionError::Framing {
             side: self.from,
             source: e,
         })
@@ -163,12 +171,7 @@ pub(crate) async fn pump(
             let event = match dec.next_event() {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
-                Err(e) => {
-                    return PumpEnd::Failed(SessionError::Framing {
-                        side: sides.from,
-                        source: e,
-                    })
-                }
+                Err(e) => return sides.framing_failed(e),
             };
             let written = match event {
                 StreamEvent::Message(msg) => match classify(msg, observe, seen == 0) {
