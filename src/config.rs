@@ -423,6 +423,7 @@ impl Config {
             min_bytes: self.split_min_bytes.unwrap_or(self.split_slice_bytes),
             // Validated before use; an invalid list splits under no optimizer.
             optimizers: self.optimizer_set().unwrap_or(OptimizerSet::NONE),
+            hold: self.split_hold(),
         }
     }
     /// Reads and checks the priority map, if the source is `map`.

@@ -110,6 +110,7 @@ fn a_real_jobs_big_array_parts_split_and_merge_back_to_the_captured_bytes() {
         slice_bytes: 160_000,
         min_bytes: 160_000,
         optimizers: OptimizerSet::ALL,
+        hold: std::time::Duration::from_secs(10),
     };
     let mut split_keys = Vec::new();
     for &(server_id, server) in &servers {

@@ -343,6 +343,7 @@ mod tests {
             slice_bytes: 400,
             min_bytes: 400,
             optimizers: OptimizerSet::ALL,
+            hold: std::time::Duration::from_secs(10),
         });
         sp.server_registered(server);
         let worker = |id| NodeInfo {

@@ -220,6 +220,7 @@ mod tests {
             slice_bytes: 400,
             min_bytes: 400,
             optimizers: crate::core::optimizer::OptimizerSet::ALL,
+            hold: std::time::Duration::from_secs(10),
         });
         ProxyState::new(policy, PriorityTable::new(Source::Key, None), splitter)
     }

@@ -32,9 +32,10 @@ pub(crate) enum Outgoing {
     Absorb,
     /// A merged response for `key` (wire pieces) instead.
     Merged(u64, Vec<Bytes>),
-    /// Not yet, for this reason (`core::order`). Write out what went before, wait
-    /// with [`OrderWait`], and ask again.
-    Behind(HoldReason),
+    /// Not yet, for this reason (`core::order`), and ask again by this time at the
+    /// latest if nothing releases it first. Write out what went before, wait with
+    /// [`OrderWait`], and ask again.
+    Behind(HoldReason, Option<Instant>),
     /// The message itself, as a part the peer proxy merges.
     Part(Part),
 }
@@ -168,14 +169,14 @@ impl Shared {
             lens: lens.as_deref(),
         };
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
-        let deadline = since + self.config.split_hold();
         loop {
             // Armed before asking, so a change in between is not missed.
             let changed = self.order_released.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let waited = Instant::now() >= deadline;
-            let plan = self.with_splitter(|sp| sp.on_data_request(info.dst, sender, &req, waited));
+            let (plan, ask_by) = self.with_splitter(|sp| {
+                sp.on_data_request_at(info.dst, sender, &req, since, Instant::now())
+            });
             match plan {
                 RequestPlan::Forward => return Ok(Outgoing::Pass),
                 RequestPlan::Split(msgs) => {
@@ -186,10 +187,11 @@ impl Shared {
                 RequestPlan::Stop(f) => return Err(f),
                 RequestPlan::Hold => {
                     tracing::debug!(dst = %info.dst, "first init push held until every worker reaches the server");
-                    // A worker connecting wakes it; the deadline ends the hold.
-                    let _ = tokio::time::timeout_at(deadline.into(), changed).await;
+                    // A worker connecting wakes it; the core says when the hold ends.
+                    let until = ask_by.unwrap_or_else(Instant::now);
+                    let _ = tokio::time::timeout_at(until.into(), changed).await;
                 }
-                RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason)),
+                RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason, ask_by)),
             }
         }
     }
@@ -296,6 +298,7 @@ impl<'a> OrderWait<'a> {
         &mut self,
         info: &SessionInfo,
         reason: HoldReason,
+        ask_by: Option<Instant>,
         released: Pin<&mut Notified<'a>>,
     ) {
         if !self.held {
@@ -309,11 +312,9 @@ impl<'a> OrderWait<'a> {
                 "a request still waits for {}", reason.describe());
         }
         // Woken by what the splitter says changed; besides that, only at the warning
-        // and, for a key never initialized, at the deadline after which it goes anyway.
+        // and by the time the core gave (a key never initialized: it goes anyway then).
         let warn_at = (!self.warned).then(|| self.since + HELD_WARN);
-        let give_up_at = (reason == HoldReason::NotInitialized)
-            .then(|| self.since + self.shared.config.split_hold());
-        match warn_at.into_iter().chain(give_up_at).min() {
+        match warn_at.into_iter().chain(ask_by).min() {
             Some(at) => {
                 let _ = tokio::time::timeout_at(at.into(), released).await;
             }

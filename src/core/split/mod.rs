@@ -32,6 +32,7 @@ pub use merge::Merger;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p3proxy_parsers::mxnet::{DataHandleType, RequestType};
@@ -178,6 +179,9 @@ pub struct SplitConfig {
     pub min_bytes: u64,
     /// Server-side optimizers under which keys may be split.
     pub optimizers: OptimizerSet,
+    /// How long a request may wait for something that may never come: rank 0's first
+    /// init for every worker to connect, a request for the init of its key.
+    pub hold: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,8 +527,30 @@ impl Splitter {
         Ok(())
     }
 
-    /// A data request from `sender` to local server `server`. `waited`: the hold of
-    /// the first init push timed out.
+    /// A data request from `sender` to local server `server`, first asked about at
+    /// `since`, asked (again) at `now`. With the plan, the time by which to ask again
+    /// at the latest if nothing [`Self::take_released`] reports comes first (a
+    /// `poll_timeout` for this request): the end of the first init's hold, or of the
+    /// wait for a key's init; `None` when only an answer ends the wait.
+    pub fn on_data_request_at(
+        &mut self,
+        server: SocketAddr,
+        sender: i32,
+        req: &DataRequest<'_>,
+        since: Instant,
+        now: Instant,
+    ) -> (RequestPlan, Option<Instant>) {
+        let deadline = since + self.config.hold;
+        let plan = self.on_data_request(server, sender, req, now >= deadline);
+        let by = match plan {
+            RequestPlan::Hold | RequestPlan::Behind(HoldReason::NotInitialized) => Some(deadline),
+            _ => None,
+        };
+        (plan, by)
+    }
+
+    /// [`Self::on_data_request_at`] with the time already judged: `waited`, the
+    /// request's deadline passed.
     pub fn on_data_request(
         &mut self,
         server: SocketAddr,

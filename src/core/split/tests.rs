@@ -42,6 +42,7 @@ const CONFIG: SplitConfig = SplitConfig {
     slice_bytes: 400,
     min_bytes: 400,
     optimizers: OptimizerSet::ALL,
+    hold: std::time::Duration::from_secs(10),
 };
 
 /// A splitter in front of S8 (of `servers`) with full history: registration, node
@@ -1284,4 +1285,66 @@ fn what_a_held_request_depends_on_says_when_to_ask_again() {
     sp.server_registered(addr(S8));
     assert!(sp.take_released());
     assert!(!sp.take_released(), "reported once");
+}
+
+#[test]
+fn the_splitter_says_until_when_a_request_waits_with_fabricated_time() {
+    let t0 = std::time::Instant::now();
+    let hold = CONFIG.hold;
+    let ms = std::time::Duration::from_millis;
+    // Rank 0's first init, while a worker has not connected: held until the hold ends.
+    let mut sp = Splitter::new(CONFIG);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.on_command(addr(S8), 3, b"");
+    sp.worker_connected(addr(S8), W9);
+    let init = Req::push(4, values(800, 0), 1, false, 0);
+    for now in [t0, t0 + hold - ms(1)] {
+        assert_eq!(
+            sp.on_data_request_at(addr(S8), W9, &init.view(), t0, now),
+            (RequestPlan::Hold, Some(t0 + hold))
+        );
+    }
+    let (plan, by) = sp.on_data_request_at(addr(S8), W9, &init.view(), t0, t0 + hold);
+    assert_eq!(
+        (plan, by),
+        (RequestPlan::Forward, None),
+        "then it goes, whole"
+    );
+    assert_eq!(
+        events(&mut sp),
+        vec![SplitEvent::Refused {
+            server: addr(S8),
+            key: 4,
+            reason: Refusal::WorkerNotProxied
+        }]
+    );
+    // A request for a key never initialized: until the same deadline, from its own
+    // first ask.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    sp.responses_opened(8, W11);
+    let pull = Req::pull(8, 1);
+    let t1 = t0 + ms(250);
+    assert_eq!(
+        sp.on_data_request_at(addr(S8), W11, &pull.view(), t1, t1 + ms(5)),
+        (
+            RequestPlan::Behind(HoldReason::NotInitialized),
+            Some(t1 + hold)
+        )
+    );
+    assert_eq!(
+        sp.on_data_request_at(addr(S8), W11, &pull.view(), t1, t1 + hold),
+        (RequestPlan::Forward, None)
+    );
+    // Behind an earlier pull only the answer ends the wait: no time is given.
+    let mut sp = ready(1, None);
+    sp.responses_opened(8, W9);
+    initialized(&mut sp, 1, 1);
+    sp.on_data_request(addr(S8), W9, &Req::pull(1, 2).view(), false);
+    let pp = Req::push(1, values(8, 2), 3, true, 0);
+    assert_eq!(
+        sp.on_data_request_at(addr(S8), W9, &pp.view(), t0, t0 + 2 * hold),
+        (RequestPlan::Behind(HoldReason::EarlierPull), None)
+    );
 }

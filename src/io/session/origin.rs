@@ -194,7 +194,7 @@ async fn read_to_egress(
                                 vec![key],
                             )
                         }
-                        Ok(Outgoing::Replace(_) | Outgoing::Behind(_)) => {
+                        Ok(Outgoing::Replace(_) | Outgoing::Behind(..)) => {
                             // Requests to a local server never take this path (same host: relay).
                             return PumpEnd::Failed(SessionError::Io {
                                 side: Side::Internal,

@@ -145,9 +145,9 @@ async fn route_in_order(
         tokio::pin!(answered);
         answered.as_mut().enable();
         match shared.split_route(info, ps, false, wait.since).await {
-            Ok(Outgoing::Behind(reason)) => {
+            Ok(Outgoing::Behind(reason, ask_by)) => {
                 out.flush().await?;
-                wait.wait(info, reason, answered).await;
+                wait.wait(info, reason, ask_by, answered).await;
             }
             routed => return Ok(routed),
         }
@@ -179,7 +179,7 @@ pub(crate) async fn pump(
                         Some((shared, info)) => {
                             match route_in_order(shared, info, &ps, &mut out).await {
                                 Err(e) => return sides.write_failed(e),
-                                Ok(Ok(Outgoing::Behind(_))) => unreachable!("waited out"),
+                                Ok(Ok(Outgoing::Behind(..))) => unreachable!("waited out"),
                                 Ok(Ok(Outgoing::Pass | Outgoing::Part(_))) => {
                                     write_message(&mut out, &ps.to_zmtp()).await
                                 }

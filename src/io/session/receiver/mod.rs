@@ -355,7 +355,7 @@ async fn deliver(
                         data: &data,
                     };
                     match shared.split_request(info, Some(unit), wait.since).await {
-                        Ok(Outgoing::Behind(reason)) => {
+                        Ok(Outgoing::Behind(reason, ask_by)) => {
                             // What went before (the pull it waits for may be among it) goes first.
                             write_pieces(out, std::mem::take(&mut pieces))
                                 .await
@@ -369,7 +369,7 @@ async fn deliver(
                             let room =
                                 inflow.reasm.held() + waiting < shared.config.reassembly_bytes;
                             tokio::select! {
-                                _ = wait.wait(info, reason, answered) => {}
+                                _ = wait.wait(info, reason, ask_by, answered) => {}
                                 event = inflow.frames.recv(), if inflow.deferred.is_none() && room => match event {
                                     Some((_, FrameEvent::Frame(f))) => {
                                         let (_, more) = reassemble(shared, inflow.reasm, inflow.held, f)?;
