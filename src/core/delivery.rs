@@ -121,6 +121,7 @@ pub struct Delivered {
 
 /// Why a session's delivery stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DeliveryError {
     /// A split layout cannot serve the message: the server's traffic stops.
     Stopped(Failure),

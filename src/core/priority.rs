@@ -258,6 +258,7 @@ impl PriorityTable {
 
 /// Why a priority map file is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapError {
     /// Not the expected TOML.
     #[error("{0}")]

@@ -9,6 +9,7 @@ use crate::core::journal::{parse_journal, JournalError, Record};
 
 /// Why the journal cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JournalFileError {
     /// Reading, creating or opening it failed.
     #[error("journal {path}: {source}")]

@@ -80,6 +80,7 @@ pub struct Shared {
 
 /// Why a proxy could not start serving.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The journal could not be opened or is damaged.
     #[error(transparent)]
