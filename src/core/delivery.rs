@@ -9,16 +9,13 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use bytes::Bytes;
 use p3proxy_parsers::pslite::{parse_meta, Meta};
 use p3proxy_parsers::zmtp::{copy_range, ByteSource, FrameScanner, Limits, ZmtpError};
 
 use super::slice::{Progress, Reassembled};
-use super::split::{
-    byte_range, slice_request, Failure, HeadPlan, Layout, Merger, Pieces, Splitter,
-};
+use super::split::{byte_range, slice_request, Failure, HeadPlan, Layout, Merger, Pieces};
 
 /// What was decided for a message still arriving.
 #[derive(Debug)]
@@ -144,16 +141,17 @@ impl Delivery {
         self.to_server
     }
 
-    /// Message `seq` of `sender` to local server `dst` got bytes (`p`): a push of a split
+    /// Message `seq` of `sender` to a local server got bytes (`p`): a push of a split
     /// key sends the slice requests whose bytes are in. Call in front of a server only.
+    /// `ask_head` asks the splitter about a message's head (its
+    /// [`crate::core::split::Splitter::on_request_head`]), once per message, when its head is in.
     pub fn on_progress(
         &mut self,
-        sp: &mut Splitter,
-        dst: SocketAddr,
         sender: Option<i32>,
         seq: u64,
         p: &Progress<'_>,
         limits: &Limits,
+        ask_head: impl FnOnce(i32, &Meta, &[u64], u64) -> HeadPlan,
     ) -> Result<Delivered, DeliveryError> {
         let mut out = Delivered::default();
         if let Entry::Vacant(slot) = self.streams.entry(seq) {
@@ -168,7 +166,7 @@ impl Delivery {
             let meta = head.as_ref().and_then(|h| parse_meta(&h.meta_frame).ok());
             let decided = match (head, meta, sender) {
                 (Some(h), Some(meta), Some(sender)) => {
-                    match sp.on_request_head(dst, sender, &meta, &h.keys, h.vals_len) {
+                    match ask_head(sender, &meta, &h.keys, h.vals_len) {
                         HeadPlan::Whole => Stream::Whole,
                         HeadPlan::Stop(f) => return Err(DeliveryError::Stopped(f)),
                         HeadPlan::Stream(layout) => {
@@ -209,16 +207,17 @@ impl Delivery {
         Ok(out)
     }
 
-    /// A complete message to `dst` (`shape` from [`check_unit`], `meta` its parsed meta
-    /// frame): `Some` to write instead of it (the rest of a streamed push, or a merged
+    /// A complete message (`shape` from [`check_unit`], `meta` its parsed meta frame):
+    /// `Some` to write instead of it (the rest of a streamed push, or a merged
     /// response; no pieces while parts are missing), `None` if it goes as it is.
+    /// `finish` tells the splitter a streamed push is complete (its
+    /// [`crate::core::split::Splitter::finish_streamed`]); it is called for those only.
     pub fn on_complete(
         &mut self,
-        sp: &mut Splitter,
-        dst: SocketAddr,
         msg: &Reassembled,
         shape: &UnitShape,
         meta: Option<&(Bytes, Meta)>,
+        finish: impl FnOnce(&Layout, Option<&[i32]>) -> Option<Failure>,
     ) -> Result<Option<Delivered>, DeliveryError> {
         let frames = || -> Vec<Pieces> {
             shape.frames[1..]
@@ -256,7 +255,7 @@ impl Delivery {
         let lens = (data.len() == 3 && shape.frames[2].0 == vals_off)
             .then(|| data[2].le_words(i32::from_le_bytes))
             .flatten();
-        if let Some(f) = sp.finish_streamed(dst, &layout, lens.as_deref()) {
+        if let Some(f) = finish(&layout, lens.as_deref()) {
             return Err(DeliveryError::Stopped(f));
         }
         let mut out = Delivered::default();
@@ -327,8 +326,10 @@ pub fn check_unit(msg: &Reassembled, limits: &Limits) -> Result<UnitShape, &'sta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+
     use crate::core::optimizer::OptimizerSet;
-    use crate::core::split::{DataRequest, RequestPlan, SplitConfig};
+    use crate::core::split::{DataRequest, RequestPlan, SplitConfig, Splitter};
     use crate::core::topology::NodeInfo;
     use p3proxy_parsers::pslite::{PsMessage, Role};
     use p3proxy_parsers::zmtp::{parse_unit, Command, Unit, ZmtpMessage};
@@ -438,7 +439,9 @@ mod tests {
                 may_pass: true,
             };
             let out = d
-                .on_progress(&mut sp, server, Some(11), 0, &p, &limits)
+                .on_progress(Some(11), 0, &p, &limits, |w, m, k, n| {
+                    sp.on_request_head(server, w, m, k, n)
+                })
                 .unwrap();
             if out.split_request {
                 assert!(first_split.replace(got).is_none(), "decided once");
@@ -467,7 +470,9 @@ mod tests {
             .clone()
             .map(|m| (m.clone(), parse_meta(&m).unwrap()));
         let rest = d
-            .on_complete(&mut sp, server, &msg, &shape, meta.as_ref())
+            .on_complete(&msg, &shape, meta.as_ref(), |l, lens| {
+                sp.finish_streamed(server, l, lens)
+            })
             .unwrap()
             .unwrap();
         assert_eq!(rest.slice_requests as usize, 10 - sent.len());
@@ -497,8 +502,10 @@ mod tests {
             may_pass: false,
         };
         assert_eq!(
-            d.on_progress(&mut sp, server, Some(11), 0, &held, &limits)
-                .unwrap(),
+            d.on_progress(Some(11), 0, &held, &limits, |w, m, k, n| {
+                sp.on_request_head(server, w, m, k, n)
+            })
+            .unwrap(),
             Delivered::default()
         );
         // Another key (not split): whole.
@@ -511,8 +518,10 @@ mod tests {
             may_pass: true,
         };
         assert_eq!(
-            d.on_progress(&mut sp, server, Some(11), 1, &p, &limits)
-                .unwrap(),
+            d.on_progress(Some(11), 1, &p, &limits, |w, m, k, n| {
+                sp.on_request_head(server, w, m, k, n)
+            })
+            .unwrap(),
             Delivered::default()
         );
         let msg = Reassembled {
@@ -528,7 +537,10 @@ mod tests {
         };
         let shape = check_unit(&msg, &limits).unwrap();
         assert_eq!(
-            d.on_complete(&mut sp, server, &msg, &shape, None).unwrap(),
+            d.on_complete(&msg, &shape, None, |l, lens| {
+                sp.finish_streamed(server, l, lens)
+            })
+            .unwrap(),
             None,
             "goes as it is"
         );
@@ -556,7 +568,9 @@ mod tests {
         let shape = check_unit(&msg, &Limits::default()).unwrap();
         let mut d = Delivery::new(false);
         assert_eq!(
-            d.on_complete(&mut sp, server, &msg, &shape, None),
+            d.on_complete(&msg, &shape, None, |l, lens| {
+                sp.finish_streamed(server, l, lens)
+            }),
             Err(DeliveryError::BadPart(
                 "a part that is not a ps-lite message".into()
             ))

@@ -37,8 +37,10 @@ pub(super) async fn on_progress(
         return Ok(());
     };
     let sender = node_id_from_identity(&info.identity);
-    let done = shared
-        .with_splitter(|sp| delivery.on_progress(sp, info.dst, sender, seq, &p, &shared.limits))?;
+    // The splitter (and the core's lock) only for a message's head, once.
+    let done = delivery.on_progress(sender, seq, &p, &shared.limits, |w, meta, keys, len| {
+        shared.with_splitter(|sp| sp.on_request_head(info.dst, w, meta, keys, len))
+    })?;
     count(&done);
     if done.pieces.is_empty() {
         return Ok(());
@@ -62,7 +64,10 @@ pub(super) fn on_complete(
     shape: &UnitShape,
     meta: Option<&(Bytes, Meta)>,
 ) -> Result<Option<Vec<Bytes>>, SessionError> {
-    let done = shared.with_splitter(|sp| delivery.on_complete(sp, info.dst, msg, shape, meta))?;
+    // The splitter (and the core's lock) only for a streamed push's end.
+    let done = delivery.on_complete(msg, shape, meta, |layout, lens| {
+        shared.with_splitter(|sp| sp.finish_streamed(info.dst, layout, lens))
+    })?;
     Ok(done.map(|d| {
         count(&d);
         d.pieces
