@@ -163,13 +163,9 @@ impl Shared {
             journal,
             inbound,
         });
-        // The journal's own records are not written again: only its nodes are captured.
+        // Replaying asks only that the journal's local nodes be captured inbound again.
         let effects = shared.effects(&mut shared.core());
-        shared.apply(
-            effects
-                .into_iter()
-                .filter(|e| !matches!(e, Effect::Journal(_))),
-        );
+        shared.apply(effects);
         Ok(shared)
     }
 
