@@ -129,6 +129,9 @@ pub struct Config {
     /// Priority scheduling (DESIGN.md §5-6): per-class tunnel connections carrying
     /// slices, whole messages in priority order on direct hops. `false`: plain relay.
     pub schedule: bool,
+    /// Frame bodies the proxy only passes on (responses, same-host relays) go from
+    /// socket to socket with `splice(2)`. `false`: every byte is read in and written out.
+    pub splice: bool,
     /// Slice payload between proxies, in bytes (P3's 40,000 float32 parameters).
     pub slice_bytes: u64,
     /// Most bytes the egress scheduler holds before it stops reading from apps.
@@ -194,6 +197,7 @@ impl Default for Config {
             no_proxy_ttl_s: 60,
             upstream: None,
             schedule: true,
+            splice: true,
             slice_bytes: DEFAULT_SLICE_BYTES,
             // Half the reassembly bound: a peer reserves what this proxy has announced
             // (its queue) plus what it sent of messages not finished yet.

@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 use p3proxy::config::Config;
 use p3proxy::io::{run, Bound, Env, Shared};
 
+/// Big message buffers are reused, not mapped afresh for every message (`io::memory`).
+#[global_allocator]
+static ALLOCATOR: p3proxy::io::memory::Allocator = p3proxy::io::memory::Allocator;
+
 /// Transparent sidecar for ps-lite (MXNet dist_sync) jobs.
 ///
 /// Exit codes: 0 success, 1 runtime failure (a listener could not bind, ...), 2 bad
@@ -201,6 +205,10 @@ struct RunArgs {
     /// connection per session, no slices (the baseline the benchmark compares with).
     #[arg(long)]
     no_schedule: bool,
+    /// Read every byte in and write it out, also frame bodies that could go from
+    /// socket to socket with splice(2).
+    #[arg(long)]
+    no_splice: bool,
     /// The ps-lite scheduler's port on this host, if known (else learned from its self connection).
     #[arg(long, value_name = "PORT")]
     scheduler_port: Option<u16>,
@@ -302,6 +310,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if args.no_schedule {
         config.schedule = false;
+    }
+    if args.no_splice {
+        config.splice = false;
     }
     if let Some(n) = args.slice_bytes {
         config.slice_bytes = n;

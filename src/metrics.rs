@@ -102,6 +102,8 @@ pub const OUTBOUND: &str = "outbound";
 pub const INBOUND: &str = "inbound";
 
 const DIRECTIONS: [&str; 2] = [OUTBOUND, INBOUND];
+/// How a frame body passed: spliced, or copied through a buffer.
+pub const PASS_HOW: [&str; 2] = ["splice", "copy"];
 const HOLD_REASONS: [&str; 3] = crate::core::order::HoldReason::LABELS;
 
 metrics_table! {
@@ -147,6 +149,12 @@ metrics_table! {
     /// Slices of a message that interrupted a less urgent unfinished one on its connection.
     PREEMPTIONS = "p3proxy_preemptions_total", Counter, None, None, Zero::Plain,
         "Slices that interrupted a less urgent unfinished message on the same connection.";
+    /// Frame bodies that went from socket to socket without being read in, by `how`.
+    PASSED_BODIES = "p3proxy_passed_bodies_total", Counter, None, Some("how"), Zero::Each(&PASS_HOW),
+        "Frame bodies relayed without being read into the proxy: by splice(2), or copied through a small buffer where the kernel refused.";
+    /// Their bytes, by `how`.
+    PASSED_BYTES = "p3proxy_passed_bytes_total", Counter, Some(Unit::Bytes), Some("how"), Zero::Each(&PASS_HOW),
+        "Bytes of frame bodies relayed without being read into the proxy, by how.";
     /// Slices sent to peer proxies.
     SLICES_SENT = "p3proxy_slices_sent_total", Counter, None, None, Zero::Plain,
         "Slices sent to peer proxies.";

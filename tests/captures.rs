@@ -148,6 +148,7 @@ fn decode(stream: &[u8], chunks: impl Iterator<Item = usize>) -> Decoded {
                 StreamEvent::Greeting(g) => out.greeting = Some(g),
                 StreamEvent::Command(c) => out.commands.push(c),
                 StreamEvent::Message(m) => out.messages.push(m),
+                StreamEvent::Tail(_) => unreachable!("no body was passed"),
             }
         }
         if pos == stream.len() {

@@ -233,6 +233,73 @@ async fn same_host_relay_is_byte_exact() {
     assert_eq!(count(&c, "p3proxy_not_pslite_messages_total"), 1);
 }
 
+/// Every shape a relay sees, big bodies among them: MXNet pushes small and big (the
+/// big ones' values go from socket to socket when splicing is on), a big body in a
+/// message that is not ps-lite and one in a ps-lite message not in MXNet's shape (both
+/// read whole: no rule may miss them), and small messages between.
+fn shapes_payload() -> (Vec<u8>, u64) {
+    let mut wire = data_message(1, 10);
+    wire.extend(data_message(2, 4_000_000));
+    wire.extend(data_message(3, 100));
+    wire.extend(
+        ZmtpMessage::from_bodies([
+            Bytes::from_static(b"\xff\xfe not a meta"),
+            Bytes::from(vec![0x5a; 1_000_000]),
+        ])
+        .encode(),
+    );
+    // The meta of a push (three data frames declared), then keys and a 1 MB frame only.
+    let meta = testkit::push_request(4, 3, Bytes::from(vec![0; 8])).frames[0]
+        .body
+        .clone();
+    let keys = Bytes::from(3u64.to_le_bytes().to_vec());
+    wire.extend(
+        ZmtpMessage::from_bodies([meta, keys, Bytes::from(vec![0x11; 1_000_000])]).encode(),
+    );
+    wire.extend(data_message(5, 1_500_000));
+    wire.extend(data_message(6, 0));
+    (wire, 7)
+}
+
+async fn relay_shapes(splice: bool) -> HashMap<String, u64> {
+    let (server, mut seen) = router(host(1), 0).await;
+    let (redirect, _) = proxy(1, false, 1, server, |c| c.splice = splice).await;
+    let (s, _) = dealer(redirect, b"ps9").await.expect("READY");
+    let (wire, messages) = shapes_payload();
+    send_and_close(s, &wire).await;
+    let got = timeout(T, seen.recv()).await.unwrap().unwrap();
+    assert!(
+        got.bytes == wire,
+        "splice {splice}: the relayed bytes differ"
+    );
+    let c = counters();
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_messages_total{direction=outbound}"),
+        messages
+    );
+    assert_eq!(
+        count(&c, "p3proxy_forwarded_bytes_total{direction=outbound}"),
+        wire.len() as u64
+    );
+    c
+}
+
+#[tokio::test]
+async fn same_host_relay_passes_big_bodies_byte_exact_with_splice_on_and_off() {
+    let _serial = serial().await;
+    let on = relay_shapes(true).await;
+    // The 4 MB and 1.5 MB pushes' values (less what came with their heads); not the two odd ones.
+    assert_eq!(
+        count(&on, "p3proxy_passed_bodies_total{how=splice}"),
+        2,
+        "{on:?}"
+    );
+    assert!(count(&on, "p3proxy_passed_bytes_total{how=splice}") > 5_000_000);
+    let off = relay_shapes(false).await;
+    assert_eq!(count(&off, "p3proxy_passed_bodies_total{how=splice}"), 0);
+    assert_eq!(count(&off, "p3proxy_passed_bytes_total{how=splice}"), 0);
+}
+
 /// A ROUTER on host 2 behind its proxy (admitting it as the scheduler's port), and host
 /// 1's proxy tunnelling to it; returns host 1's redirect listener.
 async fn tunnel_pair() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {

@@ -2,8 +2,9 @@
 //! DEALER that streams push requests, a ROUTER that receives and counts them, and a
 //! packet capture. Not part of the product.
 //!
-//!   p3proxy-loadgen recv --listen ADDR [--arrivals]
-//!   p3proxy-loadgen send --to ADDR --size BYTES --count N [--identity ps9]
+//!   p3proxy-loadgen recv --listen ADDR [--arrivals] [--no-checksum]
+//!   p3proxy-loadgen send --to ADDR --size BYTES --count N [--identity ps9] [--rate GBITS] [--no-checksum]
+//!   p3proxy-loadgen relay --listen ADDR --to ADDR [--splice]
 //!   p3proxy-loadgen preempt --to ADDR --big BYTES --small BYTES
 //!   p3proxy-loadgen capture --iface IF --port PORT --seconds S
 //!   p3proxy-loadgen register --to SCHEDULER --host IP --port PORT
@@ -19,6 +20,8 @@
 //! message's key and arrival time (Unix seconds); `preempt` sends a big push of key 29
 //! then a small push of key 0 and prints when the small one was handed over; `capture`
 //! prints, per TCP connection to or from PORT, its packets, bytes and DSCP values.
+//! `relay` is the proxy-cost benchmark's floor: it relays one connection byte for byte,
+//! with `read`/`write` or with `splice(2)` through a pipe, and nothing else.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -45,6 +48,19 @@ enum Cmd {
         /// Print each message's first key and arrival time.
         #[arg(long)]
         arrivals: bool,
+        /// Skip the checksum (timed runs: it costs CPU the benchmark would count).
+        #[arg(long)]
+        no_checksum: bool,
+    },
+    /// Accept one connection and relay it to TO, both directions, until both end.
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// Move bytes with splice(2) through a pipe instead of read/write.
+        #[arg(long)]
+        splice: bool,
     },
     /// Send a big push of the last layer's key, then a small push of the first layer's.
     Preempt {
@@ -74,6 +90,12 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value = "ps9")]
         identity: String,
+        /// Offered rate in Gbit/s (paced per message); unlimited without it.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Skip the checksum (timed runs).
+        #[arg(long)]
+        no_checksum: bool,
     },
     /// Ask a proxy's tunnel port for TARGET, as a peer proxy would; print its answer.
     Tunnel {
@@ -159,7 +181,12 @@ async fn handshake(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Recv { listen, arrivals } => {
+        Cmd::Relay { listen, to, splice } => relay(listen, to, splice)?,
+        Cmd::Recv {
+            listen,
+            arrivals,
+            no_checksum,
+        } => {
             let listener = TcpListener::bind(listen).await?;
             println!("{{\"listening\": \"{}\"}}", listener.local_addr()?);
             let (mut s, _) = listener.accept().await?;
@@ -172,7 +199,9 @@ async fn main() -> anyhow::Result<()> {
                     if let StreamEvent::Message(m) = ev {
                         messages += 1;
                         bytes += m.encoded_len() as u64;
-                        sum.add(&m);
+                        if !no_checksum {
+                            sum.add(&m);
+                        }
                         if arrivals {
                             let key = m
                                 .frames
@@ -188,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
-                if s.read_buf(dec.buffer_mut()).await? == 0 {
+                if s.read_buf(dec.buffer_for_read()).await? == 0 {
                     break;
                 }
                 start.get_or_insert_with(Instant::now);
@@ -204,6 +233,8 @@ async fn main() -> anyhow::Result<()> {
             size,
             count,
             identity,
+            rate,
+            no_checksum,
         } => {
             let mut s = TcpStream::connect(to).await?;
             s.set_nodelay(true)?;
@@ -226,8 +257,21 @@ async fn main() -> anyhow::Result<()> {
                 let at = (ts as usize * 7) % 4096;
                 let vals = block.slice(at..at + size);
                 let msg = push(ts as i32, ts % 64, vals);
-                sum.add(&msg);
+                if !no_checksum {
+                    sum.add(&msg);
+                }
+                if let Some(gbits) = rate {
+                    let due = start
+                        + std::time::Duration::from_secs_f64(bytes as f64 * 8.0 / (gbits * 1e9));
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 bytes += write_message(&mut s, &msg).await?;
+            }
+            if let Some(gbits) = rate {
+                // The last message takes its time on the wire too.
+                let due =
+                    start + std::time::Duration::from_secs_f64(bytes as f64 * 8.0 / (gbits * 1e9));
+                tokio::time::sleep_until(due.into()).await;
             }
             s.shutdown().await?;
             // Wait for the receiver's side to close: everything arrived.
@@ -294,6 +338,98 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Relays one accepted connection to `to`, both directions on their own threads.
+fn relay(listen: SocketAddr, to: SocketAddr, splice: bool) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    println!("{{\"listening\": \"{}\"}}", listener.local_addr()?);
+    let (a, _) = listener.accept()?;
+    let b = std::net::TcpStream::connect(to)?;
+    a.set_nodelay(true)?;
+    b.set_nodelay(true)?;
+    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
+    let back = std::thread::spawn(move || copy_stream(b2, a2, splice));
+    let sent = copy_stream(a, b, splice)?;
+    let returned = back.join().expect("relay thread")?;
+    println!("{{\"relayed\": {sent}, \"returned\": {returned}}}");
+    Ok(())
+}
+
+/// Copies `from` to `to` until EOF, then shuts `to`'s write side.
+fn copy_stream(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    splice: bool,
+) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let mut total = 0u64;
+    if splice {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors; closed below.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a pipe this process owns.
+        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) };
+        let result = loop {
+            // SAFETY: valid descriptors, no offsets (sockets and pipes).
+            let n = unsafe {
+                libc::splice(
+                    from.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    fds[1],
+                    std::ptr::null_mut(),
+                    1 << 20,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if n < 0 {
+                break Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                break Ok(total);
+            }
+            let mut left = n as usize;
+            while left > 0 {
+                // SAFETY: as above.
+                let m = unsafe {
+                    libc::splice(
+                        fds[0],
+                        std::ptr::null_mut(),
+                        to.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        left,
+                        libc::SPLICE_F_MOVE,
+                    )
+                };
+                if m <= 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                left -= m as usize;
+            }
+            total += n as u64;
+        };
+        // SAFETY: closing the pipe made above.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        result?;
+    } else {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = from.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    Ok(total)
 }
 
 fn unix_now() -> f64 {

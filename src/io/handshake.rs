@@ -78,10 +78,12 @@ async fn read_ready(
                 StreamEvent::Command(_) => {
                     return Err(HandshakeError::Unexpected("command other than READY"))
                 }
-                StreamEvent::Message(_) => return Err(HandshakeError::Unexpected("message")),
+                StreamEvent::Message(_) | StreamEvent::Tail(_) => {
+                    return Err(HandshakeError::Unexpected("message"))
+                }
             }
         }
-        if stream.read_buf(dec.buffer_mut()).await? == 0 {
+        if stream.read_buf(dec.buffer_for_read()).await? == 0 {
             return Err(HandshakeError::Closed);
         }
     }

@@ -40,7 +40,7 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if shared.egress.memory_return_due() {
+            if shared.egress.memory_return_due() || super::memory::blocks_idle() {
                 let _ = tokio::task::spawn_blocking(super::memory::trim).await;
             }
         }

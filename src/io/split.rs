@@ -207,13 +207,7 @@ impl Shared {
         if !matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return Ok(Outgoing::Pass);
         }
-        let Some(server) = node_id_from_identity(&info.identity) else {
-            return Ok(Outgoing::Pass);
-        };
-        if self.core().splitter.server_addr(server).is_none() {
-            return Ok(Outgoing::Pass);
-        }
-        let Some(worker) = self.node_at(info.dst) else {
+        let Some((server, worker)) = self.response_parties(info) else {
             return Ok(Outgoing::Pass);
         };
         let data = Unit::data_of(ps);
@@ -229,6 +223,25 @@ impl Shared {
             }
             ResponsePlan::Part(part) => Ok(Outgoing::Part(part)),
             ResponsePlan::Stop(f) => Err(f),
+        }
+    }
+
+    /// The local server a session's responses come from and the worker they go to,
+    /// where the splitter may act on them (`None`: they pass as they are).
+    pub(crate) fn response_parties(&self, info: &SessionInfo) -> Option<(i32, i32)> {
+        let server = node_id_from_identity(&info.identity)?;
+        self.core().splitter.server_addr(server)?;
+        Some((server, self.node_at(info.dst)?))
+    }
+
+    /// Whether the splitter and the order rules act on a session's data messages of
+    /// this direction (`request`): requests to a local server they front, responses
+    /// from one. Those that no rule acts on pass as they come.
+    pub(crate) fn splitter_acts_on(&self, info: &SessionInfo, request: bool) -> bool {
+        if request {
+            self.core().splitter.is_server(info.dst)
+        } else {
+            self.response_parties(info).is_some()
         }
     }
 

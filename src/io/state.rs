@@ -99,6 +99,14 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// What moves a direction's big frame bodies from socket to socket, if splicing
+    /// is on (`config.splice`).
+    pub(crate) fn body_mover(&self) -> Option<crate::io::splice::BodyMover> {
+        self.config
+            .splice
+            .then(|| crate::io::splice::BodyMover::new(true))
+    }
+
     /// Shared state for a proxy with these listeners (its own addresses are never
     /// relayed to), continuing from the journal if there is one.
     pub fn new(config: Config, env: Env, bound: &Bound) -> Result<Arc<Shared>, StartError> {

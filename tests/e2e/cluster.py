@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TESTBED = os.path.join(ROOT, "scripts", "testbed")
 REDIRECT = os.path.join(ROOT, "scripts", "redirect")
+# P3PROXY_SPLICE=off: every proxy the tests start reads every byte in (scripts/test runs
+# the suite both ways).
+PROXY_FLAGS = ["--no-splice"] if os.environ.get("P3PROXY_SPLICE") == "off" else []
 PROXY = os.path.abspath(os.environ.get("P3PROXY_BIN", os.path.join(ROOT, "target", "release", "p3proxy")))
 PYTHON = os.environ.get("P3_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
 WORKLOADS = os.path.join(os.path.dirname(__file__), "workloads")
@@ -99,7 +102,7 @@ class Proxies:
         for h in self.hosts:
             log = open(os.path.join(LOGS, f"{self.tag}-proxy-{h}.log"), "w")
             env = dict(os.environ, P3PROXY_LOG=os.environ.get("P3PROXY_LOG", "info"))
-            args = list(self.args)
+            args = list(self.args) + PROXY_FLAGS
             if "--journal" not in args:
                 # Every proxy its own fresh journal (they share this machine's filesystem).
                 journal = os.path.join(LOGS, f"{self.tag}-journal-{h}.jsonl")

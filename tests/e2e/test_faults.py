@@ -115,7 +115,7 @@ def test_a_server_side_proxy_restarted_under_a_live_server_continues_its_journal
 
     def start_h2(tag):
         log = open(os.path.join(cluster.LOGS, f"{tag}-proxy-h2.log"), "w")
-        p = subprocess.Popen(cluster.netns("h2") + [cluster.PROXY, "run", "--journal", journal],
+        p = subprocess.Popen(cluster.netns("h2") + [cluster.PROXY, "run", "--journal", journal, *cluster.PROXY_FLAGS],
                              stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 10
         while cluster.sh(*cluster.netns("h2"), "ss", "-Hltn", "sport = :15301").stdout.strip() == "":

@@ -12,7 +12,7 @@ mod message;
 mod scan;
 
 pub use command::{parse_command, Command, Property, ERROR, READY};
-pub use decoder::{StreamDecoder, StreamEvent};
+pub use decoder::{Pass, StreamDecoder, StreamEvent};
 pub use error::ZmtpError;
 pub use frame::{parse_frame_header, FrameHeader, FLAG_COMMAND, FLAG_LONG, FLAG_MORE};
 pub use greeting::{

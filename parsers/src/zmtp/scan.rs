@@ -175,6 +175,13 @@ impl FrameScanner {
         Ok(Some(span))
     }
 
+    /// The unit's first `n` bytes are gone from the bytes it reads (a body that went
+    /// by outside them): positions count from what follows. `n` is at most
+    /// [`Self::offset`].
+    pub fn rebase(&mut self, n: u64) {
+        self.pos -= n.min(self.pos);
+    }
+
     /// The unit's last frame was returned.
     pub fn is_done(&self) -> bool {
         self.done

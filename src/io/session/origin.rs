@@ -93,7 +93,15 @@ pub(crate) async fn run_origin(
         from: far_side,
         to: Side::Downstream,
     };
-    let to_app = pump(far_rd, up.main.dec, app_wr, labels.1, None, back);
+    let to_app = pump(
+        far_rd,
+        up.main.dec,
+        app_wr,
+        labels.1,
+        None,
+        back,
+        shared.body_mover(),
+    );
     tokio::pin!(reader);
     tokio::pin!(to_app);
     let mut reading = true;
@@ -238,7 +246,7 @@ async fn read_to_egress(
             shared.egress.enqueue(item).await;
             seq += 1;
         }
-        match rd.read_buf(dec.buffer_mut()).await {
+        match rd.read_buf(dec.buffer_for_read()).await {
             Ok(0) => return PumpEnd::Closed,
             Ok(_) => {}
             Err(e) => return APP.read_failed(e),

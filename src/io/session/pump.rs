@@ -6,15 +6,17 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use p3proxy_parsers::pslite::PsMessage;
-use p3proxy_parsers::zmtp::{StreamDecoder, StreamEvent, ZmtpError, ZmtpMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use p3proxy_parsers::pslite::{parse_meta, MessageKind, PsMessage};
+use p3proxy_parsers::zmtp::{Frame, StreamDecoder, StreamEvent, ZmtpError, ZmtpMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::core::split::Failure;
 use crate::core::topology::MessageContext;
+use crate::io::egress::write_pieces;
 use crate::io::error::{SessionError, Side};
+use crate::io::splice::{BodyMover, PassError};
 use crate::io::split::{OrderWait, Outgoing};
 use crate::io::state::{SessionInfo, Shared};
 use crate::metrics;
@@ -75,32 +77,81 @@ pub(crate) struct End {
     pub(crate) dec: StreamDecoder,
 }
 
-const WRITE_BUFFER: usize = 64 * 1024;
+/// Pieces shorter than this are copied together (headers, metas, keys, small
+/// messages); longer ones are written from where they were received.
+const COPY_BELOW: usize = 4096;
+/// Written out at once when this much is gathered, before the decode round ends.
+const FLUSH_AT: usize = 1 << 20;
 
-/// Writes one message's wire bytes (bodies are not copied before the buffer).
-pub(super) async fn write_message(
-    out: &mut BufWriter<OwnedWriteHalf>,
-    msg: &ZmtpMessage,
-) -> std::io::Result<usize> {
-    let mut total = 0;
-    for piece in msg.wire_pieces() {
-        out.write_all(&piece).await?;
-        total += piece.len();
-    }
-    Ok(total)
+/// What one direction writes next, gathered for one vectored write per decode round
+/// (one per message for big ones), where a buffered writer makes a separate write of
+/// the buffered header before each big body.
+pub(super) struct Outbox {
+    wr: OwnedWriteHalf,
+    pieces: Vec<Bytes>,
+    small: Vec<u8>,
+    len: usize,
 }
 
-/// Writes messages given as wire pieces.
-pub(super) async fn write_all_pieces(
-    out: &mut BufWriter<OwnedWriteHalf>,
-    msgs: Vec<Vec<Bytes>>,
-) -> std::io::Result<usize> {
-    let mut total = 0;
-    for piece in msgs.into_iter().flatten() {
-        out.write_all(&piece).await?;
-        total += piece.len();
+impl Outbox {
+    pub(super) fn new(wr: OwnedWriteHalf) -> Outbox {
+        Outbox {
+            wr,
+            pieces: Vec::new(),
+            small: Vec::new(),
+            len: 0,
+        }
     }
-    Ok(total)
+
+    /// Adds wire bytes; returns how many.
+    fn push(&mut self, piece: Bytes) -> usize {
+        let n = piece.len();
+        if n < COPY_BELOW {
+            self.small.extend_from_slice(&piece);
+        } else {
+            self.seal();
+            self.pieces.push(piece);
+        }
+        self.len += n;
+        n
+    }
+
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            let small = std::mem::replace(&mut self.small, Vec::with_capacity(COPY_BELOW));
+            self.pieces.push(Bytes::from(small));
+        }
+    }
+
+    /// Adds the wire bytes of `pieces`, writing them out once enough is gathered.
+    async fn add(&mut self, pieces: impl IntoIterator<Item = Bytes>) -> std::io::Result<usize> {
+        let n = pieces.into_iter().map(|p| self.push(p)).sum();
+        if self.len >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(n)
+    }
+
+    /// Writes out everything gathered.
+    pub(super) async fn flush(&mut self) -> std::io::Result<()> {
+        self.seal();
+        self.len = 0;
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        write_pieces(&mut self.wr, std::mem::take(&mut self.pieces)).await
+    }
+
+    /// The socket, for what bypasses the outbox (flush first).
+    fn stream(&self) -> &TcpStream {
+        self.wr.as_ref()
+    }
+
+    async fn shutdown(&mut self) {
+        if self.flush().await.is_ok() {
+            let _ = self.wr.shutdown().await;
+        }
+    }
 }
 
 /// A decoded message from a session's DEALER side: ps-lite (observed, when `observe`
@@ -130,6 +181,45 @@ pub(crate) fn classify(
     }
 }
 
+/// Whether a message whose first frames are `frames` may go on before the rest of it
+/// is read: a ps-lite data message in MXNet's shape (meta, keys, the body still
+/// arriving with a frame after it) that neither the splitter nor the order rules act on. It is
+/// observed here, as it would be whole (what that reads is in its meta).
+fn passes_by_head(
+    shared: &Shared,
+    info: &SessionInfo,
+    frames: &[Bytes],
+    first_on_connection: bool,
+) -> bool {
+    let [meta_frame, keys] = frames else {
+        return false;
+    };
+    let Ok(meta) = parse_meta(meta_frame) else {
+        return false;
+    };
+    if meta.data_type.len() != 3 || keys.len() % 8 != 0 {
+        return false;
+    }
+    let head = PsMessage {
+        meta,
+        meta_frame: Frame::new(meta_frame.clone()),
+        data: vec![Frame::new(keys.clone())],
+    };
+    let MessageKind::Data { request, .. } = head.kind() else {
+        return false;
+    };
+    if shared.splitter_acts_on(info, request) {
+        return false;
+    }
+    let ctx = MessageContext {
+        sender_identity: &info.identity,
+        dst: info.dst,
+        first_on_connection,
+    };
+    shared.observe(&ctx, &head);
+    true
+}
+
 /// Routes `ps` through the splitter; while it must wait for order
 /// (`Outgoing::Behind`), writes out what went before (what it waits for may be
 /// among it) and waits.
@@ -137,7 +227,7 @@ async fn route_in_order(
     shared: &Shared,
     info: &SessionInfo,
     ps: &PsMessage,
-    out: &mut BufWriter<OwnedWriteHalf>,
+    out: &mut Outbox,
 ) -> std::io::Result<Result<Outgoing, Failure>> {
     let mut wait = OrderWait::new(shared);
     loop {
@@ -154,8 +244,14 @@ async fn route_in_order(
     }
 }
 
+/// Frame bodies still missing at least this much when their header is in go from
+/// socket to socket (`io::splice`) where nothing needs to see them; shorter ones are
+/// read in (a splice costs more syscalls than it saves on a few KB).
+pub(crate) const PASS_MIN: u64 = 256 * 1024;
+
 /// Moves messages from `rd` (already partly decoded in `dec`) to `wr`.
 /// `observe`: this direction goes from the session's DEALER to its ROUTER.
+/// `mover`: big bodies bypass the process (only where nothing observes them).
 pub(crate) async fn pump(
     mut rd: OwnedReadHalf,
     mut dec: StreamDecoder,
@@ -163,9 +259,12 @@ pub(crate) async fn pump(
     direction: &'static str,
     observe: Option<(&Shared, &SessionInfo)>,
     sides: Sides,
+    mut mover: Option<BodyMover>,
 ) -> PumpEnd {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, wr);
+    let mut out = Outbox::new(wr);
     let mut seen = 0u64;
+    // Bytes of a message whose body went by, counted when its tail is written.
+    let mut passed = 0usize;
     loop {
         loop {
             let event = match dec.next_event() {
@@ -181,19 +280,17 @@ pub(crate) async fn pump(
                                 Err(e) => return sides.write_failed(e),
                                 Ok(Ok(Outgoing::Behind(..))) => unreachable!("waited out"),
                                 Ok(Ok(Outgoing::Pass | Outgoing::Part(_))) => {
-                                    write_message(&mut out, &ps.to_zmtp()).await
+                                    out.add(ps.to_zmtp().wire_pieces()).await
                                 }
                                 Ok(Ok(Outgoing::Absorb)) => Ok(0),
                                 Ok(Ok(Outgoing::Replace(msgs))) => {
-                                    write_all_pieces(&mut out, msgs).await
+                                    out.add(msgs.into_iter().flatten()).await
                                 }
-                                Ok(Ok(Outgoing::Merged(_, pieces))) => {
-                                    write_all_pieces(&mut out, vec![pieces]).await
-                                }
+                                Ok(Ok(Outgoing::Merged(_, pieces))) => out.add(pieces).await,
                                 Ok(Err(f)) => return PumpEnd::Failed(SessionError::Stopped(f)),
                             }
                         }
-                        None => write_message(&mut out, &ps.to_zmtp()).await,
+                        None => out.add(ps.to_zmtp().wire_pieces()).await,
                     },
                     Err(msg) => {
                         if let Some((shared, info)) = observe {
@@ -201,13 +298,14 @@ pub(crate) async fn pump(
                                 return PumpEnd::Failed(SessionError::Stopped(f));
                             }
                         }
-                        write_message(&mut out, &msg).await
+                        out.add(msg.wire_pieces()).await
                     }
                 },
-                StreamEvent::Command(cmd) => {
-                    let bytes = cmd.encode();
-                    out.write_all(&bytes).await.map(|()| bytes.len())
-                }
+                StreamEvent::Command(cmd) => out.add([Bytes::from(cmd.encode())]).await,
+                StreamEvent::Tail(rest) => out
+                    .add([rest])
+                    .await
+                    .map(|n| n + std::mem::take(&mut passed)),
                 // Greeting events cannot occur after the handshake.
                 _ => Ok(0),
             };
@@ -219,12 +317,44 @@ pub(crate) async fn pump(
                 Err(e) => return sides.write_failed(e),
             }
         }
+        if let Some(mover) = &mut mover {
+            // Where this direction is observed, a message goes by only when its head
+            // shows that no rule needs the rest; the tail of one that does is decided.
+            let decided = match observe {
+                None => true,
+                Some((shared, info)) => {
+                    dec.in_tail()
+                        || dec.pass_head(PASS_MIN).is_some_and(|(frames, body)| {
+                            body.more && passes_by_head(shared, info, &frames, seen == 0)
+                        })
+                }
+            };
+            if let Some(pass) = decided.then(|| dec.take_pass(PASS_MIN)).flatten() {
+                passed += pass.head.len() + pass.body as usize;
+                if let Err(e) = out.add([pass.head]).await {
+                    return sides.write_failed(e);
+                }
+                if let Err(e) = out.flush().await {
+                    return sides.write_failed(e);
+                }
+                match mover.pass(rd.as_ref(), out.stream(), pass.body).await {
+                    Ok(how) => {
+                        dec.body_passed();
+                        metrics::count_by(metrics::PASSED_BODIES, how, 1);
+                        metrics::count_by(metrics::PASSED_BYTES, how, pass.body);
+                    }
+                    Err(PassError::Read(e)) => return sides.read_failed(e),
+                    Err(PassError::Write(e)) => return sides.write_failed(e),
+                }
+                continue;
+            }
+        }
         if let Err(e) = out.flush().await {
             return sides.write_failed(e);
         }
-        match rd.read_buf(dec.buffer_mut()).await {
+        match rd.read_buf(dec.buffer_for_read()).await {
             Ok(0) => {
-                let _ = out.shutdown().await;
+                out.shutdown().await;
                 return PumpEnd::Closed;
             }
             Ok(_) => {}

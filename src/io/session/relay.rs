@@ -29,8 +29,17 @@ pub(crate) async fn relay(
         labels.0,
         Some((&shared, &info)),
         sides,
+        shared.body_mover(),
     );
-    let to_app = pump(far_rd, far.dec, app_wr, labels.1, None, sides.back());
+    let to_app = pump(
+        far_rd,
+        far.dec,
+        app_wr,
+        labels.1,
+        None,
+        sides.back(),
+        shared.body_mover(),
+    );
     tokio::select! {
         end = to_far => match end {
             PumpEnd::Closed => tracing::debug!(dst = %info.dst, "app closed its session"),

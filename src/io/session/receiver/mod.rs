@@ -175,7 +175,15 @@ pub(crate) async fn run_receiver(
         from: Side::Upstream,
         to: Side::PeerProxy,
     };
-    let back = pump(dst_rd, dst.dec, main_wr, labels.1, None, sides);
+    let back = pump(
+        dst_rd,
+        dst.dec,
+        main_wr,
+        labels.1,
+        None,
+        sides,
+        shared.body_mover(),
+    );
     tokio::pin!(back);
     let mut reasm = Reassembler::new(shared.config.reassembly_bytes);
     // In front of a local server this proxy saw register: its requests may be split.

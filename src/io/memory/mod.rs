@@ -6,7 +6,11 @@
 //! went through it since the last time, `malloc_trim` returns the free pages, on a
 //! blocking thread.
 
+mod blocks;
+
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use blocks::{class_of, Allocator, BlockCache, BlockStats, BLOCKS};
 use std::time::Duration;
 
 /// Bytes queued since the last return before an empty queue triggers one.
@@ -45,8 +49,15 @@ impl MemoryReturn {
     }
 }
 
-/// Returns the allocator's free pages to the kernel.
+/// At a tick: whether big blocks stopped coming and going while the cache holds some
+/// (a same-host relay never queues in the egress, so its bursts end here).
+pub(crate) fn blocks_idle() -> bool {
+    BLOCKS.drain_if_idle()
+}
+
+/// Returns the cached big blocks and the allocator's free pages to the kernel.
 pub(crate) fn trim() {
+    BLOCKS.drain();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {

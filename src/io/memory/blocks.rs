@@ -1,0 +1,395 @@
+//! Big buffers reused instead of mapped afresh. A message's body (up to tens of MB) is
+//! received into one allocation and freed once written on; glibc serves anything above
+//! its mmap threshold (at most 32 MB, often less) with a fresh mapping, so every byte of
+//! such a message costs a page fault and a page cleared by the kernel, and the munmap
+//! after it. [`BlockCache`] keeps freed big blocks (up to [`CACHE_MAX`] bytes, by size
+//! class) and hands them out again; below [`BIG`] everything goes to the system
+//! allocator unchanged. The one-second memory tick returns the cache to the system
+//! once big blocks stopped coming and going ([`BlockCache::drain_if_idle`]).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Allocations from this size on are big: their blocks are kept when freed.
+pub(super) const BIG: usize = 1 << 20;
+/// Freed blocks kept at most, in bytes.
+pub(super) const CACHE_MAX: usize = 256 << 20;
+/// Largest alignment a cached block serves (a page).
+const MAX_ALIGN: usize = 4096;
+/// Blocks kept at most, in number.
+const SLOTS: usize = 64;
+
+/// The block size a big request gets: rounded up to an eighth of its power of two,
+/// so that requests of nearly the same size (one message after another, each reserved
+/// from a slightly different point) share a class, for at most 12.5% more address
+/// space (untouched pages cost no memory).
+pub fn class_of(size: usize) -> usize {
+    let step = (size.next_power_of_two() >> 4).max(1);
+    size.div_ceil(step) * step
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    size: usize,
+    ptr: usize,
+}
+
+const EMPTY: Slot = Slot { size: 0, ptr: 0 };
+
+/// Counts, for tests and the benchmark's reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockStats {
+    /// Big allocations served from the cache.
+    pub hits: u64,
+    /// Big allocations that went to the system.
+    pub misses: u64,
+    /// Bytes held in the cache now.
+    pub cached: usize,
+}
+
+/// A cache of freed big blocks in front of the system allocator.
+pub struct BlockCache {
+    lock: AtomicBool,
+    slots: UnsafeCell<[Slot; SLOTS]>,
+    cached: AtomicUsize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    /// Big allocations and frees so far; unchanged over a tick means idle.
+    ops: AtomicU64,
+    ops_at_tick: AtomicU64,
+}
+
+// SAFETY: `slots` is only touched while `lock` is held.
+unsafe impl Sync for BlockCache {}
+
+impl BlockCache {
+    /// An empty cache.
+    pub const fn new() -> BlockCache {
+        BlockCache {
+            lock: AtomicBool::new(false),
+            slots: UnsafeCell::new([EMPTY; SLOTS]),
+            cached: AtomicUsize::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            ops_at_tick: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `f` on the slots under the lock (a spin lock: the allocator cannot block
+    /// on anything that might allocate, and the sections are a few loads and stores).
+    fn with_slots<R>(&self, f: impl FnOnce(&mut [Slot; SLOTS]) -> R) -> R {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        // SAFETY: the lock is held until the release below.
+        let r = f(unsafe { &mut *self.slots.get() });
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+
+    fn is_big(layout: &Layout) -> bool {
+        layout.size() >= BIG && layout.align() <= MAX_ALIGN
+    }
+
+    fn block_layout(layout: &Layout) -> Layout {
+        // A class is a multiple of its step (>= 64 KiB here), so the alignment still divides it.
+        Layout::from_size_align(class_of(layout.size()), MAX_ALIGN).expect("a valid block layout")
+    }
+
+    /// A cached block of `size` bytes, if any.
+    fn take(&self, size: usize) -> Option<*mut u8> {
+        let got = self.with_slots(|slots| {
+            let slot = slots.iter_mut().find(|s| s.size == size)?;
+            let ptr = slot.ptr;
+            *slot = EMPTY;
+            Some(ptr)
+        })?;
+        self.cached.fetch_sub(size, Ordering::Relaxed);
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(got as *mut u8)
+    }
+
+    /// Keeps a freed block if there is room; returns it otherwise.
+    fn keep(&self, ptr: *mut u8, size: usize) -> bool {
+        if self.cached.load(Ordering::Relaxed) + size > CACHE_MAX {
+            return false;
+        }
+        let kept = self.with_slots(|slots| match slots.iter_mut().find(|s| s.size == 0) {
+            Some(slot) => {
+                *slot = Slot {
+                    size,
+                    ptr: ptr as usize,
+                };
+                true
+            }
+            None => false,
+        });
+        if kept {
+            self.cached.fetch_add(size, Ordering::Relaxed);
+        }
+        kept
+    }
+
+    /// Hits, misses and bytes held.
+    pub fn stats(&self) -> BlockStats {
+        BlockStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            cached: self.cached.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Returns every cached block to the system.
+    pub fn drain(&self) {
+        let blocks = self.with_slots(|slots| std::mem::replace(slots, [EMPTY; SLOTS]));
+        for b in blocks.iter().filter(|b| b.size != 0) {
+            self.cached.fetch_sub(b.size, Ordering::Relaxed);
+            let layout = Layout::from_size_align(b.size, MAX_ALIGN).expect("a block layout");
+            // SAFETY: the block came from `System` with this layout and left the cache.
+            unsafe { System.dealloc(b.ptr as *mut u8, layout) };
+        }
+    }
+
+    /// At a tick: drains the cache if no big block was allocated or freed since the
+    /// previous tick. Returns whether it did.
+    pub fn drain_if_idle(&self) -> bool {
+        let ops = self.ops.load(Ordering::Relaxed);
+        let idle = self.ops_at_tick.swap(ops, Ordering::Relaxed) == ops;
+        if idle && self.cached.load(Ordering::Relaxed) > 0 {
+            self.drain();
+            return true;
+        }
+        false
+    }
+}
+
+impl Default for BlockCache {
+    fn default() -> BlockCache {
+        BlockCache::new()
+    }
+}
+
+// SAFETY: big blocks are always `System` blocks of their class's layout, whether they
+// come from the cache or not, and go back either to the cache or to `System` with that
+// same layout; everything else is `System`'s own.
+unsafe impl GlobalAlloc for BlockCache {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !Self::is_big(&layout) {
+            return System.alloc(layout);
+        }
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let block = Self::block_layout(&layout);
+        if let Some(ptr) = self.take(block.size()) {
+            return ptr;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        System.alloc(block)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !Self::is_big(&layout) {
+            return System.alloc_zeroed(layout);
+        }
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let block = Self::block_layout(&layout);
+        if let Some(ptr) = self.take(block.size()) {
+            ptr.write_bytes(0, layout.size());
+            return ptr;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        System.alloc_zeroed(block)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if !Self::is_big(&layout) {
+            return System.dealloc(ptr, layout);
+        }
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        let block = Self::block_layout(&layout);
+        if !self.keep(ptr, block.size()) {
+            System.dealloc(ptr, block);
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = Layout::from_size_align_unchecked(new_size, layout.align());
+        match (Self::is_big(&layout), Self::is_big(&new)) {
+            (false, false) => System.realloc(ptr, layout, new_size),
+            // Growing or shrinking within its class: the block already has the room.
+            (true, true) if class_of(layout.size()) == class_of(new_size) => ptr,
+            _ => {
+                let out = self.alloc(new);
+                if !out.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, out, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The proxy's global allocator: [`BLOCKS`], installed by the binary.
+pub struct Allocator;
+
+/// The cache behind [`Allocator`].
+pub static BLOCKS: BlockCache = BlockCache::new();
+
+// SAFETY: forwards to `BLOCKS`.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        BLOCKS.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        BLOCKS.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        BLOCKS.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        BLOCKS.realloc(ptr, layout, new_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(size: usize) -> Layout {
+        Layout::from_size_align(size, 8).unwrap()
+    }
+
+    #[test]
+    fn classes_round_up_by_at_most_an_eighth_and_group_near_sizes() {
+        for size in [
+            BIG,
+            BIG + 1,
+            3 << 20,
+            40_016_384,
+            40_100_000,
+            (64 << 20) - 1,
+        ] {
+            let c = class_of(size);
+            assert!(c >= size && c - size <= size / 8, "{size} -> {c}");
+            assert_eq!(c % (64 * 1024), 0, "{size} -> {c}: a multiple of a page");
+        }
+        assert_eq!(class_of(40_016_384), class_of(40_100_000));
+        assert_eq!(class_of(40_100_000), 40 << 20);
+    }
+
+    #[test]
+    fn a_freed_big_block_is_handed_out_again_with_its_bytes_writable() {
+        let cache = BlockCache::new();
+        unsafe {
+            let a = cache.alloc(layout(40_000_000));
+            a.write_bytes(0xab, 40_000_000);
+            cache.dealloc(a, layout(40_000_000));
+            assert_eq!(cache.stats().cached, 40 << 20);
+            // A slightly different size of the same class: the same block.
+            let b = cache.alloc(layout(40_065_536));
+            assert_eq!(a, b);
+            b.add(40_065_535).write(1);
+            assert_eq!(
+                cache.stats(),
+                BlockStats {
+                    hits: 1,
+                    misses: 1,
+                    cached: 0
+                }
+            );
+            // Zeroed means zeroed, also from the cache.
+            cache.dealloc(b, layout(40_065_536));
+            let z = cache.alloc_zeroed(layout(40_000_000));
+            assert_eq!(z, a);
+            assert!(std::slice::from_raw_parts(z, 40_000_000)
+                .iter()
+                .all(|&x| x == 0));
+            cache.dealloc(z, layout(40_000_000));
+        }
+        cache.drain();
+        assert_eq!(cache.stats().cached, 0);
+    }
+
+    #[test]
+    fn small_and_overaligned_requests_are_the_system_s() {
+        let cache = BlockCache::new();
+        unsafe {
+            let s = cache.alloc(layout(BIG - 1));
+            cache.dealloc(s, layout(BIG - 1));
+            let over = Layout::from_size_align(BIG, 2 * MAX_ALIGN).unwrap();
+            let o = cache.alloc(over);
+            assert_eq!(o as usize % (2 * MAX_ALIGN), 0);
+            cache.dealloc(o, over);
+            let paged = Layout::from_size_align(BIG, MAX_ALIGN).unwrap();
+            let p = cache.alloc(paged);
+            assert_eq!(p as usize % MAX_ALIGN, 0);
+            cache.dealloc(p, paged);
+        }
+        assert_eq!(
+            cache.stats(),
+            BlockStats {
+                hits: 0,
+                misses: 1,
+                cached: class_of(BIG)
+            }
+        );
+        cache.drain();
+    }
+
+    #[test]
+    fn realloc_within_a_class_stays_put_and_across_classes_keeps_the_bytes() {
+        let cache = BlockCache::new();
+        unsafe {
+            let small = cache.alloc(layout(1000));
+            small.write_bytes(7, 1000);
+            let a = cache.realloc(small, layout(1000), (2 << 20) + 1000);
+            assert!(std::slice::from_raw_parts(a, 1000).iter().all(|&x| x == 7));
+            let same = cache.realloc(a, layout((2 << 20) + 1000), (2 << 20) + 200_000);
+            assert_eq!(same, a, "the class has room");
+            let bigger = cache.realloc(same, layout((2 << 20) + 200_000), 8 << 20);
+            assert!(std::slice::from_raw_parts(bigger, 1000)
+                .iter()
+                .all(|&x| x == 7));
+            assert_eq!(
+                cache.stats().cached,
+                class_of((2 << 20) + 1000),
+                "the old block was kept"
+            );
+            let back = cache.realloc(bigger, layout(8 << 20), 500);
+            assert!(std::slice::from_raw_parts(back, 500)
+                .iter()
+                .all(|&x| x == 7));
+            cache.dealloc(back, layout(500));
+        }
+        cache.drain();
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_bound_and_drains_when_idle() {
+        let cache = BlockCache::new();
+        let size = 48 << 20;
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..8).map(|_| cache.alloc(layout(size))).collect();
+            for b in blocks {
+                cache.dealloc(b, layout(size));
+            }
+        }
+        let held = cache.stats().cached;
+        assert!(
+            held <= CACHE_MAX && held == (CACHE_MAX / size) * size,
+            "{held}"
+        );
+        assert!(
+            !cache.drain_if_idle(),
+            "blocks came and went since the last tick"
+        );
+        assert!(cache.drain_if_idle(), "a whole tick without big blocks");
+        assert_eq!(cache.stats().cached, 0);
+    }
+}
