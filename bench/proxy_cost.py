@@ -7,6 +7,7 @@ A ps-lite DEALER streams push requests (160 KB, 4 MB, 40 MB values) to a ROUTER
   floor-splice  the same with splice(2) through a pipe
   p3proxy       this build
   baseline      another build (--baseline-bin), e.g. the last landed commit
+  p3proxy-2threads  this build with --threads 2 (optional: --systems)
 on two paths:
   same-host     one proxy between a local app and a local server (its relay path)
   tunnel        h1 -> h2 across an unshaped testbed link: the origin proxy schedules and
@@ -73,7 +74,7 @@ class Middle:
         self.target = f"{recv_ip}:{PORT}"
 
     def start(self):
-        if self.system in ("p3proxy", "baseline"):
+        if self.binary:
             self.start_proxies()
 
     def start_proxies(self):
@@ -95,7 +96,8 @@ class Middle:
         journal = os.path.join(cluster.LOGS, f"cost-{self.system}-{tag}-journal.jsonl")
         if os.path.exists(journal):
             os.remove(journal)
-        return subprocess.Popen(cluster.netns(host) + [self.binary, "run", "--journal", journal, *args],
+        threads = ["--threads", "2"] if self.system.endswith("-2threads") else []
+        return subprocess.Popen(cluster.netns(host) + [self.binary, "run", "--journal", journal, *threads, *args],
                                 stdout=logf, stderr=subprocess.STDOUT)
 
     def floors(self):
@@ -173,9 +175,9 @@ def main(total_bytes=1e9, runs=3, baseline_bin=None, systems=None, sizes=SIZES, 
     os.makedirs(cluster.LOGS, exist_ok=True)
     systems = systems or ["direct", "floor-rw", "floor-splice", "p3proxy"] + (["baseline"] if baseline_bin else [])
     rates = list(RATES) if rates is None else rates
-    binaries = {"p3proxy": cluster.PROXY, "baseline": baseline_bin}
+    binaries = {"p3proxy": cluster.PROXY, "p3proxy-2threads": cluster.PROXY, "baseline": baseline_bin}
     scale = total_bytes / 1e9
-    samples = []
+    samples, passed = [], {}
     cluster.testbed_up(2, "unshaped")
     try:
         for path in ("same-host", "tunnel"):
@@ -195,15 +197,19 @@ def main(total_bytes=1e9, runs=3, baseline_bin=None, systems=None, sizes=SIZES, 
                             for run in range(runs):
                                 m = middle.stream(size, count, rate)
                                 samples.append({"path": path, "system": system, "size": size, "rate": rate, "run": run, **m})
-                    if path == "tunnel" and system in binaries:
-                        tunnels = cluster.metric(cluster.scrape("h1"), "p3proxy_connections_total", route="tunnel")
-                        if tunnels < 1:
+                    if system in binaries:
+                        text = cluster.scrape("h1")
+                        if path == "tunnel" and cluster.metric(text, "p3proxy_connections_total", route="tunnel") < 1:
                             raise RuntimeError("the stream did not go through the tunnel")
+                        spliced = cluster.metric(text, "p3proxy_passed_bytes_total", how="splice")
+                        log(f"{path} {system}: {spliced / 1e9:.2f} GB of frame bodies spliced on h1")
+                        passed[(path, system)] = spliced
                 finally:
                     middle.stop()
     finally:
         cluster.testbed_down()
     text = report(samples, systems, sizes, rates, runs)
+    text += "\n\nFrame bodies spliced (GB, on h1): " + ", ".join(f"{p} {s}: {b / 1e9:.2f}" for (p, s), b in passed.items())
     out = out_dir or os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "proxy_cost.md"), "w") as f:

@@ -11,14 +11,16 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// Allocations from this size on are big: their blocks are kept when freed.
-pub(super) const BIG: usize = 1 << 20;
+/// Allocations from this size on are big: their blocks are kept when freed (a
+/// tunnel's read chunks, 256 KiB, among them; glibc's own threshold starts at 128 KiB).
+pub(super) const BIG: usize = 128 * 1024;
 /// Freed blocks kept at most, in bytes.
 pub(super) const CACHE_MAX: usize = 256 << 20;
 /// Largest alignment a cached block serves (a page).
 const MAX_ALIGN: usize = 4096;
-/// Blocks kept at most, in number.
-const SLOTS: usize = 64;
+/// Blocks kept at most, in number (a 40 MB message reassembled from 256 KiB chunks
+/// frees about 160 of them at once).
+const SLOTS: usize = 256;
 
 /// The block size a big request gets: rounded up to an eighth of its power of two,
 /// so that requests of nearly the same size (one message after another, each reserved
@@ -98,7 +100,7 @@ impl BlockCache {
     }
 
     fn block_layout(layout: &Layout) -> Layout {
-        // A class is a multiple of its step (>= 64 KiB here), so the alignment still divides it.
+        // A class is a multiple of its step (>= 16 KiB here): whole pages.
         Layout::from_size_align(class_of(layout.size()), MAX_ALIGN).expect("a valid block layout")
     }
 
@@ -270,6 +272,7 @@ mod tests {
         for size in [
             BIG,
             BIG + 1,
+            300_000,
             3 << 20,
             40_016_384,
             40_100_000,
@@ -277,7 +280,7 @@ mod tests {
         ] {
             let c = class_of(size);
             assert!(c >= size && c - size <= size / 8, "{size} -> {c}");
-            assert_eq!(c % (64 * 1024), 0, "{size} -> {c}: a multiple of a page");
+            assert_eq!(c % MAX_ALIGN, 0, "{size} -> {c}: whole pages");
         }
         assert_eq!(class_of(40_016_384), class_of(40_100_000));
         assert_eq!(class_of(40_100_000), 40 << 20);
