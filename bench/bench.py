@@ -101,7 +101,8 @@ EXIT_GRACE = 20
 
 
 def parse(result):
-    out = {"sha": {}, "times": {}, "timeline": None, "hung": list(result.hung)}
+    out = {"sha": {}, "times": {}, "timeline": None, "hung": list(result.hung),
+           "server_cpu_s": sum(result.cpu.values()) if result.cpu else None}
     for name, text in result.logs.items():
         if not name.startswith("worker"):
             continue
@@ -124,7 +125,8 @@ def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp"):
         with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out), binary=BINARY.get(system)) as proxies:
             r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
         r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
-        progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s")
+        r["slice_requests"] = proxies.slices
+        progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s, sent {r['slice_requests']} slice requests")
         return r
     return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
 
@@ -202,6 +204,8 @@ def main():
                 for tname, topo, _ in plans:
                     label = f"{model} x{scale} topology {tname} {rate} {host_qdisc}"
                     per_system = {s: [] for s in systems}
+                    # Per run, per iteration (warm-up included: the processes ran those too).
+                    costs = {s: {"proxy_cpu": [], "server_cpu": [], "slices": []} for s in systems}
                     shas = {s: [] for s in systems}
                     hung = {s: 0 for s in systems}
                     for run in range(a.runs):
@@ -213,6 +217,11 @@ def main():
                             progress(f"{label}: {s} run {run + 1}: median {per_system[s][-1]:.3f} s, iterations "
                                      + " ".join(f"{t:.2f}" for t in it_times))
                             shas[s].append(r["sha"])
+                            n_iter = a.iters + a.warmup
+                            for name, v in (("proxy_cpu", r.get("proxy_cpu_s")), ("server_cpu", r.get("server_cpu_s")),
+                                            ("slices", r.get("slice_requests"))):
+                                if v is not None:
+                                    costs[s][name].append(v / n_iter)
                             if r["hung"]:
                                 hung[s] += 1
                                 progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
@@ -242,6 +251,7 @@ def main():
                             "speedup_vs_direct": (base / med) if base else None, "ideal_s": ideal,
                             "x_ideal": med / ideal, "pushed_mb": pushed / 1e6, "busiest_link_mb": busiest / 1e6,
                             "runs_hung_at_exit": hung[s],
+                            **{f"{k}_per_iter": (statistics.median(v) if v else None) for k, v in costs[s].items()},
                         })
                     progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
             cluster.testbed_down()
@@ -267,14 +277,20 @@ def report(rows, timelines, a, failures):
         f"{a.compute_ms:.0f} ms/iteration, API {meta['api']}, {a.workers} workers; tensors scaled as shown. "
         f"Bitwise checks: {meta['bitwise_checks']}.",
         "",
-        "| model | topology | rate | host NICs | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | topology | rate | host NICs | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal "
+        "| proxies CPU-s/iter | servers CPU-s/iter | slice requests/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def per_iter(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
     for r in rows:
         vs = f"{r['speedup_vs_direct']:.2f}x" if r["speedup_vs_direct"] else "-"
         lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r.get('host_qdisc', 'fifo')} | {r['system']} | "
                      f"{r['median_s']:.3f} [{r['min_s']:.3f}, {r['max_s']:.3f}] | {r['samples_per_s']:.1f} | {vs} | "
-                     f"{r['x_ideal']:.2f} |")
+                     f"{r['x_ideal']:.2f} | {per_iter(r.get('proxy_cpu_per_iter'), '{:.3f}')} | "
+                     f"{per_iter(r.get('server_cpu_per_iter'), '{:.3f}')} | {per_iter(r.get('slices_per_iter'), '{:.0f}')} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"]) for r in rows})
     lines.append("")
     lines += baseline_lines(rows)

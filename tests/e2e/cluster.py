@@ -137,6 +137,10 @@ class Proxies:
     def metrics(self):
         return {h: scrape(h, address=ip(h) if self.metrics_on_host else "127.0.0.1") for h in self.hosts}
 
+    def slice_requests(self):
+        """Slice requests every proxy sent to its local servers so far."""
+        return sum(metric(text, "p3proxy_slice_requests_total") for text in self.metrics().values())
+
     def cpu_seconds(self):
         """CPU time (user + system) each proxy has used so far."""
         tick = os.sysconf("SC_CLK_TCK")
@@ -154,6 +158,10 @@ class Proxies:
 
     def __exit__(self, *exc):
         self.cpu = self.cpu_seconds()
+        try:
+            self.slices = self.slice_requests()
+        except Exception:  # noqa: BLE001 - a proxy that died has no metrics; the job says why
+            self.slices = None
         for h in self.hosts:
             sh(*netns(h), REDIRECT, "remove", check=False)
         for h, p in self.procs.items():
@@ -167,11 +175,22 @@ class Proxies:
                 p.wait()
 
 
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of a live process (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class JobResult:
     results: dict = field(default_factory=dict)  # worker rank -> RESULT line
     logs: dict = field(default_factory=dict)
     hung: list = field(default_factory=list)  # processes killed after the results were in
+    cpu: dict = field(default_factory=dict)  # "server0" -> CPU seconds (read every 0.2 s while it ran)
 
 
 def netns_pids_kill(pid):
@@ -216,6 +235,10 @@ def run_job(topo, workload, tag, env=None, timeout=120, args=(), exit_grace=None
         deadline = time.time() + timeout
         workers = [(i, path) for role, i, path, _ in procs if role == "worker"]
         while time.time() < deadline and not all(p.poll() is not None for *_, p in procs):
+            # Each server's CPU seconds so far (its last reading before it exits).
+            for role, i, _, p in procs:
+                if role == "server" and p.poll() is None:
+                    result.cpu[f"server{i}"] = process_cpu_seconds(p.pid) or result.cpu.get(f"server{i}", 0.0)
             if all("RESULT" in open(path).read() for _, path in workers):
                 grace_end = time.time() + exit_grace
                 while time.time() < grace_end and not all(p.poll() is not None for *_, p in procs):

@@ -3,6 +3,7 @@ run side by side on the testbed, the bitwise checks pass, the report is written,
 nothing is left behind."""
 import json
 import os
+import re
 import subprocess
 
 import cluster
@@ -19,6 +20,10 @@ def test_bench_smoke(tmp_path):
     data = json.load(open(tmp_path / "bench.json"))
     assert [r["system"] for r in data["rows"]] == ["direct", "mxnet-p3", "p3proxy"]
     assert all(r["median_s"] > 0 and r["x_ideal"] > 0 for r in data["rows"])
+    # The costs per iteration: every system's servers, the proxies of p3proxy.
+    assert all(r["server_cpu_per_iter"] > 0 for r in data["rows"]), data["rows"]
+    proxied = data["rows"][2]
+    assert proxied["proxy_cpu_per_iter"] > 0 and proxied["slices_per_iter"] is not None, proxied
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -32,3 +37,20 @@ def test_bench_real_model_smoke(tmp_path):
     assert "API real gluon.Trainer" in out.stdout and "Bitwise checks: passed." in out.stdout
     data = json.load(open(tmp_path / "bench.json"))
     assert [r["system"] for r in data["rows"]] == ["direct", "mxnet-p3", "p3proxy"]
+
+
+def test_proxy_cost_smoke(tmp_path):
+    """`scripts/bench --proxy-cost --smoke`: every system on both paths, checksums
+    verified, and the same-host proxy really spliced the pushes' bodies."""
+    out = subprocess.run([cluster.PYTHON, BENCH, "--proxy-cost", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    samples = json.load(open(tmp_path / "proxy_cost.json"))
+    seen = {(s["path"], s["system"]) for s in samples}
+    for path in ("same-host", "tunnel"):
+        for system in ("direct", "floor-rw", "floor-splice", "p3proxy"):
+            assert (path, system) in seen, seen
+    assert all(s["gbps"] > 0 for s in samples)
+    spliced = re.search(r"same-host p3proxy: ([0-9.]+)", out.stdout)
+    assert spliced and float(spliced.group(1)) > 0.1, out.stdout[-2000:]
+    assert subprocess.run(["pgrep", "-f", "p3proxy-loadgen"], capture_output=True).returncode == 1

@@ -12,6 +12,8 @@ use super::{scan_unit, Command, FrameHeader, Greeting, Limits, Unit, ZmtpError, 
 const READ_CHUNK: usize = 64 * 1024;
 /// Below this much room, a read first gets [`READ_CHUNK`].
 const MIN_ROOM: usize = 16 * 1024;
+/// Room enough for the frames after a big body (MXNet's lens: 13 bytes).
+const TAIL_ROOM: usize = 512;
 /// What is reserved ahead of the bytes a frame header announces, at most: a peer that
 /// announces a huge frame and sends nothing does not get it mapped.
 const MAX_AHEAD: usize = 64 << 20;
@@ -106,8 +108,15 @@ impl StreamDecoder {
         let room = self.buf.capacity() - self.buf.len();
         let missing = self.missing_in_frame().min(MAX_AHEAD);
         if missing > room {
-            self.buf.reserve(missing + MIN_ROOM);
-        } else if room < MIN_ROOM {
+            // A fresh buffer with only the bytes still undecoded: `reserve` on a buffer
+            // whose earlier messages are gone would grow the whole old allocation,
+            // copying what was consumed too.
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + missing + MIN_ROOM);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        } else if room < MIN_ROOM && !(self.buf.len() > READ_CHUNK && room >= TAIL_ROOM) {
+            // Not for the tail of a big unit (the frames after its body, a few bytes)
+            // while there is room for it: growing would copy the whole unit.
             self.buf.reserve(READ_CHUNK);
         }
         &mut self.buf

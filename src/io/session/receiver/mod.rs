@@ -77,7 +77,11 @@ async fn read_frames(
             }
         }
         if buf.capacity() - buf.len() < CHUNK / 4 {
-            buf.reserve(CHUNK);
+            // A fresh chunk with the partial frame: `reserve` on a chunk whose frames
+            // are gone would grow the old allocation, consumed bytes and all.
+            let mut fresh = BytesMut::with_capacity(CHUNK.max(2 * buf.len()));
+            fresh.extend_from_slice(&buf);
+            buf = fresh;
         }
         let event = match rd.read_buf(&mut buf).await {
             Ok(0) if buf.is_empty() => FrameEvent::Closed,
