@@ -169,7 +169,7 @@ def main():
         import proxy_cost
 
         if a.smoke:
-            proxy_cost.main(2e8, runs=1, baseline_bin=a.baseline_bin, sizes=(160_000, 4_000_000), rates=[None])
+            proxy_cost.main(2e8, runs=1, baseline_bin=a.baseline_bin, sizes=(160_000, 4_000_000), rates=[None], out_dir=a.out)
         else:
             systems = a.systems.split(",") if a.systems != ap.get_default("systems") else None
             proxy_cost.main(1e9, runs=a.runs, baseline_bin=a.baseline_bin, systems=systems, out_dir=a.out)

@@ -176,13 +176,19 @@ class Proxies:
 
 
 def process_cpu_seconds(pid):
-    """User + system CPU seconds of a live process (None once it is gone)."""
+    """User + system CPU seconds of a live process and its live descendants (a job's
+    process may run under `timeout`); None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+        children = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(c) or 0.0 for c in children)
 
 
 @dataclass
