@@ -110,30 +110,56 @@ impl BlockCache {
             let slot = slots.iter_mut().find(|s| s.size == size)?;
             let ptr = slot.ptr;
             *slot = EMPTY;
+            self.cached.fetch_sub(size, Ordering::Relaxed);
             Some(ptr)
         })?;
-        self.cached.fetch_sub(size, Ordering::Relaxed);
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(got as *mut u8)
     }
 
-    /// Keeps a freed block if there is room; returns it otherwise.
+    /// Keeps a freed block; returns whether it did. When the cache is full, blocks of
+    /// other sizes make room (what a job sends changed: 4 MB messages, then 40 MB
+    /// ones); blocks of its own size do not (the cache already holds enough of them).
     fn keep(&self, ptr: *mut u8, size: usize) -> bool {
-        if self.cached.load(Ordering::Relaxed) + size > CACHE_MAX {
+        if size > CACHE_MAX {
             return false;
         }
-        let kept = self.with_slots(|slots| match slots.iter_mut().find(|s| s.size == 0) {
-            Some(slot) => {
-                *slot = Slot {
-                    size,
-                    ptr: ptr as usize,
-                };
-                true
+        // Evicted blocks are given back after the lock is let go (no allocation here).
+        let mut evicted = [EMPTY; SLOTS];
+        let kept = self.with_slots(|slots| {
+            let mut cached = self.cached.load(Ordering::Relaxed);
+            for (slot, out) in slots.iter_mut().zip(evicted.iter_mut()) {
+                if cached + size <= CACHE_MAX {
+                    break;
+                }
+                if slot.size != 0 && slot.size != size {
+                    cached -= slot.size;
+                    *out = std::mem::replace(slot, EMPTY);
+                }
             }
-            None => false,
+            let kept = cached + size <= CACHE_MAX;
+            if kept {
+                match slots.iter_mut().find(|s| s.size == 0) {
+                    Some(slot) => {
+                        *slot = Slot {
+                            size,
+                            ptr: ptr as usize,
+                        };
+                        cached += size;
+                    }
+                    None => {
+                        self.cached.store(cached, Ordering::Relaxed);
+                        return false;
+                    }
+                }
+            }
+            self.cached.store(cached, Ordering::Relaxed);
+            kept
         });
-        if kept {
-            self.cached.fetch_add(size, Ordering::Relaxed);
+        for b in evicted.iter().filter(|b| b.size != 0) {
+            let layout = Layout::from_size_align(b.size, MAX_ALIGN).expect("a block layout");
+            // SAFETY: the block came from `System` with this layout and left the cache.
+            unsafe { System.dealloc(b.ptr as *mut u8, layout) };
         }
         kept
     }
@@ -149,9 +175,11 @@ impl BlockCache {
 
     /// Returns every cached block to the system.
     pub fn drain(&self) {
-        let blocks = self.with_slots(|slots| std::mem::replace(slots, [EMPTY; SLOTS]));
+        let blocks = self.with_slots(|slots| {
+            self.cached.store(0, Ordering::Relaxed);
+            std::mem::replace(slots, [EMPTY; SLOTS])
+        });
         for b in blocks.iter().filter(|b| b.size != 0) {
-            self.cached.fetch_sub(b.size, Ordering::Relaxed);
             let layout = Layout::from_size_align(b.size, MAX_ALIGN).expect("a block layout");
             // SAFETY: the block came from `System` with this layout and left the cache.
             unsafe { System.dealloc(b.ptr as *mut u8, layout) };
@@ -375,6 +403,34 @@ mod tests {
             cache.dealloc(back, layout(500));
         }
         cache.drain();
+    }
+
+    #[test]
+    fn a_new_size_evicts_the_old_ones_when_the_cache_is_full() {
+        let cache = BlockCache::new();
+        let small = 4 << 20;
+        let big = 40 << 20;
+        unsafe {
+            let smalls: Vec<*mut u8> = (0..CACHE_MAX / small)
+                .map(|_| cache.alloc(layout(small)))
+                .collect();
+            for b in smalls {
+                cache.dealloc(b, layout(small));
+            }
+            assert_eq!(cache.stats().cached, CACHE_MAX, "full of 4 MB blocks");
+            let a = cache.alloc(layout(big));
+            cache.dealloc(a, layout(big));
+            assert_eq!(
+                cache.stats().cached,
+                CACHE_MAX - 10 * small + big,
+                "ten 4 MB blocks made room"
+            );
+            let b = cache.alloc(layout(big));
+            assert_eq!(a, b, "the 40 MB block is handed out again");
+            cache.dealloc(b, layout(big));
+        }
+        cache.drain();
+        assert_eq!(cache.stats().cached, 0);
     }
 
     #[test]
