@@ -258,7 +258,7 @@ impl Shared {
         if matches!(ps.kind(), MessageKind::Data { request: false, .. }) {
             return self.split_response(info, ps, defer);
         }
-        if !self.core().splitter.is_server(info.dst) {
+        if !self.splitter_acts_on(info, true) {
             return Ok(Outgoing::Pass);
         }
         let data = Unit::data_of(ps);

@@ -164,12 +164,7 @@ pub(crate) fn classify(
     match PsMessage::from_zmtp(msg) {
         Ok(ps) => {
             if let Some((shared, info)) = observe {
-                let ctx = MessageContext {
-                    sender_identity: &info.identity,
-                    dst: info.dst,
-                    first_on_connection,
-                };
-                shared.observe(&ctx, &ps);
+                observe_sent(shared, info, first_on_connection, &ps);
             }
             Ok(ps)
         }
@@ -211,13 +206,18 @@ fn passes_by_head(
     if shared.splitter_acts_on(info, request) {
         return false;
     }
+    observe_sent(shared, info, first_on_connection, &head);
+    true
+}
+
+/// Lets the proxy learn from a message a session's DEALER sent.
+fn observe_sent(shared: &Shared, info: &SessionInfo, first_on_connection: bool, ps: &PsMessage) {
     let ctx = MessageContext {
         sender_identity: &info.identity,
         dst: info.dst,
         first_on_connection,
     };
-    shared.observe(&ctx, &head);
-    true
+    shared.observe(&ctx, ps);
 }
 
 /// Routes `ps` through the splitter; while it must wait for order
