@@ -44,8 +44,10 @@ def log(msg):
 
 def proc_stat(pid):
     """(CPU seconds, minor faults) of a live process."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK, int(fields[7])
+    st = cluster.proc_stat(pid)
+    if st is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return st.user + st.system, st.minflt
 
 
 def machine_cpu():

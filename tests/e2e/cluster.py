@@ -143,17 +143,12 @@ class Proxies:
 
     def cpu_seconds(self):
         """CPU time (user + system) each proxy has used so far."""
-        tick = os.sysconf("SC_CLK_TCK")
         out = {}
         for h, p in self.procs.items():
-            try:
-                with open(f"/proc/{p.pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[h] = (int(fields[11]) + int(fields[12])) / tick
-                if os.environ.get("P3_CPU_SPLIT"):
-                    print(f"proxy {h}: user {int(fields[11]) / tick} s, system {int(fields[12]) / tick} s", flush=True)
-            except OSError:
-                out[h] = None
+            st = proc_stat(p.pid)
+            out[h] = st and st.user + st.system
+            if st and os.environ.get("P3_CPU_SPLIT"):
+                print(f"proxy {h}: user {st.user} s, system {st.system} s", flush=True)
         return out
 
     def __exit__(self, *exc):
@@ -175,20 +170,38 @@ class Proxies:
                 p.wait()
 
 
-def process_cpu_seconds(pid):
-    """User + system CPU seconds of a live process and its live descendants (a job's
-    process may run under `timeout`); None once it is gone."""
+@dataclass
+class ProcStat:
+    user: float  # CPU seconds
+    system: float
+    minflt: int  # minor page faults
+
+
+def proc_stat(pid):
+    """A live process's CPU seconds and minor faults from /proc (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return ProcStat(int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of a live process and its live descendants (a job's
+    process may run under `timeout`); None once it is gone."""
+    st = proc_stat(pid)
+    if st is None:
+        return None
+    try:
         children = []
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 children += [int(c) for c in f.read().split()]
     except OSError:
         return None
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_seconds(c) or 0.0 for c in children)
+    return st.user + st.system + sum(process_cpu_seconds(c) or 0.0 for c in children)
 
 
 @dataclass

@@ -341,6 +341,14 @@ mod tests {
         Layout::from_size_align(size, 8).unwrap()
     }
 
+    /// Allocates `n` blocks of `size` bytes, all live at once, then frees them.
+    unsafe fn alloc_then_free(cache: &BlockCache, n: usize, size: usize) {
+        let blocks: Vec<*mut u8> = (0..n).map(|_| cache.alloc(layout(size))).collect();
+        for b in blocks {
+            cache.dealloc(b, layout(size));
+        }
+    }
+
     #[test]
     fn classes_round_up_by_at_most_an_eighth_and_group_near_sizes() {
         for size in [
@@ -470,10 +478,7 @@ mod tests {
         let cache = BlockCache::new();
         let small = 180_000;
         unsafe {
-            let smalls: Vec<*mut u8> = (0..SLOTS).map(|_| cache.alloc(layout(small))).collect();
-            for b in smalls {
-                cache.dealloc(b, layout(small));
-            }
+            alloc_then_free(&cache, SLOTS, small);
             let a = cache.alloc(layout(40_000_000));
             cache.dealloc(a, layout(40_000_000));
             let b = cache.alloc(layout(40_000_000));
@@ -489,12 +494,7 @@ mod tests {
         let small = 4 << 20;
         let big = 40 << 20;
         unsafe {
-            let smalls: Vec<*mut u8> = (0..CACHE_MAX / small)
-                .map(|_| cache.alloc(layout(small)))
-                .collect();
-            for b in smalls {
-                cache.dealloc(b, layout(small));
-            }
+            alloc_then_free(&cache, CACHE_MAX / small, small);
             let full = cache.stats().cached;
             assert!(full > CACHE_MAX - 2 * small, "full of 4 MB blocks: {full}");
             let a = cache.alloc(layout(big));
@@ -516,12 +516,7 @@ mod tests {
     fn the_cache_holds_at_most_its_bound_and_drains_when_idle() {
         let cache = BlockCache::new();
         let size = 48 << 20;
-        unsafe {
-            let blocks: Vec<*mut u8> = (0..8).map(|_| cache.alloc(layout(size))).collect();
-            for b in blocks {
-                cache.dealloc(b, layout(size));
-            }
-        }
+        unsafe { alloc_then_free(&cache, 8, size) };
         let held = cache.stats().cached;
         assert!(
             held <= CACHE_MAX && held >= (CACHE_MAX / size - 1) * size,
