@@ -228,9 +228,16 @@ struct RunArgs {
     /// Never split keys in front of local servers.
     #[arg(long)]
     no_split: bool,
-    /// Bytes per slice key a split key becomes [default: 160000].
+    /// Smallest slice a split key is cut into, in bytes [default: 160000].
     #[arg(long, value_name = "N")]
     split_slice_bytes: Option<u64>,
+    /// Split slices of sqrt(key bytes * N) bytes (0: every slice --split-slice-bytes)
+    /// [default: 160000 where a worker shares the server's host, else 0].
+    #[arg(long, value_name = "N")]
+    split_cost_bytes: Option<u64>,
+    /// Most slice requests per server and iteration [default: 2048].
+    #[arg(long, value_name = "N")]
+    split_max_requests: Option<u64>,
     /// Slice payload between proxies, in bytes [default: 160000, 40,000 float32 parameters].
     #[arg(long, value_name = "BYTES")]
     slice_bytes: Option<u64>,
@@ -337,6 +344,12 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(n) = args.split_slice_bytes {
         config.split_slice_bytes = n;
+    }
+    if let Some(n) = args.split_cost_bytes {
+        config.split_cost_bytes = Some(n);
+    }
+    if let Some(n) = args.split_max_requests {
+        config.split_max_requests = n;
     }
     config.validate()?;
     Ok(config)

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use p3proxy::capture::{collect_connections, read_packets};
 use p3proxy::core::optimizer::OptimizerSet;
 use p3proxy::core::split::{
-    DataRequest, Merger, Pieces, RequestPlan, ResponsePlan, SplitConfig, Splitter, SLICE_KEY_BASE,
+    DataRequest, Merger, Pieces, RequestPlan, ResponsePlan, Sizing, SplitConfig, Splitter,
+    SLICE_KEY_BASE,
 };
 use p3proxy::core::topology::{node_id_from_identity, NodeInfo};
 use p3proxy::parsers::mxnet::ServerRanges;
@@ -107,7 +108,7 @@ fn a_real_jobs_big_array_parts_split_and_merge_back_to_the_captured_bytes() {
     let ranges = ServerRanges::new(2).unwrap();
     let config = SplitConfig {
         enabled: true,
-        slice_bytes: 160_000,
+        sizing: Sizing::uniform(160_000),
         min_bytes: 160_000,
         optimizers: OptimizerSet::ALL,
         hold: std::time::Duration::from_secs(10),

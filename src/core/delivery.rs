@@ -342,7 +342,7 @@ mod tests {
         let server: SocketAddr = SERVER.parse().unwrap();
         let mut sp = Splitter::new(SplitConfig {
             enabled: true,
-            slice_bytes: 400,
+            sizing: crate::core::split::Sizing::uniform(400),
             min_bytes: 400,
             optimizers: OptimizerSet::ALL,
             hold: std::time::Duration::from_secs(10),

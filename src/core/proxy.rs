@@ -217,7 +217,7 @@ mod tests {
         );
         let splitter = Splitter::new(SplitConfig {
             enabled: true,
-            slice_bytes: 400,
+            sizing: crate::core::split::Sizing::uniform(400),
             min_bytes: 400,
             optimizers: crate::core::optimizer::OptimizerSet::ALL,
             hold: std::time::Duration::from_secs(10),

@@ -4,6 +4,8 @@ proxies' metrics must show that they carried the traffic, worker-server traffic
 through tunnels.
 
 Two workers everywhere: float sums of more workers depend on arrival order."""
+import json
+import math
 import os
 import re
 import socket
@@ -29,6 +31,22 @@ def testbed():
 ONE_SERVER = Topology("h1", ["h2"], ["h3", "h4"])
 TWO_SERVERS = Topology("h1", ["h2", "h3"], ["h4", "h5"])
 COLOCATED = Topology("h1", ["h2", "h3"], ["h2", "h3"])
+
+
+def journaled_layouts(tag, topo):
+    """The split layouts the servers' proxies journaled in job `tag`."""
+    out = []
+    for h in dict.fromkeys(topo.servers):
+        path = os.path.join(cluster.LOGS, f"{tag}-journal-{h}.jsonl")
+        if os.path.exists(path):
+            out += [json.loads(line)["layout"] for line in open(path) if '"record":"layout"' in line]
+    return out
+
+
+def sqrt_rule(total, cost=160_000, smallest=160_000, elem=4):
+    """README "How big the slices are": sqrt(total * cost) bytes, at least `smallest`,
+    in whole elements."""
+    return max(smallest, math.isqrt(total * cost)) // elem * elem
 
 
 def server_total(metrics, topo, name, **labels):
@@ -99,12 +117,20 @@ def test_raw_two_servers():
     _, metrics = compare(TWO_SERVERS, "kv_raw.py", "raw2", split=3)
     # The node table was learned (1 scheduler + 2 servers + 2 workers).
     assert metric(metrics["h4"], "p3proxy_nodes") == 5
+    # No worker on a server's host: every slice the smallest.
+    assert {l["slice"] for l in journaled_layouts("raw2", TWO_SERVERS)} == {160_000}
 
 
 def test_colocated_servers_and_workers():
     _, metrics = compare(COLOCATED, "kv_raw.py", "coloc", split=3)
     for h in ("h2", "h3"):
         assert metric(metrics[h], "p3proxy_connections_total", route="same_host") > 0
+    # A worker on each server's host: slices sized by the square-root rule (key 1's
+    # 2.2 MB parts as 4 slices of 593 KB where uniform slices made 14).
+    layouts = journaled_layouts("coloc", COLOCATED)
+    assert sorted((l["total"], l["slice"], l["count"]) for l in layouts) == sorted(
+        (l["total"], sqrt_rule(l["total"]), -(-l["total"] // sqrt_rule(l["total"]))) for l in layouts)
+    assert max(l["slice"] for l in layouts) > 160_000, layouts
 
 
 def test_proxies_on_worker_hosts_only():

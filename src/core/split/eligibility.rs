@@ -41,6 +41,8 @@ pub enum Refusal {
     NotDense,
     /// This proxy restarted: it continues the journaled layouts and splits nothing new.
     Restarted,
+    /// The server's budget of slice requests per iteration is spent.
+    Budget,
 }
 
 impl Refusal {
@@ -58,6 +60,7 @@ impl Refusal {
             Refusal::Optimizer(label) => label,
             Refusal::NotDense => "not_dense",
             Refusal::Restarted => "restarted",
+            Refusal::Budget => "budget",
         }
     }
 }
@@ -256,12 +259,21 @@ impl Splitter {
             return None;
         };
         let elem = DataHandleType::from_head(req.meta.head())?.dtype.size()? as u64;
-        let slice = (self.config.slice_bytes / elem).max(1) * elem;
-        let count = total.div_ceil(slice);
-        let s = self.servers.get_mut(&server).expect("checked");
-        if s.next_slice + count > MAX_SLICE_KEYS {
+        let sizing = self.config.sizing;
+        let workers = self.workers.as_ref().map_or(1, Vec::len);
+        let shared = self.worker_hosts.contains(&server.ip());
+        let s = self.servers.get(&server).expect("checked");
+        let left = sizing
+            .max_slices(workers)
+            .saturating_sub(s.next_slice)
+            .min(MAX_SLICE_KEYS.saturating_sub(s.next_slice));
+        let Some((slice, count)) = sizing.slicing(total, elem, shared, left) else {
+            if sizing.slicing(total, elem, shared, u64::MAX).is_some() {
+                self.refuse(server, key, Refusal::Budget);
+            }
             return None;
-        }
+        };
+        let s = self.servers.get_mut(&server).expect("checked");
         let layout = Layout {
             key,
             head: req.meta.head(),

@@ -26,12 +26,12 @@ pub mod merge;
 mod rewrite;
 
 pub use eligibility::Refusal;
-pub use layout::{byte_range, encode_message, slice_request, Layout, Pieces};
+pub use layout::{byte_range, encode_message, slice_request, Layout, Pieces, Sizing};
 use merge::Merge;
 pub use merge::Merger;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -173,9 +173,9 @@ pub enum HeadPlan {
 pub struct SplitConfig {
     /// Splitting on at all.
     pub enabled: bool,
-    /// Bytes per slice key (rounded down to whole elements).
-    pub slice_bytes: u64,
-    /// Keys larger than this many bytes are split.
+    /// How big the slices are and how many a server gets.
+    pub sizing: Sizing,
+    /// Keys larger than this many bytes may be split.
     pub min_bytes: u64,
     /// Server-side optimizers under which keys may be split.
     pub optimizers: OptimizerSet,
@@ -237,6 +237,8 @@ pub struct Splitter {
     ids: HashMap<i32, SocketAddr>,
     /// Worker ids of the node table.
     workers: Option<Vec<i32>>,
+    /// Hosts (IP addresses) the node table's workers run on.
+    worker_hosts: HashSet<IpAddr>,
     /// Number of servers (key ranges).
     num_servers: u64,
     pending: HashMap<Correlation, Merge>,
@@ -256,6 +258,7 @@ impl Splitter {
             servers: HashMap::new(),
             ids: HashMap::new(),
             workers: None,
+            worker_hosts: HashSet::new(),
             num_servers: 0,
             pending: HashMap::new(),
             outstanding: HashMap::new(),
@@ -313,6 +316,11 @@ impl Splitter {
                 .map(|n| n.id)
                 .collect(),
         );
+        self.worker_hosts = nodes
+            .iter()
+            .filter(|n| n.role == Role::Worker)
+            .filter_map(|n| n.addr.map(|a| a.ip()))
+            .collect();
         self.num_servers = nodes.iter().filter(|n| n.role == Role::Server).count() as u64;
         self.ids.clear();
         for n in nodes.iter().filter(|n| n.role == Role::Server) {

@@ -39,7 +39,7 @@ fn nodes(servers: usize) -> Vec<NodeInfo> {
 
 const CONFIG: SplitConfig = SplitConfig {
     enabled: true,
-    slice_bytes: 400,
+    sizing: Sizing::uniform(400),
     min_bytes: 400,
     optimizers: OptimizerSet::ALL,
     hold: std::time::Duration::from_secs(10),
@@ -285,7 +285,7 @@ fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
 #[test]
 fn pulls_split_without_values_and_fp16_slices_keep_whole_elements() {
     let mut sp = Splitter::new(SplitConfig {
-        slice_bytes: 401, // not a multiple of 2 or 4
+        sizing: Sizing::uniform(401), // not a multiple of 2 or 4
         ..CONFIG
     });
     sp.server_registered(addr(S8));
@@ -1347,4 +1347,91 @@ fn the_splitter_says_until_when_a_request_waits_with_fabricated_time() {
         sp.on_data_request_at(addr(S8), W9, &pp.view(), t0, t0 + 2 * hold),
         (RequestPlan::Behind(HoldReason::EarlierPull), None)
     );
+}
+
+#[test]
+fn slices_grow_with_the_key_where_a_worker_shares_the_servers_host() {
+    // cost 10000: a 40000-byte key is cut into 20000-byte slices, a 1,000,000-byte
+    // key into 100000-byte slices; a key of at most 10000 bytes stays whole.
+    let sizing = Sizing {
+        min_slice: 400,
+        cost_bytes: 0,
+        shared_cost_bytes: 10_000,
+        max_requests: u64::MAX,
+    };
+    for (worker_host, slice) in [("10.0.0.2:5000", 400), ("10.0.0.1:5000", 20_000)] {
+        let mut sp = Splitter::new(SplitConfig { sizing, ..CONFIG });
+        sp.server_registered(addr(S8));
+        let mut table = nodes(1);
+        table[1].addr = Some(addr(worker_host));
+        sp.node_table(&table);
+        sp.worker_connected(addr(S8), W9);
+        sp.worker_connected(addr(S8), W11);
+        sp.on_command(addr(S8), 3, b"");
+        let init = Req::push(3, values(40_000, 1), 1, false, 0);
+        let slices = split(sp.on_data_request(addr(S8), W9, &init.view(), false));
+        assert_eq!(
+            slices.len() as u64,
+            40_000 / slice,
+            "worker on {worker_host}"
+        );
+        assert!(slices
+            .iter()
+            .all(|s| s.vals().unwrap().len() as u64 == slice));
+        let small = Req::push(5, values(8_000, 2), 2, false, 0);
+        let plan = sp.on_data_request(addr(S8), W9, &small.view(), false);
+        if slice == 400 {
+            assert_eq!(split(plan).len(), 20);
+        } else {
+            assert_eq!(
+                plan,
+                RequestPlan::Forward,
+                "below the cost: not worth a slice"
+            );
+            assert!(!events(&mut sp)
+                .iter()
+                .any(|e| matches!(e, SplitEvent::Refused { .. })));
+        }
+    }
+}
+
+#[test]
+fn a_spent_slice_budget_coarsens_then_keeps_keys_whole() {
+    // 2 workers, 24 slice requests per iteration: 12 slice keys for the server.
+    let mut sp = Splitter::new(SplitConfig {
+        sizing: Sizing {
+            max_requests: 24,
+            ..Sizing::uniform(400)
+        },
+        ..CONFIG
+    });
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    sp.on_command(addr(S8), 3, b"");
+    let first = Req::push(3, values(4_000, 1), 1, false, 0);
+    assert_eq!(
+        split(sp.on_data_request(addr(S8), W9, &first.view(), false)).len(),
+        10
+    );
+    // 10 slices of 400 would pass the budget: 2 slices of 2000 instead.
+    let second = Req::push(5, values(4_000, 2), 2, false, 0);
+    let slices = split(sp.on_data_request(addr(S8), W9, &second.view(), false));
+    let lens: Vec<usize> = slices.iter().map(|s| s.vals().unwrap().len()).collect();
+    assert_eq!(lens, vec![2_000, 2_000]);
+    let third = Req::push(7, values(4_000, 3), 3, false, 0);
+    assert_eq!(
+        sp.on_data_request(addr(S8), W9, &third.view(), false),
+        RequestPlan::Forward
+    );
+    let refused: Vec<_> = events(&mut sp)
+        .into_iter()
+        .filter_map(|e| match e {
+            SplitEvent::Refused { key, reason, .. } => Some((key, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refused, vec![(7, Refusal::Budget)]);
+    assert_eq!(sp.split_keys(), 2);
 }
