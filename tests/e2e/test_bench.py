@@ -20,6 +20,16 @@ def test_bench_smoke(tmp_path):
     data = json.load(open(tmp_path / "bench.json"))
     assert [r["system"] for r in data["rows"]] == ["direct", "mxnet-p3", "p3proxy"]
     assert all(r["median_s"] > 0 and r["x_ideal"] > 0 for r in data["rows"])
+    # The wire bound: the ideal bound's busiest-link bytes in 1448-byte segments of 1514
+    # bytes on the wire (MTU 1500), or compute where that is longer.
+    compute = data["meta"]["compute_ms"] / 1000
+    for r in data["rows"]:
+        if r["ideal_s"] > compute:
+            assert abs(r["wire_s"] - r["ideal_s"] * 1514 / 1448) < 1e-9, r
+        else:
+            assert r["wire_s"] >= r["ideal_s"], r
+        assert abs(r["x_wire"] * r["wire_s"] - r["median_s"]) < 1e-9, r
+    assert "wire bound" in out.stdout and "| x wire |" in out.stdout
     # The costs per iteration: every system's servers, the proxies of p3proxy.
     assert all(r["server_cpu_per_iter"] > 0 for r in data["rows"]), data["rows"]
     proxied = data["rows"][2]
