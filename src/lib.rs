@@ -13,6 +13,7 @@ pub mod core;
 pub mod inspect;
 pub mod io;
 pub mod metrics;
+pub mod sim;
 pub mod testkit;
 
 pub use p3proxy_parsers as parsers;
