@@ -193,6 +193,10 @@ metrics_table! {
     /// (`core::order`: ps-lite's server queue is not first-in first-out).
     REQUESTS_HELD_FOR_ORDER = "p3proxy_requests_held_for_order_total", Counter, None, Some("reason"), Zero::Each(&HOLD_REASONS),
         "Requests to a local server held for order (ps-lite's server queue may serve a later request first), by the reason they first waited for: earlier_pull, init_in_flight, not_initialized.";
+    /// Time between the first and the last worker's push of a key reaching a local
+    /// server's proxy (the key waits that long for its aggregation).
+    PUSH_PAIR_LAG = "p3proxy_push_pair_lag_seconds", Histogram, Some(Unit::Seconds), None, Zero::No,
+        "Time between the first and the last worker's push of a key reaching a local server's proxy: how long the key waits at the server for its slowest worker.";
     /// Journal writes that failed.
     JOURNAL_ERRORS = "p3proxy_journal_errors_total", Counter, None, None, Zero::Plain,
         "Journal writes that failed.";
@@ -254,6 +258,15 @@ pub fn count_by(name: &'static str, value: &'static str, n: u64) {
     counter!(name, label => value).increment(n);
 }
 
+/// Records `seconds` in the unlabelled histogram `name`.
+pub fn observe(name: &'static str, seconds: f64) {
+    debug_assert!(
+        row(name).label.is_none() && row(name).kind == Kind::Histogram,
+        "{name}"
+    );
+    histogram!(name).record(seconds);
+}
+
 /// Sets the unlabelled gauge `name`.
 pub fn set(name: &'static str, value: f64) {
     debug_assert!(
@@ -269,6 +282,10 @@ pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::Buil
         .with_http_listener(addr)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(QUEUE_DELAY.into()),
+            &QUEUE_DELAY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(PUSH_PAIR_LAG.into()),
             &QUEUE_DELAY_BUCKETS,
         )?
         .install()?;

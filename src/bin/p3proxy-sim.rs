@@ -37,6 +37,18 @@ struct Args {
     /// Measured iterations (after 2 of warm-up).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// Server time per request, microseconds [default: 50].
+    #[arg(long)]
+    request_us: Option<f64>,
+    /// Server time per (slice) key update, microseconds [default: 400].
+    #[arg(long)]
+    update_us: Option<f64>,
+    /// Server time per byte of a request and of an update, ns [default: 2,3].
+    #[arg(long, value_delimiter = ',')]
+    ns_per_byte: Option<Vec<f64>>,
+    /// Bytes one connection keeps in flight [default: 1048576].
+    #[arg(long)]
+    window: Option<u64>,
     /// Write the table (markdown) and rows (JSON) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -56,9 +68,20 @@ fn order(name: &str) -> Result<Order, String> {
             }
             Order::Tail { tail: pct / 100.0 }
         }
+        t if t.starts_with("defer") => {
+            let pct: f64 = t[5..]
+                .parse()
+                .map_err(|_| format!("{t}: deferNN, NN a percentage"))?;
+            if !(0.0..=100.0).contains(&pct) {
+                return Err(format!(
+                    "{t}: the deferred tail is 0 to 100 percent of the bytes"
+                ));
+            }
+            Order::Defer { tail: pct / 100.0 }
+        }
         other => {
             return Err(format!(
-                "unknown order {other:?}: direct, key, layer or tailNN"
+                "unknown order {other:?}: direct, key, layer, tailNN or deferNN"
             ))
         }
     })
@@ -108,6 +131,19 @@ fn run(args: &Args) -> Result<(), String> {
                         config.rate_bps = rate * 1e9;
                         config.compute = Duration::from_secs_f64(args.compute_ms / 1000.0);
                         config.iters = args.iters;
+                        if let Some(w) = args.window {
+                            config.window = w;
+                        }
+                        if let Some(us) = args.request_us {
+                            config.server.request = Duration::from_secs_f64(us / 1e6);
+                        }
+                        if let Some(us) = args.update_us {
+                            config.server.update = Duration::from_secs_f64(us / 1e6);
+                        }
+                        if let Some(ns) = &args.ns_per_byte {
+                            config.server.request_ns_per_byte = ns[0];
+                            config.server.update_ns_per_byte = *ns.get(1).unwrap_or(&ns[0]);
+                        }
                         let started = std::time::Instant::now();
                         let r = simulate(&profile, &config);
                         let it = r.iteration.as_secs_f64();

@@ -7,6 +7,7 @@ pub mod journal;
 pub mod learner;
 pub mod optimizer;
 pub mod order;
+pub mod pairing;
 pub mod policy;
 pub mod preamble;
 pub mod priority;

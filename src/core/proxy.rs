@@ -13,6 +13,7 @@ use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::{PsMessage, Role};
 
 use super::journal::Record;
+use super::pairing::PairLag;
 use super::policy::{Policy, Refusal};
 use super::priority::{PriorityEvent, PriorityTable, Urgency};
 use super::split::Splitter;
@@ -51,6 +52,8 @@ pub struct ProxyState {
     pub priority: PriorityTable,
     /// Key splitting and request order in front of local servers.
     pub splitter: Splitter,
+    /// How far apart the workers' pushes of a key reach local servers.
+    pub pair_lag: PairLag,
     effects: VecDeque<Effect>,
 }
 
@@ -62,6 +65,7 @@ impl ProxyState {
             topology: Topology::default(),
             priority,
             splitter,
+            pair_lag: PairLag::default(),
             effects: VecDeque::new(),
         }
     }
@@ -87,6 +91,7 @@ impl ProxyState {
                     // This proxy relays the server's traffic from its registration on:
                     // the history a split needs starts here.
                     self.splitter.server_registered(addr);
+                    self.pair_lag.forget_server(addr);
                 }
                 Registration::New
             }
@@ -98,6 +103,13 @@ impl ProxyState {
     /// The scheduler's node table was learned ([`Topology::observe`] said so).
     pub fn node_table_learned(&mut self) {
         self.splitter.node_table(self.topology.nodes());
+        let workers = self
+            .topology
+            .nodes()
+            .iter()
+            .filter(|n| n.role == Role::Worker)
+            .count();
+        self.pair_lag.set_workers(workers);
         let nodes = self
             .topology
             .nodes()
@@ -114,6 +126,7 @@ impl ProxyState {
             return false;
         }
         self.splitter.server_exited(addr);
+        self.pair_lag.forget_server(addr);
         self.effects
             .push_back(Effect::Journal(Record::Exited { addr }));
         self.effects.push_back(Effect::ReleaseInbound(addr));

@@ -16,7 +16,7 @@ use crate::core::journal::Record;
 use crate::core::order::HoldReason;
 use crate::core::slice::Part;
 use crate::core::split::{
-    DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
+    real_keys, DataRequest, Failure, Pieces, RequestPlan, ResponsePlan, SplitEvent, Splitter,
 };
 use crate::core::topology::node_id_from_identity;
 use crate::metrics;
@@ -177,6 +177,9 @@ impl Shared {
             let (plan, ask_by) = self.with_splitter(|sp| {
                 sp.on_data_request_at(info.dst, sender, &req, since, Instant::now())
             });
+            if matches!(plan, RequestPlan::Forward | RequestPlan::Split(_)) && unit.meta.is_push() {
+                self.push_arrived(info.dst, real_keys(unit.meta.head(), &keys), sender, since);
+            }
             match plan {
                 RequestPlan::Forward => return Ok(Outgoing::Pass),
                 RequestPlan::Split(msgs) => {
@@ -193,6 +196,20 @@ impl Shared {
                 }
                 RequestPlan::Behind(reason) => return Ok(Outgoing::Behind(reason, ask_by)),
             }
+        }
+    }
+
+    /// `worker`'s push of `keys` reached local server `server`'s proxy at `at`: how far
+    /// behind the first worker's it came, once every worker's is in.
+    pub(crate) fn push_arrived(&self, server: SocketAddr, keys: &[u64], worker: i32, at: Instant) {
+        let lags: Vec<Duration> = {
+            let mut core = self.core();
+            keys.iter()
+                .filter_map(|&k| core.pair_lag.push_arrived(server, k, worker, at))
+                .collect()
+        };
+        for lag in lags {
+            metrics::observe(metrics::PUSH_PAIR_LAG, lag.as_secs_f64());
         }
     }
 

@@ -566,6 +566,17 @@ fn priorities(profile: &Profile, order: Order) -> HashMap<u64, u32> {
             tail_layers += 1;
         }
     }
+    let mut deferred = 0;
+    if let Order::Defer { tail } = order {
+        let mut acc = 0u64;
+        for l in profile.layers.iter().rev() {
+            if (acc as f64) >= tail * total as f64 {
+                break;
+            }
+            acc += l.params.iter().map(|p| p.bytes).sum::<u64>();
+            deferred += 1;
+        }
+    }
     let mut out = HashMap::new();
     for (i, l) in profile.layers.iter().enumerate() {
         for p in &l.params {
@@ -575,6 +586,9 @@ fn priorities(profile: &Profile, order: Order) -> HashMap<u64, u32> {
                 Order::Layer => i as u32 + 1,
                 Order::Tail { .. } if i < tail_layers => i as u32 + 1,
                 Order::Tail { .. } => (tail_layers + n - i) as u32,
+                // Production order first, then the deferred layers in forward order.
+                Order::Defer { .. } if i + deferred < n => (n - i) as u32,
+                Order::Defer { .. } => (n + 1 + i) as u32,
             };
             out.insert(p.key, prio);
         }

@@ -47,6 +47,14 @@ pub enum Order {
         /// Share of the model's bytes in the tail (0 to 1).
         tail: f64,
     },
+    /// Production order (FIFO), except the last layers, whose parameters the next
+    /// forward needs last: the layers from the output that hold `tail` of the model's
+    /// bytes go after everything else, in forward order, while the next forward runs
+    /// the first layers.
+    Defer {
+        /// Share of the model's bytes deferred (0 to 1).
+        tail: f64,
+    },
 }
 
 impl Order {
@@ -57,6 +65,7 @@ impl Order {
             Order::Key => "key".into(),
             Order::Layer => "layer".into(),
             Order::Tail { tail } => format!("tail{:.0}", tail * 100.0),
+            Order::Defer { tail } => format!("defer{:.0}", tail * 100.0),
         }
     }
 }

@@ -64,3 +64,25 @@ def test_proxy_cost_smoke(tmp_path):
     spliced = re.search(r"same-host p3proxy: ([0-9.]+)", out.stdout)
     assert spliced and float(spliced.group(1)) > 0.1, out.stdout[-2000:]
     assert subprocess.run(["pgrep", "-f", "p3proxy-loadgen"], capture_output=True).returncode == 1
+
+
+def test_simulate_smoke(tmp_path):
+    """scripts/simulate: the validation table beside the testbed's measurements, and a
+    scale table whose every row has each order and the best one named."""
+    out = subprocess.run([os.path.join(cluster.ROOT, "scripts", "simulate"), "--workers", "2,4", "--servers", "1",
+                          "--rates", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    validation = (tmp_path / "validation.md").read_text()
+    assert re.search(r"\| resnet50_v1 x0.5 \| direct \| [\d.]+ \| 1\.096 \| [\d.]+ \| bench/results/sizing-a \|", validation), validation
+    data = json.load(open(tmp_path / "sim.json"))
+    assert {(r["workers"], r["order"]) for r in data["scale"]} == {(w, o) for w in (2, 4) for o in ("direct", "key", "layer", "defer20")}
+    for r in data["scale"]:
+        assert r["iteration_s"] >= r["wire_s"] - 1e-9, r  # nothing beats the wire
+    rows = [l for l in (tmp_path / "scale.md").read_text().splitlines() if l.startswith("| vgg19") or l.startswith("| resnet")]
+    orders = {"direct", "key", "layer", "defer20"}
+    best = [l.rstrip(" |").split("| ")[-1] for l in rows]
+    assert len(rows) == 4 and all(b == "all level" or set(b.split(", ")) < orders for b in best), rows
+    # A bad order is refused with the reason, before anything runs.
+    bad = subprocess.run([os.path.join(cluster.ROOT, "target", "release", "p3proxy-sim"), "--orders", "fastest"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and 'unknown order "fastest"' in bad.stderr, bad.stderr

@@ -82,6 +82,11 @@ def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=Tr
             # Merged where the response ends: by a worker's proxy from the parts the server's
             # proxy streamed, or by the server's proxy itself on the same host.
             assert sum(metric(t, "p3proxy_split_responses_merged_total") for t in metrics.values()) > 0
+            # Every worker's push of a key reached the servers' proxies: the pair lag was
+            # measured (at least one key per round), and no lag exceeds the job itself.
+            lags = server_total(metrics, topo, "p3proxy_push_pair_lag_seconds_count")
+            assert lags >= 3, f"pair lags measured: {lags}"
+            assert server_total(metrics, topo, "p3proxy_push_pair_lag_seconds_sum") < 60 * lags
     for reason in refused:
         assert server_total(metrics, topo, "p3proxy_split_refused_total", reason=reason) > 0, f"refused: {reason}"
     if expect_tunnels:

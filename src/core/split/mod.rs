@@ -111,7 +111,7 @@ pub struct DataRequest<'a> {
 /// The keys of a request that name stored values: MXNet's row-sparse requests carry
 /// the key then one key per row (`begin + key + row`, which may equal another key),
 /// compressed pushes a dummy size key then the key (PROTOCOL.md §6).
-fn real_keys(head: i32, keys: &[u64]) -> &[u64] {
+pub fn real_keys(head: i32, keys: &[u64]) -> &[u64] {
     match DataHandleType::from_head(head).map(|h| h.request_type) {
         Some(RequestType::RowSparse) => &keys[..keys.len().min(1)],
         Some(RequestType::Compressed) if keys.len() == 2 => &keys[1..],

@@ -2,6 +2,8 @@
 //! (with the splitter, under the core's lock) what goes out as a message's bytes arrive
 //! and once it is complete, counts what it reports, and writes it.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use p3proxy_parsers::pslite::Meta;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -65,9 +67,14 @@ pub(super) fn on_complete(
     meta: Option<&(Bytes, Meta)>,
 ) -> Result<Option<Vec<Bytes>>, SessionError> {
     // The splitter (and the core's lock) only for a streamed push's end.
+    let mut streamed = None;
     let done = delivery.on_complete(msg, shape, meta, |layout, lens| {
+        streamed = Some(layout.key);
         shared.with_splitter(|sp| sp.finish_streamed(info.dst, layout, lens))
     })?;
+    if let (Some(key), Some(worker)) = (streamed, node_id_from_identity(&info.identity)) {
+        shared.push_arrived(info.dst, &[key], worker, Instant::now());
+    }
     Ok(done.map(|d| {
         count(&d);
         d.pieces
