@@ -140,7 +140,10 @@ def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp"):
             r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
         r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
         r["slice_requests"] = proxies.slices
-        progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s, sent {r['slice_requests']} slice requests")
+        r["pair_lag_s"] = proxies.pair_lag
+        lag = "-" if proxies.pair_lag is None else f"{proxies.pair_lag * 1000:.1f} ms"
+        progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s, sent {r['slice_requests']} slice requests, "
+                 f"mean push pair lag {lag}")
         return r
     return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
 
@@ -220,6 +223,7 @@ def main():
                     per_system = {s: [] for s in systems}
                     # Per run, per iteration (warm-up included: the processes ran those too).
                     costs = {s: {"proxy_cpu": [], "server_cpu": [], "slices": []} for s in systems}
+                    pair_lags = {s: [] for s in systems}
                     shas = {s: [] for s in systems}
                     hung = {s: 0 for s in systems}
                     for run in range(a.runs):
@@ -236,6 +240,8 @@ def main():
                                             ("slices", r.get("slice_requests"))):
                                 if v is not None:
                                     costs[s][name].append(v / n_iter)
+                            if r.get("pair_lag_s") is not None:
+                                pair_lags[s].append(r["pair_lag_s"])
                             if r["hung"]:
                                 hung[s] += 1
                                 progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
@@ -266,6 +272,9 @@ def main():
                             "speedup_vs_direct": (base / med) if base else None, "ideal_s": ideal,
                             "x_ideal": med / ideal, "wire_s": wire, "x_wire": med / wire, "pushed_mb": pushed / 1e6, "busiest_link_mb": busiest / 1e6,
                             "runs_hung_at_exit": hung[s],
+                            # Runs' medians: the spread says whether the runs are bimodal.
+                            "run_medians_s": per_system[s], "max_over_median": max(per_system[s]) / med,
+                            "pair_lag_ms": statistics.median(pair_lags[s]) * 1000 if pair_lags[s] else None,
                             **{f"{k}_per_iter": (statistics.median(v) if v else None) for k, v in costs[s].items()},
                         })
                     progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
@@ -293,8 +302,8 @@ def report(rows, timelines, a, failures):
         f"Bitwise checks: {meta['bitwise_checks']}.",
         "",
         "| model | topology | rate | host NICs | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal "
-        "| x wire | proxies CPU-s/iter | servers CPU-s/iter | slice requests/iter |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x wire | max / median | pair lag ms | proxies CPU-s/iter | servers CPU-s/iter | slice requests/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def per_iter(v, fmt):
@@ -304,7 +313,8 @@ def report(rows, timelines, a, failures):
         vs = f"{r['speedup_vs_direct']:.2f}x" if r["speedup_vs_direct"] else "-"
         lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r.get('host_qdisc', 'fifo')} | {r['system']} | "
                      f"{r['median_s']:.3f} [{r['min_s']:.3f}, {r['max_s']:.3f}] | {r['samples_per_s']:.1f} | {vs} | "
-                     f"{r['x_ideal']:.2f} | {per_iter(r.get('x_wire'), '{:.2f}')} | {per_iter(r.get('proxy_cpu_per_iter'), '{:.3f}')} | "
+                     f"{r['x_ideal']:.2f} | {per_iter(r.get('x_wire'), '{:.2f}')} | {per_iter(r.get('max_over_median'), '{:.2f}')} | "
+                     f"{per_iter(r.get('pair_lag_ms'), '{:.1f}')} | {per_iter(r.get('proxy_cpu_per_iter'), '{:.3f}')} | "
                      f"{per_iter(r.get('server_cpu_per_iter'), '{:.3f}')} | {per_iter(r.get('slices_per_iter'), '{:.0f}')} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"], r["wire_s"]) for r in rows})
     lines.append("")

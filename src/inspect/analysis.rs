@@ -68,6 +68,8 @@ struct WorkerIteration {
     responses: HashMap<u64, f64>,
     /// Push (first byte) per key, for the learned layer order.
     pushes: HashMap<u64, f64>,
+    /// Push (last byte) per key, for the pair lag.
+    push_ends: HashMap<u64, f64>,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +93,11 @@ pub struct IterationRow {
     /// The longest wait of a worker's next forward pass on its first layer: from its
     /// last request (end of backward) to the first layer's response.
     pub first_layer_wait_s: f64,
+    /// Median over the keys every worker pushed of the time from the first to the
+    /// last worker's push (last bytes): how long a key waits at its server for the
+    /// slowest worker (captured at the server's host or the switch). `None` with one
+    /// worker.
+    pub pair_lag_s: Option<f64>,
     /// Bytes sent by the busiest host, MB.
     pub busiest_link_mb: f64,
     /// Those bytes at the link rate.
@@ -153,6 +160,8 @@ pub struct Summary {
     pub median_period_s: Option<f64>,
     /// Median first-layer wait.
     pub median_first_layer_wait_s: Option<f64>,
+    /// Median of the iterations' pair lags.
+    pub median_pair_lag_s: Option<f64>,
     /// Median busiest link, MB.
     pub median_busiest_link_mb: Option<f64>,
     /// Median ideal bound.
@@ -263,6 +272,30 @@ fn label(id: Option<i32>) -> String {
         Some(id) => format!("N{id}"),
         None => "anon".into(),
     }
+}
+
+/// The median over the keys every worker of an iteration pushed of the time from the
+/// first to the last worker's push.
+fn pair_lag(workers: &BTreeMap<i32, WorkerIteration>) -> Option<f64> {
+    if workers.len() < 2 {
+        return None;
+    }
+    let first = workers.values().next()?;
+    let mut lags: Vec<f64> = first
+        .push_ends
+        .keys()
+        .filter_map(|k| {
+            let ends: Vec<f64> = workers
+                .values()
+                .filter_map(|w| w.push_ends.get(k).copied())
+                .collect();
+            (ends.len() == workers.len()).then(|| {
+                ends.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                    - ends.iter().copied().fold(f64::INFINITY, f64::min)
+            })
+        })
+        .collect();
+    median(&mut lags)
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -406,6 +439,8 @@ impl Analysis {
                 w.last_request = w.last_request.max(m.last_ts);
                 if push {
                     w.pushes.entry(key).or_insert(m.first_ts);
+                    let end = w.push_ends.entry(key).or_insert(m.last_ts);
+                    *end = end.max(m.last_ts);
                 }
                 *it.host_bytes.entry(m.client.ip()).or_insert(0) += m.wire_bytes;
                 m.first_ts - w.first_request
@@ -578,6 +613,7 @@ impl Analysis {
             })
             .fold(0.0, f64::max);
         let busiest = it.host_bytes.values().copied().max().unwrap_or(0) as f64;
+        let pair_lag = pair_lag(&it.workers);
         if let Some(prev) = self.rows.last_mut() {
             if prev.index + 1 == index {
                 let period = self.t0.map_or(start, |t| start - t) - prev.start_s;
@@ -594,6 +630,7 @@ impl Analysis {
             period_s: None,
             comm_s: (end - start).max(0.0),
             first_layer_wait_s: wait,
+            pair_lag_s: pair_lag,
             busiest_link_mb: busiest / 1e6,
             link_busy_s: busiest * 8.0 / self.options.rate_bps,
             ideal_s: None,
@@ -635,6 +672,7 @@ impl Analysis {
             .collect();
         let mut periods: Vec<f64> = steady.iter().filter_map(|r| r.period_s).collect();
         let mut waits: Vec<f64> = steady.iter().map(|r| r.first_layer_wait_s).collect();
+        let mut lags: Vec<f64> = steady.iter().filter_map(|r| r.pair_lag_s).collect();
         let mut links: Vec<f64> = steady.iter().map(|r| r.busiest_link_mb).collect();
         let mut ideals: Vec<f64> = steady.iter().filter_map(|r| r.ideal_s).collect();
         let (mp, mi) = (median(&mut periods), median(&mut ideals));
@@ -675,6 +713,7 @@ impl Analysis {
                 iterations: steady.len(),
                 median_period_s: mp,
                 median_first_layer_wait_s: median(&mut waits),
+                median_pair_lag_s: median(&mut lags),
                 median_busiest_link_mb: median(&mut links),
                 median_ideal_s: mi,
                 estimated_speedup: mp.zip(mi).map(|(p, i)| p / i),
@@ -784,5 +823,40 @@ mod tests {
         assert_eq!(r.summary.layer_order, "p3proxy");
         assert_eq!(r.keys.iter().map(|k| k.key).collect::<Vec<_>>(), vec![3, 7]);
         assert_eq!(r.unmatched_responses, 1, "only the stray");
+    }
+
+    #[test]
+    fn the_pair_lag_is_the_median_over_keys_of_first_to_last_workers_push() {
+        const SERVER: &str = "10.0.0.2:4000";
+        let mut a = Analysis::new(Options::default());
+        // The server's host, learned from its traffic (no node table).
+        a.on_message(&msg("ps8", "10.0.0.9:1", false, 99, 99, 0.5));
+        for it in 0..4 {
+            let t = 1.0 + f64::from(it);
+            let ts = it * 10;
+            // Worker 11's pushes end 50 ms (key 3) and 20 ms (key 7) after worker 9's.
+            a.on_message(&msg("ps9", SERVER, true, 3, ts, t));
+            a.on_message(&msg("ps11", SERVER, true, 3, ts, t + 0.05));
+            a.on_message(&msg("ps9", SERVER, true, 7, ts + 1, t + 0.1));
+            a.on_message(&msg("ps11", SERVER, true, 7, ts + 1, t + 0.12));
+        }
+        let r = a.finish();
+        assert!(r.iterations.len() >= 3, "{:?}", r.iterations);
+        for row in &r.iterations {
+            let lag = row.pair_lag_s.expect("two workers pushed both keys");
+            assert!((lag - 0.05).abs() < 1e-9, "{row:?}");
+        }
+        assert!((r.summary.median_pair_lag_s.unwrap() - 0.05).abs() < 1e-9);
+        // One worker: no lag to measure.
+        let mut one = Analysis::new(Options::default());
+        one.on_message(&msg("ps8", "10.0.0.9:1", false, 99, 99, 0.5));
+        for it in 0..3 {
+            one.on_message(&msg("ps9", SERVER, true, 3, it, 1.0 + f64::from(it)));
+        }
+        assert!(one
+            .finish()
+            .iterations
+            .iter()
+            .all(|r| r.pair_lag_s.is_none()));
     }
 }

@@ -169,6 +169,13 @@ impl Shared {
             lens: lens.as_deref(),
         };
         tracing::trace!(dst = %info.dst, sender, ?keys, vals = vals.len, ?lens, head = unit.meta.head(), "data request to a local server");
+        // Init pushes come from one worker only: they pair with nothing.
+        let paired = unit.meta.is_push() && {
+            let core = self.core();
+            real_keys(unit.meta.head(), &keys)
+                .iter()
+                .all(|&k| core.splitter.knows_key(info.dst, k))
+        };
         loop {
             // Armed before asking, so a change in between is not missed.
             let changed = self.order_released.notified();
@@ -177,7 +184,7 @@ impl Shared {
             let (plan, ask_by) = self.with_splitter(|sp| {
                 sp.on_data_request_at(info.dst, sender, &req, since, Instant::now())
             });
-            if matches!(plan, RequestPlan::Forward | RequestPlan::Split(_)) && unit.meta.is_push() {
+            if paired && matches!(plan, RequestPlan::Forward | RequestPlan::Split(_)) {
                 self.push_arrived(info.dst, real_keys(unit.meta.head(), &keys), sender, since);
             }
             match plan {

@@ -34,6 +34,11 @@ def test_bench_smoke(tmp_path):
     assert all(r["server_cpu_per_iter"] > 0 for r in data["rows"]), data["rows"]
     proxied = data["rows"][2]
     assert proxied["proxy_cpu_per_iter"] > 0 and proxied["slices_per_iter"] is not None, proxied
+    # The mechanism of issue 27: the servers' proxies measured the workers' push pair lag;
+    # every system says how far its slowest run is from its median.
+    assert proxied["pair_lag_ms"] is not None and proxied["pair_lag_ms"] >= 0, proxied
+    assert all(r["max_over_median"] >= 1 and len(r["run_medians_s"]) == data["meta"]["runs"] for r in data["rows"])
+    assert "| max / median | pair lag ms |" in out.stdout
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

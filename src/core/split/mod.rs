@@ -339,6 +339,14 @@ impl Splitter {
         }
     }
 
+    /// Local server `server` has seen a push of `key` (its init): a push of an unknown
+    /// key is the key's init, from one worker only.
+    pub fn knows_key(&self, server: SocketAddr, key: u64) -> bool {
+        self.servers
+            .get(&server)
+            .is_some_and(|s| s.keys.contains_key(&key))
+    }
+
     /// `addr` is a local server this proxy fronts.
     pub fn is_server(&self, addr: SocketAddr) -> bool {
         self.servers.contains_key(&addr)
