@@ -7,6 +7,7 @@ namespace testbed, each system run side by side in one invocation:
   p3proxy   the job unchanged, p3proxy and its redirect on every host
   p3proxy-relay  the same with scheduling off (--no-schedule: a plain relay), on request
   p3proxy-key, p3proxy-map  priorities from MXNet key order / a map of the model, on request
+  p3proxy-layer  the learned order as strict layer order (--learned-defer 0), on request
   p3proxy-baseline  p3proxy's defaults run by another build (--baseline-bin), e.g. the
             last landed commit, so that a change is measured against it in the same run
 
@@ -41,6 +42,7 @@ SYSTEM_ENV = {
     "p3proxy": {},
     "p3proxy-relay": {},
     "p3proxy-key": {},
+    "p3proxy-layer": {},
     "p3proxy-map": {},
     "p3proxy-nosplit": {},
     "p3proxy-baseline": {},
@@ -48,8 +50,10 @@ SYSTEM_ENV = {
 # Proxy flags per system: p3proxy (the default: learned priorities); p3proxy-relay is the
 # proxy with scheduling off (plain relay), to show what the relay costs and what
 # scheduling adds; p3proxy-key and p3proxy-map use MXNet key order and a map from the
-# model (scripts/priority-map, written into the output folder).
+# model (scripts/priority-map, written into the output folder); p3proxy-layer learns the
+# strict layer order (the default defers the last layers: --learned-defer).
 PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None,
+              "p3proxy-layer": ["--learned-defer", "0"],
               "p3proxy-nosplit": ["--no-split"], "p3proxy-baseline": []}
 EXTRA_PROXY_ARGS = []  # --proxy-args: added to every p3proxy system's
 BINARY = {}  # system -> p3proxy binary other than the tree's (--baseline-bin)

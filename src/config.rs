@@ -156,6 +156,10 @@ pub struct Config {
     pub priority: PrioritySource,
     /// The priority map file, for `priority = "map"`.
     pub priority_map: Option<std::path::PathBuf>,
+    /// The learned order's shape: 0 is strict layer order; above 0, production order
+    /// with the last layers holding this share of the bytes deferred to the end (README,
+    /// "Priority sources side by side"). 0 to 1.
+    pub learned_defer: f64,
     /// Key splitting in front of local servers (DESIGN.md §7), where it is provably safe.
     pub split: bool,
     /// Smallest slice a split key is cut into, in bytes (rounded down to whole
@@ -222,6 +226,7 @@ impl Default for Config {
             threads: 1,
             priority: PrioritySource::Learned,
             priority_map: None,
+            learned_defer: crate::core::learner::DEFAULT_DEFER,
             split: true,
             split_slice_bytes: DEFAULT_SLICE_BYTES,
             split_min_bytes: None,
@@ -368,6 +373,12 @@ impl Config {
             }
             (_, Some(_)) => return invalid("priority_map", "given, but `priority` is not \"map\""),
             _ => {}
+        }
+        if !(0.0..=1.0).contains(&self.learned_defer) {
+            return invalid(
+                "learned_defer",
+                "must be between 0 (strict layer order) and 1",
+            );
         }
         if !(1024..=1 << 30).contains(&self.split_slice_bytes) {
             return invalid(

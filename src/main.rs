@@ -218,6 +218,10 @@ struct RunArgs {
     /// Priority map file (with `--priority map`), written by scripts/priority-map.
     #[arg(long, value_name = "FILE")]
     priority_map: Option<PathBuf>,
+    /// The learned order: 0 = strict layer order; above 0, production order with the
+    /// last layers holding this share of the bytes deferred to the end [default: 0.2].
+    #[arg(long, value_name = "SHARE")]
+    learned_defer: Option<f64>,
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -332,6 +336,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(m) = &args.priority_map {
         config.priority_map = Some(m.clone());
+    }
+    if let Some(d) = args.learned_defer {
+        config.learned_defer = d;
     }
     if let Some(n) = args.threads {
         config.threads = n;

@@ -125,6 +125,11 @@ impl PriorityTable {
         }
     }
 
+    /// The learned order's deferred share of the bytes ([`Learner::set_defer`]).
+    pub fn set_defer(&mut self, share: f64) {
+        self.learner.set_defer(share);
+    }
+
     /// The source configured.
     pub fn source(&self) -> Source {
         self.source
@@ -223,8 +228,10 @@ impl PriorityTable {
             return None;
         }
         let mut event = None;
+        // A push's values, shared evenly over its keys (one key for MXNet).
+        let bytes = msg.data.get(1).map_or(0, |f| f.body.len() as u64) / keys.len().max(1) as u64;
         for (_, lk) in keys {
-            match self.learner.observe(lk, now) {
+            match self.learner.observe(lk, bytes, now) {
                 Some(RoundOutcome::Trusted) => event = Some(PriorityEvent::Trusted),
                 Some(RoundOutcome::Distrusted) => event = Some(PriorityEvent::Distrusted),
                 _ => {}

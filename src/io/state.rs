@@ -128,7 +128,8 @@ impl Shared {
             tracing::error!(error = %e, "priority map unusable: MXNet key order instead");
             None
         });
-        let priority = PriorityTable::new(source, map);
+        let mut priority = PriorityTable::new(source, map);
+        priority.set_defer(config.learned_defer);
         tracing::info!(
             configured = source.label(),
             in_use = priority.in_use().label(),
