@@ -38,7 +38,7 @@ pub enum Order {
     Direct,
     /// MXNet key order (`p3proxy --priority key`; what MXNet's P3 uses).
     Key,
-    /// Strict layer order: the first layer first (what `learned` converges to).
+    /// Strict layer order: the first layer first (`learned` with `learned_defer = 0`).
     Layer,
     /// Production order (FIFO) except the first layers, whose parameters the next
     /// forward needs first: the layers from the input that hold `tail` of the model's
