@@ -65,6 +65,17 @@ fn ready(servers: usize, optimizer: Option<&str>) -> Splitter {
     sp
 }
 
+/// A splitter with `config` in front of S8 alone, with full history and no optimizer.
+fn ready_with(config: SplitConfig) -> Splitter {
+    let mut sp = Splitter::new(config);
+    sp.server_registered(addr(S8));
+    sp.node_table(&nodes(1));
+    sp.worker_connected(addr(S8), W9);
+    sp.worker_connected(addr(S8), W11);
+    assert_eq!(sp.on_command(addr(S8), 3, b""), None);
+    sp
+}
+
 fn meta(head: i32, push: bool, pull: bool, ts: i32, request: bool, data: bool) -> Meta {
     Meta {
         head: Some(head),
@@ -284,15 +295,10 @@ fn pushpull_responses_merge_into_the_servers_own_response_in_any_order() {
 
 #[test]
 fn pulls_split_without_values_and_fp16_slices_keep_whole_elements() {
-    let mut sp = Splitter::new(SplitConfig {
+    let mut sp = ready_with(SplitConfig {
         sizing: Sizing::uniform(401), // not a multiple of 2 or 4
         ..CONFIG
     });
-    sp.server_registered(addr(S8));
-    sp.node_table(&nodes(1));
-    sp.worker_connected(addr(S8), W9);
-    sp.worker_connected(addr(S8), W11);
-    sp.on_command(addr(S8), 3, b"");
     let fp16 = DataHandleType {
         request_type: RequestType::Default,
         dtype: p3proxy_parsers::mxnet::Dtype::Float16,
@@ -1398,18 +1404,13 @@ fn slices_grow_with_the_key_where_a_worker_shares_the_servers_host() {
 #[test]
 fn a_spent_slice_budget_coarsens_then_keeps_keys_whole() {
     // 2 workers, 24 slice requests per iteration: 12 slice keys for the server.
-    let mut sp = Splitter::new(SplitConfig {
+    let mut sp = ready_with(SplitConfig {
         sizing: Sizing {
             max_requests: 24,
             ..Sizing::uniform(400)
         },
         ..CONFIG
     });
-    sp.server_registered(addr(S8));
-    sp.node_table(&nodes(1));
-    sp.worker_connected(addr(S8), W9);
-    sp.worker_connected(addr(S8), W11);
-    sp.on_command(addr(S8), 3, b"");
     let first = Req::push(3, values(4_000, 1), 1, false, 0);
     assert_eq!(
         split(sp.on_data_request(addr(S8), W9, &first.view(), false)).len(),
