@@ -130,6 +130,11 @@ pub struct Config {
     pub detect_timeout_ms: u64,
     /// How long a host whose tunnel port did not answer is remembered as proxy-less, in seconds.
     pub no_proxy_ttl_s: u64,
+    /// Destination ports relayed opaquely at once, without waiting `detect_timeout_ms`
+    /// for a first byte (server-speaks-first protocols: SSH, databases), as linkerd's
+    /// `opaque-ports`. Ports the proxy should not see at all are skipped by the
+    /// redirect instead (`scripts/redirect install --skip-ports`).
+    pub opaque_ports: Vec<u16>,
     /// Static upstream (tests only): every captured connection goes here.
     pub upstream: Option<SocketAddr>,
     /// Priority scheduling (DESIGN.md §5-6): per-class tunnel connections carrying
@@ -214,6 +219,7 @@ impl Default for Config {
             handshake_timeout_ms: 5000,
             detect_timeout_ms: 1000,
             no_proxy_ttl_s: 60,
+            opaque_ports: Vec::new(),
             upstream: None,
             schedule: true,
             splice: true,
@@ -320,6 +326,9 @@ impl Config {
             if ms == 0 || ms > 600_000 {
                 return invalid(field, "must be between 1 and 600000 milliseconds");
             }
+        }
+        if self.opaque_ports.contains(&0) {
+            return invalid("opaque_ports", "ports are 1-65535");
         }
         if Some(self.listen) == self.tunnel {
             return invalid("tunnel", "must differ from `listen`");

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use p3proxy::config::Config;
-use p3proxy::io::{run, Bound, Env, Shared};
+use p3proxy::io::{run, serve_admin, Admin, Bound, Env, LogControl, Shared};
 
 /// Big message buffers are reused, not mapped afresh for every message (`io::memory`).
 #[global_allocator]
@@ -249,7 +249,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    let log = init_logging(cli.log_json);
     match cli.command {
         Cmd::Version => {
             println!("p3proxy {}", env!("CARGO_PKG_VERSION"));
@@ -286,7 +286,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .expect("tokio runtime");
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(config, log)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -362,18 +362,33 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     Ok(config)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, log: LogControl) -> anyhow::Result<()> {
     use anyhow::Context;
     let bound = Bound::bind(&config).await.context("binding listeners")?;
-    if let Some(addr) = config.metrics {
-        p3proxy::metrics::install(addr).with_context(|| format!("metrics endpoint {addr}"))?;
-    }
+    let admin = match config.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics endpoint {addr}"))?;
+            let handle = p3proxy::metrics::install().context("metrics recorder")?;
+            Some((listener, handle))
+        }
+        None => None,
+    };
     let mut env = Env::system();
     if let Some(up) = config.upstream {
         env = env.with_static_upstream(up);
     }
     tracing::info!(listen = ?bound.addrs(), metrics = ?config.metrics, upstream = ?config.upstream, "p3proxy running");
     let shared = Shared::new(config, env, &bound)?;
+    if let Some((listener, metrics)) = admin {
+        let admin = Admin {
+            metrics,
+            shared: shared.clone(),
+            log: Some(log),
+        };
+        tokio::spawn(serve_admin(listener, std::sync::Arc::new(admin)));
+    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -386,15 +401,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("P3PROXY_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs to stderr with the filter of `P3PROXY_LOG` (default `info`), which the admin
+/// endpoint `PUT /log-level` can change at run time.
+fn init_logging(json: bool) -> LogControl {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let filter = EnvFilter::try_from_env("P3PROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+    let current = handle.clone();
+    let get = move || current.with_current(|f| f.to_string()).unwrap_or_default();
+    let now = get.clone();
+    LogControl {
+        get: Box::new(get),
+        set: Box::new(move |text| {
+            let filter = EnvFilter::try_new(text).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            Ok(now())
+        }),
     }
 }

@@ -5,9 +5,13 @@
 //! Low-cardinality labels only (never keys or addresses). DESIGN.md §9 fixes the names
 //! that tools and checks rely on.
 
-use std::net::SocketAddr;
-
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::core::live::LiveEvent;
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
@@ -197,6 +201,31 @@ metrics_table! {
     /// server's proxy (the key waits that long for its aggregation).
     PUSH_PAIR_LAG = "p3proxy_push_pair_lag_seconds", Histogram, Some(Unit::Seconds), None, Zero::No,
         "Time between the first and the last worker's push of a key reaching a local server's proxy: how long the key waits at the server for its slowest worker.";
+    /// The job's iteration period as this proxy sees it: the median of the last five
+    /// iterations of the workers on this host (`core::live`).
+    ITERATION = "p3proxy_iteration_seconds", Gauge, Some(Unit::Seconds), None, Zero::No,
+        "The job's iteration period as this proxy sees it: the median of the last 5 iterations of the workers on this host (first request to the next iteration's first request).";
+    /// Every iteration period of the workers on this host.
+    ITERATION_PERIODS = "p3proxy_iteration_period_seconds", Histogram, Some(Unit::Seconds), None, Zero::No,
+        "Iteration periods of the workers on this host, one observation per iteration.";
+    /// How long the next forward pass waited for its first layer (median of the last five).
+    FIRST_LAYER_WAIT = "p3proxy_first_layer_wait_seconds", Gauge, Some(Unit::Seconds), None, Zero::No,
+        "How long the next forward pass waited for its first layer: from a worker's last request of an iteration to the response for the key it pushed last; the median of the last 5 iterations.";
+    /// The share of the iteration from its first request to its last response.
+    COMM_SHARE = "p3proxy_communication_share_ratio", Gauge, None, None, Zero::No,
+        "The share of the iteration period from its first request to its last response (median of the last 5 iterations).";
+    /// The age of the oldest request relayed and not yet answered: the hang detector.
+    OLDEST_REQUEST_AGE = "p3proxy_oldest_request_age_seconds", Gauge, Some(Unit::Seconds), None, Zero::Plain,
+        "Age of the oldest data request relayed by this proxy and not yet answered (0: none); a job that hangs makes it grow.";
+    /// Data requests relayed and not yet answered.
+    REQUESTS_UNANSWERED = "p3proxy_requests_unanswered", Gauge, None, None, Zero::Plain,
+        "Data requests relayed by this proxy and not yet answered.";
+    /// From a request to its response, by the responding `server` (its node id).
+    SERVER_REQUEST_LATENCY = "p3proxy_server_request_seconds", Histogram, Some(Unit::Seconds), Some("server"), Zero::No,
+        "Time from a data request to its response as this proxy saw them, by server node id: a slow server or an uneven key spread shows here.";
+    /// Request and response bytes, by `server`.
+    SERVER_BYTES = "p3proxy_server_bytes_total", Counter, Some(Unit::Bytes), Some("server"), Zero::No,
+        "Data bytes of answered requests and their responses, by server node id.";
     /// Journal writes that failed.
     JOURNAL_ERRORS = "p3proxy_journal_errors_total", Counter, None, None, Zero::Plain,
         "Journal writes that failed.";
@@ -276,10 +305,27 @@ pub fn set(name: &'static str, value: f64) {
     gauge!(name).set(value);
 }
 
-/// Installs the Prometheus exporter on `addr` (call inside the tokio runtime).
-pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Iteration period buckets, seconds.
+const ITERATION_BUCKETS: [f64; 13] = [
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+];
+/// Server request latency buckets, seconds: a small pull to a synchronous round.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
+
+/// Installs the Prometheus recorder (call inside the tokio runtime); the handle
+/// renders the exposition (`io::admin` serves it with the admin endpoints).
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(ITERATION_PERIODS.into()),
+            &ITERATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(SERVER_REQUEST_LATENCY.into()),
+            &LATENCY_BUCKETS,
+        )?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(QUEUE_DELAY.into()),
             &QUEUE_DELAY_BUCKETS,
@@ -288,9 +334,53 @@ pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::Buil
             metrics_exporter_prometheus::Matcher::Full(PUSH_PAIR_LAG.into()),
             &QUEUE_DELAY_BUCKETS,
         )?
-        .install()?;
+        .install_recorder()?;
     describe();
-    Ok(())
+    Ok(handle)
+}
+
+/// What the job watch reported, with its estimates after it.
+#[derive(Debug)]
+pub struct JobEvents {
+    /// The events, in order.
+    pub events: Vec<LiveEvent>,
+    /// The iteration estimate.
+    pub iteration: Option<Duration>,
+    /// The first-layer wait estimate.
+    pub first_layer_wait: Option<Duration>,
+    /// The communication share estimate.
+    pub comm_share: Option<f64>,
+}
+
+/// Records what the job watch reported.
+pub fn job_events(job: &JobEvents) {
+    for ev in &job.events {
+        match *ev {
+            LiveEvent::Iteration { period, .. } => {
+                histogram!(ITERATION_PERIODS).record(period.as_secs_f64());
+            }
+            LiveEvent::FirstLayerWait(_) => {}
+            LiveEvent::Answered {
+                server,
+                latency,
+                bytes,
+            } => {
+                let server = server.to_string();
+                histogram!(SERVER_REQUEST_LATENCY, "server" => server.clone())
+                    .record(latency.as_secs_f64());
+                counter!(SERVER_BYTES, "server" => server).increment(bytes);
+            }
+        }
+    }
+    if let Some(d) = job.iteration {
+        gauge!(ITERATION).set(d.as_secs_f64());
+    }
+    if let Some(d) = job.first_layer_wait {
+        gauge!(FIRST_LAYER_WAIT).set(d.as_secs_f64());
+    }
+    if let Some(r) = job.comm_share {
+        gauge!(COMM_SHARE).set(r);
+    }
 }
 
 /// Counts one refused connection.
@@ -390,22 +480,48 @@ pub fn parse_error(kind: &'static str) {
     counter!(PARSE_ERRORS, "kind" => kind).increment(1);
 }
 
+/// Connections open now, by route (for `/debug/state`).
+static OPEN_BY_ROUTE: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+/// Connections open now, by route.
+pub fn open_by_route() -> Vec<(&'static str, u64)> {
+    let open = OPEN_BY_ROUTE.lock().unwrap_or_else(|e| e.into_inner());
+    open.iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| (*r, *n))
+        .collect()
+}
+
 /// Tracks an open connection until dropped.
 #[derive(Debug)]
-pub struct OpenConnection(());
+pub struct OpenConnection {
+    route: &'static str,
+}
 
 impl OpenConnection {
     /// Counts a new connection on `route`.
     pub fn new(route: &'static str) -> OpenConnection {
         counter!(CONNECTIONS, "route" => route).increment(1);
         gauge!(CONNECTIONS_OPEN).increment(1.0);
-        OpenConnection(())
+        *OPEN_BY_ROUTE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route)
+            .or_insert(0) += 1;
+        OpenConnection { route }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         gauge!(CONNECTIONS_OPEN).decrement(1.0);
+        if let Some(n) = OPEN_BY_ROUTE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(self.route)
+        {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 

@@ -109,6 +109,18 @@ impl Learner {
         self.trusted.as_ref()?.get(&key).copied()
     }
 
+    /// The trusted order: (learning key, priority), most urgent first.
+    pub fn order(&self) -> Vec<(u64, u32)> {
+        let mut v: Vec<(u64, u32)> = self
+            .trusted
+            .iter()
+            .flatten()
+            .map(|(k, p)| (*k, *p))
+            .collect();
+        v.sort_by_key(|&(k, p)| (p, k));
+        v
+    }
+
     /// A key's pushpull (after init) appeared at `now`. A key seen again closes the
     /// round in progress; the outcome of that round is returned.
     #[must_use]

@@ -1,10 +1,12 @@
 //! Everything that decides, sans-IO: no sockets, no clock reads, no tokio. The IO
 //! shell (`crate::io`) feeds events in and does what these types say.
 
+pub mod admin;
 pub mod delivery;
 pub mod dscp;
 pub mod journal;
 pub mod learner;
+pub mod live;
 pub mod optimizer;
 pub mod order;
 pub mod pairing;

@@ -144,6 +144,16 @@ impl PriorityTable {
         }
     }
 
+    /// The learned order once trusted, most urgent first: (MXNet key, server rank,
+    /// priority); a big array has one entry per server.
+    pub fn learned_order(&self) -> Vec<(u64, u64, u32)> {
+        self.learner
+            .order()
+            .into_iter()
+            .map(|(lk, p)| (lk >> 16, lk & 0xffff, p))
+            .collect()
+    }
+
     /// Priority of one key.
     fn priority(&self, mx_key: u64, lk: u64) -> u32 {
         if let Some(p) = self

@@ -6,18 +6,19 @@
 //! of the object's lock.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use p3proxy_parsers::mxnet::ServerRanges;
-use p3proxy_parsers::pslite::{PsMessage, Role};
+use p3proxy_parsers::pslite::{MessageKind, PsMessage, Role};
 
 use super::journal::Record;
+use super::live::{JobWatch, RequestSeen};
 use super::pairing::PairLag;
 use super::policy::{Policy, Refusal};
 use super::priority::{PriorityEvent, PriorityTable, Urgency};
 use super::split::Splitter;
-use super::topology::{NodeInfo, Topology};
+use super::topology::{node_id_from_identity, MessageContext, NodeInfo, Topology};
 
 /// What the shell does for the state, in the order given.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +55,8 @@ pub struct ProxyState {
     pub splitter: Splitter,
     /// How far apart the workers' pushes of a key reach local servers.
     pub pair_lag: PairLag,
+    /// How the job is doing (iterations, waits, unanswered requests).
+    pub job: JobWatch,
     effects: VecDeque<Effect>,
 }
 
@@ -66,7 +69,57 @@ impl ProxyState {
             priority,
             splitter,
             pair_lag: PairLag::default(),
+            job: JobWatch::default(),
             effects: VecDeque::new(),
+        }
+    }
+
+    /// Shows the job watch a data message a session's DEALER sent at `now` (a request,
+    /// or a response going back to its requester); `is_local`: whether an address is
+    /// this host's (the requester's iterations are followed only there).
+    pub fn watch(
+        &mut self,
+        ctx: &MessageContext<'_>,
+        msg: &PsMessage,
+        now: Instant,
+        is_local: impl Fn(IpAddr) -> bool,
+    ) {
+        let MessageKind::Data {
+            request,
+            push,
+            pull,
+        } = msg.kind()
+        else {
+            return;
+        };
+        let (Some(sender), Some(receiver)) = (
+            node_id_from_identity(ctx.sender_identity),
+            self.topology.id_at(ctx.dst),
+        ) else {
+            return;
+        };
+        let (customer, ts) = (msg.meta.customer_id(), msg.meta.timestamp());
+        let bytes = u64::try_from(msg.meta.data_size.unwrap_or(0)).unwrap_or(0);
+        if request {
+            let local = self
+                .topology
+                .nodes()
+                .iter()
+                .find(|n| n.id == sender)
+                .and_then(|n| n.addr)
+                .is_some_and(|a| is_local(a.ip()));
+            let req = RequestSeen {
+                corr: (sender, receiver, customer, ts),
+                key: msg.keys().and_then(|mut k| k.next()),
+                push,
+                pull,
+                local,
+                bytes,
+            };
+            self.job.request(req, now);
+        } else {
+            self.job
+                .response((receiver, sender, customer, ts), bytes, now);
         }
     }
 

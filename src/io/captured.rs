@@ -58,6 +58,9 @@ pub(super) async fn handle_captured(
     if let Err(r) = checked {
         return refuse(r, "captured connection", peer, Some(dst));
     }
+    if shared.config.opaque_ports.contains(&dst.port()) {
+        return opaque(shared, app, peer, dst, Vec::new()).await;
+    }
     // Detect ZMTP from the first byte; a silent client (server-speaks-first protocol) is opaque.
     let mut first = vec![0u8; 64];
     let n = match tokio::time::timeout(shared.config.detect_timeout(), app.read(&mut first)).await {

@@ -40,11 +40,13 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            shared.update_live_gauges();
             if shared.egress.memory_return_due() || super::memory::blocks_idle() {
                 let _ = tokio::task::spawn_blocking(super::memory::trim).await;
             }
         }
     };
+    shared.set_ready(true);
     tokio::select! {
         _ = redirect => {}
         _ = tunnel => {}
@@ -52,6 +54,7 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
         _ = memory => {}
         _ = shutdown => tracing::info!("shutting down"),
     }
+    shared.set_ready(false);
     shared.remove_inbound_rules();
 }
 

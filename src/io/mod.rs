@@ -2,6 +2,7 @@
 //! sessions toward apps, tunnels toward peer proxies. Thin: it asks `core` what to
 //! do and does it, like quinn over quinn-proto.
 
+mod admin;
 mod captured;
 mod egress;
 mod error;
@@ -18,6 +19,7 @@ mod state;
 mod tunnel_in;
 mod upstream;
 
+pub use admin::{serve_admin, Admin, LogControl, SetFilter};
 pub use error::{SessionError, Side};
 pub use inbound::InboundError;
 pub use journal::JournalFileError;

@@ -314,6 +314,16 @@ pub(crate) struct OrderWait<'a> {
 /// A request held this long is logged as a warning (a server that does not answer).
 const HELD_WARN: Duration = Duration::from_secs(5);
 
+impl Drop for OrderWait<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.shared
+                .held_now
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl<'a> OrderWait<'a> {
     pub(crate) fn new(shared: &'a Shared) -> OrderWait<'a> {
         OrderWait {
@@ -340,6 +350,9 @@ impl<'a> OrderWait<'a> {
     ) {
         if !self.held {
             self.held = true;
+            self.shared
+                .held_now
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::count_by(metrics::REQUESTS_HELD_FOR_ORDER, reason.label(), 1);
             tracing::debug!(dst = %info.dst, reason = reason.label(), "request held until {}", reason.describe());
         }

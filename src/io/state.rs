@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -24,11 +24,12 @@ use super::journal::{JournalFile, JournalFileError};
 use super::net::{Bound, Env};
 use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
+use crate::core::live::LiveEvent;
 use crate::core::policy::Policy;
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency};
 use crate::core::proxy::{Effect, ProxyState, Registration};
 use crate::core::split::Splitter;
-use crate::core::topology::{Learned, MessageContext};
+use crate::core::topology::{node_id_from_identity, Learned, MessageContext};
 use crate::metrics::{self, OpenConnection};
 
 /// Who the relayed session is, for observation and logs.
@@ -76,6 +77,10 @@ pub struct Shared {
     /// Inbound capture of registered ports, if on.
     pub(super) inbound: Option<InboundRules>,
     pub(super) next_session: AtomicU64,
+    /// Serving (every listener bound and accepting), not yet shutting down: `/ready`.
+    ready: AtomicBool,
+    /// Requests to local servers held for order now.
+    pub(crate) held_now: AtomicI64,
 }
 
 /// Why a proxy could not start serving.
@@ -171,6 +176,8 @@ impl Shared {
             next_session: AtomicU64::new(rand_seed()),
             journal,
             inbound,
+            ready: AtomicBool::new(false),
+            held_now: AtomicI64::new(0),
         });
         // Replaying asks only that the journal's local nodes be captured inbound again.
         let effects = shared.effects(&mut shared.core());
@@ -248,7 +255,16 @@ impl Shared {
     /// Looks at a message going from a session's DEALER to its ROUTER, before it
     /// is forwarded, and acts on what it teaches.
     pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage) {
-        let learned = self.core().topology.observe(ctx, msg);
+        let now = Instant::now();
+        let (learned, live) = {
+            let mut core = self.core();
+            let learned = core.topology.observe(ctx, msg);
+            core.watch(ctx, msg, now, &*self.env.is_local);
+            (learned, self.live_events(&mut core))
+        };
+        if let Some(live) = live {
+            metrics::job_events(&live);
+        }
         match learned {
             Some(Learned::Registration { role, addr }) => {
                 let local = (self.env.is_local)(addr.ip()) && !(self.env.is_loopback)(addr.ip());
@@ -360,6 +376,9 @@ impl Shared {
                 topo.id_at(info.dst),
             )
         };
+        if let (Some(from), Some(to)) = (node_id_from_identity(&info.identity), responder) {
+            self.core().job.forget(from, to);
+        }
         if lost > 0 {
             metrics::count(metrics::REQUESTS_LOST, lost);
             tracing::error!(
@@ -373,6 +392,121 @@ impl Shared {
         } else {
             tracing::info!(dst = %info.dst, reason = ?end, "upstream closed; closing the app's connection");
         }
+    }
+
+    /// What the job watch has to report, with its estimates after it.
+    fn live_events(&self, core: &mut ProxyState) -> Option<metrics::JobEvents> {
+        let first = core.job.poll_event()?;
+        let events: Vec<LiveEvent> = std::iter::once(first)
+            .chain(std::iter::from_fn(|| core.job.poll_event()))
+            .collect();
+        Some(metrics::JobEvents {
+            events,
+            iteration: core.job.iteration_period(),
+            first_layer_wait: core.job.first_layer_wait(),
+            comm_share: core.job.comm_share(),
+        })
+    }
+
+    /// Sets the gauges that move without traffic (the oldest unanswered request's age:
+    /// a hang sends nothing). At every tick and scrape.
+    pub(crate) fn update_live_gauges(&self) {
+        let (oldest, pending) = {
+            let core = self.core();
+            (
+                core.job.oldest_request_age(Instant::now()),
+                core.job.pending(),
+            )
+        };
+        metrics::set(
+            metrics::OLDEST_REQUEST_AGE,
+            oldest.map_or(0.0, |d| d.as_secs_f64()),
+        );
+        metrics::set(metrics::REQUESTS_UNANSWERED, pending as f64);
+    }
+
+    /// Serving: every listener is bound and accepting (`false` again when shutting down).
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether `/ready` says so.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The proxy's state for an operator (`GET /debug/state`).
+    pub fn debug_state(&self) -> serde_json::Value {
+        use serde_json::json;
+        let now = Instant::now();
+        let core = self.core();
+        let nodes: Vec<_> = core
+            .topology
+            .nodes()
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "role": format!("{:?}", n.role).to_lowercase(),
+                    "addr": n.addr.map(|a| a.to_string()),
+                })
+            })
+            .collect();
+        let order: Vec<_> = core
+            .priority
+            .learned_order()
+            .into_iter()
+            .map(|(key, server, priority)| json!({"key": key, "server": server, "priority": priority}))
+            .collect();
+        let servers: Vec<_> = core
+            .splitter
+            .servers()
+            .into_iter()
+            .map(|v| {
+                let layouts: Vec<_> = v
+                    .layouts
+                    .iter()
+                    .map(|l| json!({"key": l.key, "bytes": l.total, "slice_bytes": l.slice, "slices": l.count, "first_slice_key": l.first}))
+                    .collect();
+                json!({
+                    "addr": v.addr.to_string(),
+                    "id": v.id,
+                    "workers": v.workers,
+                    "whole_keys": v.whole_keys,
+                    "layouts": layouts,
+                    "blockers": v.blockers,
+                    "failed": v.failed,
+                })
+            })
+            .collect();
+        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
+        let sessions: serde_json::Map<String, serde_json::Value> = metrics::open_by_route()
+            .into_iter()
+            .map(|(route, n)| (route.to_string(), json!(n)))
+            .collect();
+        json!({
+            "ready": self.is_ready(),
+            "nodes": nodes,
+            "priority": {
+                "configured": core.priority.source().label(),
+                "in_use": core.priority.in_use().label(),
+                "learned_defer": self.config.learned_defer,
+                "learned_order": order,
+            },
+            "split_servers": servers,
+            "sessions_by_route": sessions,
+            "requests": {
+                "unanswered": core.job.pending(),
+                "oldest_age_s": secs(core.job.oldest_request_age(now)),
+                "held_for_order": self.held_now.load(Ordering::Relaxed).max(0),
+                "dropped_untracked": core.job.dropped(),
+            },
+            "job": {
+                "iteration_s": secs(core.job.iteration_period()),
+                "first_layer_wait_s": secs(core.job.first_layer_wait()),
+                "comm_share": core.job.comm_share(),
+            },
+        })
     }
 
     pub(super) fn session_id(&self) -> u64 {

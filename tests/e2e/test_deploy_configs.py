@@ -139,7 +139,7 @@ def test_the_alert_rules_load_and_fire_on_what_they_should():
     rules = open(os.path.join(PROMETHEUS, "alerts.yml")).read()
     assert referenced_metrics(rules) <= exported_metrics(), referenced_metrics(rules) - exported_metrics()
     alerts = {r["alert"] for g in yaml.safe_load(rules)["groups"] for r in g["rules"]}
-    assert {"P3proxyRequestsLost", "P3proxySplitRefused", "P3proxyParseErrors"} <= alerts
+    assert {"P3proxyRequestsLost", "P3proxySplitRefused", "P3proxyParseErrors", "P3proxyJobStalled"} <= alerts
 
 
 def test_a_broken_alert_test_fails():
@@ -164,7 +164,9 @@ def test_the_grafana_dashboard_uses_only_exported_metrics():
     assert used <= exported_metrics(), used - exported_metrics()
     # The metrics an operator needs first are on it.
     assert {"p3proxy_requests_lost_total", "p3proxy_keys_split_total", "p3proxy_queue_delay_seconds",
-            "p3proxy_class_bytes_total", "p3proxy_split_refused_total"} <= used
+            "p3proxy_class_bytes_total", "p3proxy_split_refused_total", "p3proxy_iteration_seconds",
+            "p3proxy_first_layer_wait_seconds", "p3proxy_oldest_request_age_seconds",
+            "p3proxy_server_request_seconds"} <= used
     for e in exprs:
         assert e.count("(") == e.count(")"), e
 

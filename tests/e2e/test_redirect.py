@@ -74,6 +74,8 @@ def test_bad_arguments_are_refused(netns):
         (["--proxy-port", "15301", "--cidr", "10.0.0.0"], "bad CIDR '10.0.0.0'"),
         (["--proxy-port", "99999", "--cidr", "10.0.0.0/8"], "--proxy-port PORT is required (1-65535)"),
         (["--proxy-port", "15301", "--cidr", "10.0.0.0/8", "--bogus"], "unknown option --bogus"),
+        (["--proxy-port", "15301", "--cidr", "10.0.0.0/8", "--skip-ports", "22,ssh"], "bad port 'ssh'"),
+        (["--proxy-port", "15301", "--cidr", "10.0.0.0/8", "--skip-cidrs", "10.1.0.0"], "bad CIDR '10.1.0.0' in --skip-cidrs"),
     ]:
         out = ns(cluster.REDIRECT, "install", *args, check=False)
         assert out.returncode == 2 and msg in out.stderr, (args, out.stderr)
@@ -84,6 +86,25 @@ def test_uid_exemption(netns):
     rules = nat_rules()
     assert "-A P3PROXY_OUTPUT -m owner --uid-owner 1000 -j RETURN" in rules
     assert not any("--mark" in r for r in rules)
+    ns(cluster.REDIRECT, "remove")
+
+
+def test_skip_lists(netns):
+    """Ports and addresses the redirect never captures, however many ports (multiport
+    takes 15 per rule)."""
+    ports = ",".join(str(p) for p in range(5000, 5012)) + ",6000:6010"
+    ns(cluster.REDIRECT, "install", "--proxy-port", "15301", "--cidr", "10.77.0.0/24", "--force",
+       "--skip-ports", ports, "--skip-cidrs", "10.77.0.128/25,10.77.0.5/32")
+    rules = nat_rules()
+    returned = [r for r in rules if "--dports" in r and r.endswith("-j RETURN")]
+    listed = ",".join(r.split("--dports ")[1].split(" ")[0] for r in returned)
+    assert listed.split(",") == ["15301", "15302", "9464", *ports.split(",")], rules
+    assert "-A P3PROXY_OUTPUT -d 10.77.0.128/25 -j RETURN" in rules
+    assert "-A P3PROXY_OUTPUT -d 10.77.0.5/32 -j RETURN" in rules
+    # Skips come before the REDIRECT.
+    first_redirect = next(i for i, r in enumerate(rules) if "REDIRECT" in r)
+    assert all(rules.index(r) < first_redirect for r in returned)
+    assert rules.index("-A P3PROXY_OUTPUT -d 10.77.0.5/32 -j RETURN") < first_redirect
     ns(cluster.REDIRECT, "remove")
 
 

@@ -190,6 +190,25 @@ enum KeyState {
     Split(Layout),
 }
 
+/// What the splitter knows of one local server, for an operator (`/debug/state`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerView {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its node id, once the node table is in.
+    pub id: Option<i32>,
+    /// Workers with a request connection open into it.
+    pub workers: Vec<i32>,
+    /// Keys initialized and left whole.
+    pub whole_keys: usize,
+    /// The layouts of its split keys, by key.
+    pub layouts: Vec<Layout>,
+    /// Why none of its keys may be split, if something forbids it.
+    pub blockers: Vec<String>,
+    /// Why its traffic was stopped, if it was.
+    pub failed: Option<String>,
+}
+
 /// One server this proxy fronts.
 #[derive(Debug, Default)]
 struct ServerState {
@@ -345,6 +364,38 @@ impl Splitter {
         self.servers
             .get(&server)
             .is_some_and(|s| s.keys.contains_key(&key))
+    }
+
+    /// Every local server as the splitter sees it, by address.
+    pub fn servers(&self) -> Vec<ServerView> {
+        let mut out: Vec<ServerView> = self
+            .servers
+            .iter()
+            .map(|(addr, st)| {
+                let mut layouts: Vec<Layout> = st
+                    .keys
+                    .values()
+                    .filter_map(|k| match k {
+                        KeyState::Split(l) => Some(*l),
+                        KeyState::Whole => None,
+                    })
+                    .collect();
+                layouts.sort_by_key(|l| l.key);
+                let mut workers: Vec<i32> = st.workers.keys().copied().collect();
+                workers.sort_unstable();
+                ServerView {
+                    addr: *addr,
+                    id: st.id,
+                    workers,
+                    whole_keys: st.keys.len() - layouts.len(),
+                    layouts,
+                    blockers: st.blockers.iter().map(|b| b.label().to_string()).collect(),
+                    failed: st.failed.as_ref().map(|f| f.detail.clone()),
+                }
+            })
+            .collect();
+        out.sort_by_key(|v| v.addr);
+        out
     }
 
     /// `addr` is a local server this proxy fronts.

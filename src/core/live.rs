@@ -1,0 +1,570 @@
+//! How the job is doing, live, from the requests and responses this proxy relays
+//! (issue 28), sans-IO: time is passed in, and what an operator needs comes out as
+//! [`LiveEvent`]s and the oldest unanswered request's age.
+//!
+//! The definitions are `p3proxy inspect`'s, so that the live numbers and a capture's
+//! report agree: a worker's n-th push of a key belongs to its iteration n, a pull to
+//! the iteration of the key's last push; an iteration starts with its first request;
+//! its period runs to the next one's start (what the job measures as its step time);
+//! the first-layer wait runs from the worker's last request of the iteration to the
+//! response for the key the worker pushed last (the layer nearest the input, which the
+//! next forward pass needs first). Iterations are folded once two later ones have
+//! started, so every number is final when it is reported. Only workers on this host
+//! are followed (a remote worker's requests reach this proxy reordered by its own).
+//!
+//! Every data request is tracked until its response for the hang detector, but only
+//! between nodes whose responses this proxy has seen: a request to a server without a
+//! proxy is answered around this one and would look unanswered forever.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// (requester, responder, customer, timestamp): one request and its response.
+pub type Correlation = (i32, i32, i32, i32);
+
+/// Most unanswered requests tracked; past it the oldest are dropped (and counted), so
+/// that a job whose responses this proxy cannot see costs bounded memory.
+pub const MAX_PENDING: usize = 1 << 16;
+/// Periods the iteration estimate is the median of.
+pub const PERIOD_WINDOW: usize = 5;
+/// Iterations kept open per worker: one is folded once this many later ones started.
+const OPEN_ITERATIONS: u32 = 2;
+
+/// A data request an app sent, as the proxy saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestSeen {
+    /// Its correlation with the response.
+    pub corr: Correlation,
+    /// The first ps-lite key (none where only the meta was looked at).
+    pub key: Option<u64>,
+    /// A push (with or without pull).
+    pub push: bool,
+    /// A pull (Gluon's pushpull is both).
+    pub pull: bool,
+    /// The requester runs on this host (its iterations are followed).
+    pub local: bool,
+    /// Bytes of the message.
+    pub bytes: u64,
+}
+
+/// What the job did, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LiveEvent {
+    /// A local worker's iteration ended after `period`.
+    Iteration {
+        /// To the next iteration's start.
+        period: Duration,
+        /// The share of the period from its first request to its last response.
+        comm_share: f64,
+    },
+    /// How long a local worker's next forward pass waited for its first layer.
+    FirstLayerWait(Duration),
+    /// A request to server `server` was answered after `latency`; `bytes` went both ways.
+    Answered {
+        /// The responder's node id.
+        server: i32,
+        /// From the request to its response, as this proxy saw them.
+        latency: Duration,
+        /// Request and response bytes.
+        bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    at: Instant,
+    bytes: u64,
+    /// (local worker, key, iteration) when the requester's iterations are followed.
+    follow: Option<(u64, u32)>,
+}
+
+#[derive(Debug, Default)]
+struct Iteration {
+    first_request: Option<Instant>,
+    last_request: Option<Instant>,
+    last_response: Option<Instant>,
+    /// The key pushed last, and when.
+    last_push: Option<(Instant, u64)>,
+    /// When each key's response came.
+    responses: HashMap<u64, Instant>,
+}
+
+#[derive(Debug, Default)]
+struct WorkerTrack {
+    /// The next iteration of each key's pushes.
+    next_iteration: HashMap<u64, u32>,
+    /// Sends pushpulls (Gluon, Module): its earlier plain pushes were init pushes.
+    pushpull: bool,
+    open: BTreeMap<u32, Iteration>,
+    folded_below: u32,
+    /// The last folded iteration's index and start.
+    last_start: Option<(u32, Instant)>,
+    /// The key the last folded iteration pushed last (the first layer).
+    first_layer: Option<u64>,
+    /// The last folded iteration's first request to last response.
+    last_comm: Duration,
+}
+
+/// The job as it goes by.
+#[derive(Debug, Default)]
+pub struct JobWatch {
+    pending: HashMap<Correlation, Pending>,
+    /// Requester-responder pairs whose responses this proxy has seen.
+    answered_pairs: HashSet<(i32, i32)>,
+    workers: HashMap<i32, WorkerTrack>,
+    periods: VecDeque<Duration>,
+    waits: VecDeque<Duration>,
+    shares: VecDeque<f64>,
+    events: VecDeque<LiveEvent>,
+    dropped: u64,
+}
+
+impl JobWatch {
+    /// An app sent a data request.
+    pub fn request(&mut self, req: RequestSeen, now: Instant) {
+        if self.pending.len() >= MAX_PENDING {
+            self.drop_oldest();
+        }
+        let follow = if req.local {
+            req.key
+                .and_then(|key| self.follow_request(req.corr.0, key, req.push, req.pull, now))
+        } else {
+            None
+        };
+        self.pending.insert(
+            req.corr,
+            Pending {
+                at: now,
+                bytes: req.bytes,
+                follow,
+            },
+        );
+    }
+
+    /// A response with this correlation (requester, responder, customer, timestamp)
+    /// went to its requester. A split key's slice responses share their request's
+    /// correlation: the first one answers it.
+    pub fn response(&mut self, corr: Correlation, bytes: u64, now: Instant) {
+        self.answered_pairs.insert((corr.0, corr.1));
+        let Some(p) = self.pending.remove(&corr) else {
+            return;
+        };
+        self.events.push_back(LiveEvent::Answered {
+            server: corr.1,
+            latency: now.saturating_duration_since(p.at),
+            bytes: p.bytes + bytes,
+        });
+        if let Some((key, iteration)) = p.follow {
+            if let Some(it) = self
+                .workers
+                .get_mut(&corr.0)
+                .and_then(|w| w.open.get_mut(&iteration))
+            {
+                it.last_response = Some(it.last_response.map_or(now, |t| t.max(now)));
+                it.responses.insert(key, now);
+            }
+        }
+    }
+
+    /// The requests from `requester` to `responder` will never be answered (their
+    /// connection died): forgotten.
+    pub fn forget(&mut self, requester: i32, responder: i32) {
+        self.pending
+            .retain(|&(r, s, _, _), _| !(r == requester && s == responder));
+    }
+
+    /// The age of the oldest request still unanswered, among those whose answers this
+    /// proxy sees.
+    pub fn oldest_request_age(&self, now: Instant) -> Option<Duration> {
+        self.pending
+            .iter()
+            .filter(|((r, s, _, _), _)| self.answered_pairs.contains(&(*r, *s)))
+            .map(|(_, p)| now.saturating_duration_since(p.at))
+            .max()
+    }
+
+    /// The job's iteration period: the median of the last [`PERIOD_WINDOW`] periods
+    /// of the local workers.
+    pub fn iteration_period(&self) -> Option<Duration> {
+        let mut v: Vec<Duration> = self.periods.iter().copied().collect();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// How long the next forward pass waited for its first layer: the median of the
+    /// last [`PERIOD_WINDOW`] iterations of the local workers.
+    pub fn first_layer_wait(&self) -> Option<Duration> {
+        let mut v: Vec<Duration> = self.waits.iter().copied().collect();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// The communication share of the iteration (first request to last response over
+    /// the period): the median of the last [`PERIOD_WINDOW`] iterations.
+    pub fn comm_share(&self) -> Option<f64> {
+        let mut v: Vec<f64> = self.shares.iter().copied().collect();
+        v.sort_unstable_by(f64::total_cmp);
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// Requests dropped untracked because [`MAX_PENDING`] were unanswered.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Requests tracked and unanswered.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The next thing to report.
+    pub fn poll_event(&mut self) -> Option<LiveEvent> {
+        self.events.pop_front()
+    }
+
+    fn drop_oldest(&mut self) {
+        if let Some(corr) = self
+            .pending
+            .iter()
+            .min_by_key(|(_, p)| p.at)
+            .map(|(c, _)| *c)
+        {
+            self.pending.remove(&corr);
+            self.dropped += 1;
+        }
+    }
+
+    /// Places a local worker's request in its iteration; the (key, iteration) its
+    /// response belongs to.
+    fn follow_request(
+        &mut self,
+        worker: i32,
+        key: u64,
+        push: bool,
+        pull: bool,
+        now: Instant,
+    ) -> Option<(u64, u32)> {
+        let w = self.workers.entry(worker).or_default();
+        if push && pull && !w.pushpull {
+            // Gluon and Module: the plain pushes before were init pushes, no iteration.
+            *w = WorkerTrack {
+                pushpull: true,
+                ..WorkerTrack::default()
+            };
+        }
+        if push && !pull && w.pushpull {
+            return None;
+        }
+        let counter = w.next_iteration.entry(key).or_insert(0);
+        let iteration = if push {
+            *counter += 1;
+            *counter - 1
+        } else {
+            counter.checked_sub(1)?
+        };
+        if iteration < w.folded_below {
+            return None; // A straggler of an iteration already reported.
+        }
+        let it = w.open.entry(iteration).or_default();
+        it.first_request.get_or_insert(now);
+        it.last_request = Some(it.last_request.map_or(now, |t| t.max(now)));
+        if push && it.last_push.is_none_or(|(t, _)| now >= t) {
+            it.last_push = Some((now, key));
+        }
+        self.fold(worker, iteration);
+        Some((key, iteration))
+    }
+
+    /// Folds the worker's iterations that can no longer change.
+    fn fold(&mut self, worker: i32, newest: u32) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        while let Some((&index, _)) = w.open.first_key_value() {
+            if index + OPEN_ITERATIONS > newest {
+                break;
+            }
+            let it = w.open.remove(&index).expect("the first key");
+            w.folded_below = index + 1;
+            let Some(start) = it.first_request else {
+                continue;
+            };
+            if let Some((prev_index, prev_start)) = w.last_start {
+                if prev_index + 1 == index {
+                    let period = start.saturating_duration_since(prev_start);
+                    // The previous iteration's share is known only now.
+                    let comm = w.last_comm;
+                    let share = if period.is_zero() {
+                        0.0
+                    } else {
+                        (comm.as_secs_f64() / period.as_secs_f64()).min(1.0)
+                    };
+                    push_window(&mut self.periods, period);
+                    push_window(&mut self.shares, share);
+                    self.events.push_back(LiveEvent::Iteration {
+                        period,
+                        comm_share: share,
+                    });
+                }
+            }
+            // The first layer: what this worker pushed last, as in the iteration before
+            // when that one saw no response for it yet.
+            let first = it.last_push.map(|(_, k)| k).or(w.first_layer);
+            if let (Some(key), Some(last)) = (first, it.last_request) {
+                if let Some(&ready) = it.responses.get(&key) {
+                    let wait = ready.saturating_duration_since(last);
+                    push_window(&mut self.waits, wait);
+                    self.events.push_back(LiveEvent::FirstLayerWait(wait));
+                }
+            }
+            w.first_layer = first;
+            w.last_start = Some((index, start));
+            w.last_comm = it
+                .last_response
+                .map(|end| end.saturating_duration_since(start))
+                .unwrap_or_default();
+        }
+    }
+}
+
+/// Keeps the last [`PERIOD_WINDOW`] values.
+fn push_window<T>(window: &mut VecDeque<T>, value: T) {
+    window.push_back(value);
+    if window.len() > PERIOD_WINDOW {
+        window.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WORKER: i32 = 9;
+    const SERVER: i32 = 8;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A Gluon worker on this host: `iters` iterations of `period_ms`, each pushpulling
+    /// keys 3, 2, 1, 0 (backward order) 10 ms apart from its start; the response for
+    /// key `k` comes `answer_ms(k)` after its request.
+    fn run_job(
+        watch: &mut JobWatch,
+        t0: Instant,
+        iters: u64,
+        period_ms: u64,
+        answer_ms: impl Fn(u64) -> u64,
+    ) -> Vec<LiveEvent> {
+        let mut ts = 0;
+        // Init pushes of every key (plain pushes), answered at once.
+        for k in 0..4 {
+            ts += 1;
+            let corr = (WORKER, SERVER, 0, ts);
+            let req = RequestSeen {
+                corr,
+                key: Some(k),
+                push: true,
+                pull: false,
+                local: true,
+                bytes: 100,
+            };
+            watch.request(req, t0);
+            watch.response(corr, 10, t0);
+        }
+        // Requests and responses in time order.
+        let mut timeline: Vec<(Instant, bool, Correlation, u64)> = Vec::new();
+        for i in 0..iters {
+            let start = t0 + ms(1000 + i * period_ms);
+            for (n, k) in [3u64, 2, 1, 0].into_iter().enumerate() {
+                ts += 1;
+                let at = start + ms(10 * n as u64);
+                timeline.push((at, true, (WORKER, SERVER, 0, ts), k));
+                timeline.push((at + ms(answer_ms(k)), false, (WORKER, SERVER, 0, ts), k));
+            }
+        }
+        timeline.sort_by_key(|(at, request, _, _)| (*at, !*request));
+        let mut events = Vec::new();
+        for (at, request, corr, k) in timeline {
+            if request {
+                let req = RequestSeen {
+                    corr,
+                    key: Some(k),
+                    push: true,
+                    pull: true,
+                    local: true,
+                    bytes: 1000,
+                };
+                watch.request(req, at);
+            } else {
+                watch.response(corr, 1000, at);
+            }
+            while let Some(ev) = watch.poll_event() {
+                events.push(ev);
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn a_steady_job_reports_its_period_its_first_layer_wait_and_its_comm_share() {
+        let mut watch = JobWatch::default();
+        // Key 0 (the first layer, pushed last at +30 ms) is back 70 ms after it left.
+        let events = run_job(&mut watch, Instant::now(), 8, 400, |k| {
+            if k == 0 {
+                70
+            } else {
+                20
+            }
+        });
+        let periods: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                LiveEvent::Iteration { period, comm_share } => Some((*period, *comm_share)),
+                _ => None,
+            })
+            .collect();
+        // 8 iterations, the last two still open: 6 folded, 5 with a period (init pushes
+        // were not an iteration).
+        assert_eq!(periods.len(), 5, "{events:?}");
+        for (period, share) in &periods {
+            assert_eq!(*period, ms(400));
+            // From the first request (+0) to the last response (+30 + 70 ms).
+            assert!((share - 100.0 / 400.0).abs() < 1e-9, "{share}");
+        }
+        let waits: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                LiveEvent::FirstLayerWait(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, vec![ms(70); 6]);
+        assert_eq!(watch.iteration_period(), Some(ms(400)));
+        assert_eq!(watch.first_layer_wait(), Some(ms(70)));
+        assert!((watch.comm_share().unwrap() - 0.25).abs() < 1e-9);
+        let answered: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                LiveEvent::Answered {
+                    server,
+                    latency,
+                    bytes,
+                } => Some((*server, *latency, *bytes)),
+                _ => None,
+            })
+            .collect();
+        // Every request is answered: 8 iterations of 4 keys, and the 4 init pushes.
+        assert_eq!(answered.len(), 8 * 4 + 4);
+        assert!(answered.contains(&(SERVER, ms(70), 2000)));
+        assert!(answered.contains(&(SERVER, ms(20), 2000)));
+    }
+
+    #[test]
+    fn the_first_layer_back_before_the_last_request_waits_zero() {
+        let mut watch = JobWatch::default();
+        // Key 0 is answered 1 ms after it left, but key 1's response is later: the wait
+        // still counts from the last request (key 0's, at +30 ms).
+        let events = run_job(&mut watch, Instant::now(), 5, 300, |k| {
+            if k == 0 {
+                0
+            } else {
+                50
+            }
+        });
+        let waits: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                LiveEvent::FirstLayerWait(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(waits, vec![Duration::ZERO; 3]);
+    }
+
+    #[test]
+    fn the_iteration_estimate_is_the_median_of_the_last_periods() {
+        let mut watch = JobWatch {
+            periods: [ms(500), ms(100), ms(300), ms(900), ms(200)].into(),
+            ..JobWatch::default()
+        };
+        assert_eq!(watch.iteration_period(), Some(ms(300)));
+        watch.periods = [ms(500), ms(100)].into();
+        assert_eq!(watch.iteration_period(), Some(ms(100)));
+        assert_eq!(JobWatch::default().iteration_period(), None);
+    }
+
+    fn pull(corr: Correlation, local: bool) -> RequestSeen {
+        RequestSeen {
+            corr,
+            key: Some(1),
+            push: false,
+            pull: true,
+            local,
+            bytes: 50,
+        }
+    }
+
+    #[test]
+    fn the_oldest_unanswered_request_ages_with_time_and_answers_reset_it() {
+        let mut watch = JobWatch::default();
+        let t0 = Instant::now();
+        // Nothing answered yet on this pair: not counted (the answers may go around).
+        watch.request(pull((9, 8, 0, 1), false), t0);
+        assert_eq!(watch.oldest_request_age(t0 + ms(5000)), None);
+        watch.response((9, 8, 0, 1), 50, t0 + ms(10));
+        watch.request(pull((9, 8, 0, 2), false), t0 + ms(20));
+        watch.request(pull((9, 8, 0, 3), false), t0 + ms(30));
+        assert_eq!(watch.oldest_request_age(t0 + ms(1020)), Some(ms(1000)));
+        watch.response((9, 8, 0, 2), 50, t0 + ms(1030));
+        assert_eq!(watch.oldest_request_age(t0 + ms(2030)), Some(ms(2000)));
+        // A pair without a seen answer (a server around this proxy) never counts.
+        watch.request(pull((11, 10, 0, 1), false), t0);
+        assert_eq!(watch.oldest_request_age(t0 + ms(2030)), Some(ms(2000)));
+        // The server's connection died: ps-lite never answers those.
+        watch.forget(9, 8);
+        assert_eq!(watch.oldest_request_age(t0 + ms(3000)), None);
+        assert_eq!(watch.pending(), 1);
+    }
+
+    #[test]
+    fn unanswered_requests_cost_bounded_memory() {
+        let mut watch = JobWatch::default();
+        let t0 = Instant::now();
+        for ts in 0..(MAX_PENDING as i32 + 10) {
+            watch.request(pull((9, 8, 0, ts), false), t0 + ms(ts as u64));
+        }
+        assert_eq!(watch.pending(), MAX_PENDING);
+        assert_eq!(watch.dropped(), 10);
+        // The oldest went first.
+        watch.response((9, 8, 0, 10), 0, t0);
+        watch.response((9, 8, 0, 9), 0, t0);
+        assert_eq!(watch.pending(), MAX_PENDING - 1);
+    }
+
+    #[test]
+    fn remote_requesters_are_tracked_for_age_but_not_followed() {
+        let mut watch = JobWatch::default();
+        let t0 = Instant::now();
+        for i in 0..6u64 {
+            let corr = (9, 8, 0, i as i32);
+            let req = RequestSeen {
+                corr,
+                key: Some(1),
+                push: true,
+                pull: true,
+                local: false,
+                bytes: 10,
+            };
+            watch.request(req, t0 + ms(100 * i));
+            watch.response(corr, 10, t0 + ms(100 * i + 5));
+        }
+        let mut n = 0;
+        while let Some(ev) = watch.poll_event() {
+            assert!(matches!(ev, LiveEvent::Answered { .. }), "{ev:?}");
+            n += 1;
+        }
+        assert_eq!(n, 6);
+        assert_eq!(watch.iteration_period(), None);
+    }
+}
