@@ -12,7 +12,7 @@ import time
 import pytest
 
 import cluster
-from cluster import Proxies, Topology, run_job
+from cluster import Proxies, Topology, metric, run_job
 
 TOPO = Topology("h1", ["h2"], ["h3", "h4"])
 JOB = os.path.join(cluster.ROOT, "bench", "emulated_job.py")
@@ -45,22 +45,24 @@ def inspected_job(tag, tmp_path, proxied):
                                stdout=open(out, "w"), stderr=open(err, "w"))
     try:
         time.sleep(1.0)  # the raw socket is open
+        live = None
         if proxied:
-            with Proxies(TOPO.hosts(), tag):
+            with Proxies(TOPO.hosts(), tag) as proxies:
                 result = run_job(TOPO, JOB, tag, timeout=300, args=JOB_ARGS)
+                live = proxies.metrics()
         else:
             result = run_job(TOPO, JOB, tag, timeout=300, args=JOB_ARGS)
     finally:
         inspect.send_signal(signal.SIGTERM)
         code = inspect.wait(timeout=60)
     assert code == 0, err.read_text()
-    return json.loads(out.read_text()), job_times(result), json.loads(trace.read_text())
+    return json.loads(out.read_text()), job_times(result), json.loads(trace.read_text()), live
 
 
 @pytest.mark.parametrize("proxied", [False, True], ids=["direct", "p3proxy"])
 def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     tag = "inspect-" + ("p3proxy" if proxied else "direct")
-    ins, times, trace = inspected_job(tag, tmp_path, proxied)
+    ins, times, trace, live = inspected_job(tag, tmp_path, proxied)
     report = ins["report"]
     job_median = statistics.median(times)
     seen = report["summary"]["median_period_s"]
@@ -81,3 +83,21 @@ def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     # Through p3proxy the wire order is the proxies': the order they announced is used.
     assert report["summary"]["layer_order"] == ("p3proxy" if proxied else "learned")
     assert len(trace["traceEvents"]) > 0
+    if not proxied:
+        return
+    # The live proxies tell the same story: each worker host's proxy reports the job's
+    # iteration time, and the first-layer wait inspect found on the server's NIC.
+    wait = report["summary"]["median_first_layer_wait_s"]
+    for h in TOPO.workers:
+        period = metric(live[h], "p3proxy_iteration_seconds")
+        live_wait = metric(live[h], "p3proxy_first_layer_wait_seconds")
+        share = metric(live[h], "p3proxy_communication_share_ratio")
+        print(f"{h}: live iteration {period:.3f} s, first-layer wait {live_wait:.3f} s, comm share {share:.2f}")
+        assert abs(period - job_median) <= TOLERANCE * job_median, (h, period, times)
+        assert abs(live_wait - wait) <= max(0.02, TOLERANCE * job_median), (h, live_wait, wait)
+        assert 0 < share <= 1
+        assert metric(live[h], "p3proxy_iteration_period_seconds_count") >= 5
+        assert metric(live[h], "p3proxy_server_request_seconds_count", server="8") > 0
+        assert metric(live[h], "p3proxy_oldest_request_age_seconds") < 5
+    # The server's host runs no worker: no iteration of its own.
+    assert "p3proxy_iteration_seconds " not in live["h2"]

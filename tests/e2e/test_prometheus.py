@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import urllib.parse
 from datetime import datetime
@@ -143,3 +145,70 @@ def test_the_split_refused_alert_fires_for_a_job_whose_optimizer_is_not_allowlis
     assert [(a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["reason"]) for a in firing] == [
         ("P3proxySplitRefused", instance("h2"), "optimizer_not_allowed")], firing
     assert firing[0]["labels"]["severity"] == "warning"
+
+
+def server_pid(host):
+    """The ps-lite server's Python process in `host`'s namespace (not its `timeout`)."""
+    pids = cluster.sh("ip", "netns", "pids", f"{cluster.PREFIX}-{host}").stdout.split()
+    for pid in pids:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if cmd and cmd[0].endswith(b"python") and any(b"emulated_job.py" in c for c in cmd):
+            return int(pid)
+    raise AssertionError(f"no server process in {host}: {pids}")
+
+
+def admin_get(host, path):
+    url = f"http://{instance(host)}{path}"
+    out = cluster.sh(*cluster.netns(PROM_HOST), cluster.PYTHON, "-c",
+                     f"import urllib.request;print(urllib.request.urlopen({url!r}, timeout=5).read().decode())")
+    return out.stdout
+
+
+def test_a_stopped_server_drives_the_oldest_request_age_until_the_stall_alert_fires(prometheus):
+    """SIGSTOP the job's server mid-run: nothing answers, every worker host's oldest
+    request ages, and Prometheus fires P3proxyJobStalled from the shipped rules; after
+    SIGCONT the job finishes and the age falls back."""
+    job_args = ["--model", "vgg19", "--scale", "0.02", "--iters", "60", "--warmup", "1", "--compute-ms", "200"]
+    job = os.path.join(cluster.ROOT, "bench", "emulated_job.py")
+    with Proxies(TOPO.hosts(), "prom-stall", metrics_on_host=True) as proxies:
+        done = {}
+        runner = threading.Thread(target=lambda: done.update(
+            result=run_job(TOPO, job, "prom-stall-job", timeout=300, args=job_args)))
+        runner.start()
+        deadline = time.time() + 60
+        while not all(metric(proxies.metrics()[h], "p3proxy_iteration_period_seconds_count") >= 2
+                      for h in TOPO.workers):
+            assert runner.is_alive() and time.time() < deadline, "the job did not get going"
+            time.sleep(0.5)
+        assert json.loads(admin_get("h3", "/debug/state"))["job"]["iteration_s"] > 0
+        pid = server_pid("h2")
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time()
+        try:
+            firing = []
+            deadline = stopped + 90
+            workers = {instance(h) for h in TOPO.workers}
+            while time.time() < deadline and not {a["labels"]["instance"] for a in firing} >= workers:
+                firing = [a for a in api("/api/v1/alerts")["alerts"]
+                          if a["state"] == "firing" and a["labels"]["alertname"] == "P3proxyJobStalled"]
+                time.sleep(1)
+            fired_after = time.time() - stopped
+            state = json.loads(admin_get("h3", "/debug/state"))
+            ages = query("p3proxy_oldest_request_age_seconds")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        print(f"P3proxyJobStalled fired {fired_after:.0f} s after SIGSTOP; ages {ages}")
+        assert {a["labels"]["instance"] for a in firing} >= workers, firing
+        # The scheduler's host relays no data request: nothing ages there.
+        assert instance("h1") not in {a["labels"]["instance"] for a in firing}
+        assert firing[0]["labels"]["severity"] == "critical"
+        assert state["requests"]["unanswered"] > 0 and state["requests"]["oldest_age_s"] > 30, state["requests"]
+        runner.join(timeout=240)
+        assert not runner.is_alive()
+        assert len(done["result"].results) == 2, done["result"].logs
+        # Answered again: the age falls back under the threshold, and the alert resolves.
+        wait_for_scrape(time.time())
+        assert all(v < 30 for v in query("p3proxy_oldest_request_age_seconds").values())
