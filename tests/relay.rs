@@ -770,6 +770,40 @@ async fn server_speaks_first_protocols_are_relayed_after_the_detect_timeout() {
 }
 
 #[tokio::test]
+async fn opaque_ports_are_relayed_at_once_without_waiting_for_a_first_byte() {
+    let _serial = serial().await;
+    let listener = TcpListener::bind((host(1), 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"SSH-2.0-x\r\n").await.unwrap();
+    });
+    // Detection would wait 10 s for a first byte; the port is declared opaque.
+    let (redirect, _) = proxy(1, false, 1, addr, |c| {
+        c.detect_timeout_ms = 10_000;
+        c.opaque_ports = vec![addr.port()];
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(redirect).await.unwrap();
+    let mut banner = [0u8; 11];
+    timeout(T, s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&banner, b"SSH-2.0-x\r\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        count(&counters(), "p3proxy_connections_total{route=opaque}"),
+        1
+    );
+}
+
+#[tokio::test]
 async fn bad_input_at_the_redirect_listener_is_refused_and_others_keep_working() {
     let _serial = serial().await;
     let (server, mut seen) = router(host(1), 0).await;

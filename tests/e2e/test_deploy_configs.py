@@ -99,6 +99,11 @@ def test_the_kubernetes_example_is_shaped_as_design_section_2_says(tmp_path):
     args = sidecar["args"]
     assert args[args.index("--metrics") + 1] == "$(POD_IP):9464"
     assert sidecar["livenessProbe"]["httpGet"]["port"] == "metrics"
+    # Started and ready means serving: /ready, not the metrics text.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"]["path"] == "/ready", probe
+    # The skip lists: a port the redirect never captures, one relayed opaque at once.
+    assert redirect["command"][redirect["command"].index("--skip-ports") + 1] == "443"
     assert {"name": "metrics", "containerPort": 9464} in sidecar["ports"]
     # The config the sidecar reads is valid, its uid exemption and CIDR match the redirect's,
     # and its journal is on the emptyDir.
@@ -109,6 +114,7 @@ def test_the_kubernetes_example_is_shaped_as_design_section_2_says(tmp_path):
     assert re.search(rf"^uid = {uid}$", toml, re.M)
     cidr = redirect["command"][redirect["command"].index("--cidr") + 1]
     assert f'cluster_cidr = ["{cidr}"]' in toml
+    assert re.search(r"^opaque_ports = \[22\]$", toml, re.M)
     journal_dir = os.path.dirname(re.search(r'^journal = "(.*)"$', toml, re.M).group(1))
     mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

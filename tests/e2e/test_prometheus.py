@@ -207,8 +207,43 @@ def test_a_stopped_server_drives_the_oldest_request_age_until_the_stall_alert_fi
         assert firing[0]["labels"]["severity"] == "critical"
         assert state["requests"]["unanswered"] > 0 and state["requests"]["oldest_age_s"] > 30, state["requests"]
         runner.join(timeout=240)
+        plot_dashboard(stopped - 20, time.time() + 2, os.path.join(cluster.LOGS, "dashboard.png"))
         assert not runner.is_alive()
         assert len(done["result"].results) == 2, done["result"].logs
         # Answered again: the age falls back under the threshold, and the alert resolves.
         wait_for_scrape(time.time())
         assert all(v < 30 for v in query("p3proxy_oldest_request_age_seconds").values())
+
+
+DASHBOARD = os.path.join(cluster.ROOT, "configs", "grafana", "p3proxy-dashboard.json")
+# The panels an operator watches for a job's health, plotted as Grafana would.
+HEALTH_PANELS = ("Iteration time", "First-layer wait", "Oldest unanswered request", "Server request latency",
+                 "Bytes relayed", "Queue delay p99 by class")
+
+
+def plot_dashboard(start, end, path):
+    """Plots the dashboard's job-health panels from this Prometheus over [start, end]:
+    each panel's own queries, with Grafana's variables filled in."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = {p["title"]: p for p in json.load(open(DASHBOARD))["panels"]}
+    fig, axes = plt.subplots(3, 2, figsize=(14, 10))
+    for ax, title in zip(axes.flat, HEALTH_PANELS):
+        panel = panels[title]
+        for target in panel["targets"]:
+            expr = target["expr"].replace('instance=~"$instance"', 'instance=~".*"').replace("$__rate_interval", "5s")
+            series = api("/api/v1/query_range", query=expr, start=start, end=end, step=1)["result"]
+            for s in series:
+                legend = re.sub(r"\{\{(\w+)\}\}", lambda m: s["metric"].get(m.group(1), ""), target.get("legendFormat", ""))
+                t = [float(v[0]) - start for v in s["values"]]
+                y = [float(v[1]) for v in s["values"]]
+                ax.plot(t, y, label=legend or expr[:40])
+        ax.set_title(title)
+        ax.set_xlabel("s")
+        ax.set_ylabel(panel["fieldConfig"]["defaults"].get("unit", ""))
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("p3proxy dashboard panels from a real Prometheus: a job whose server is stopped at t=20 s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
