@@ -219,7 +219,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     priority_map: Option<PathBuf>,
     /// The learned order: 0 = strict layer order; above 0, production order with the
-    /// last layers holding this share of the bytes deferred to the end [default: 0.2].
+    /// last layers holding this share of the bytes deferred to the end [default: 0 where
+    /// a worker shares a server's host, 0.2 elsewhere].
     #[arg(long, value_name = "SHARE")]
     learned_defer: Option<f64>,
     /// Threads that move bytes [default: 1].
@@ -338,7 +339,7 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
         config.priority_map = Some(m.clone());
     }
     if let Some(d) = args.learned_defer {
-        config.learned_defer = d;
+        config.learned_defer = Some(d);
     }
     if let Some(n) = args.threads {
         config.threads = n;

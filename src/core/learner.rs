@@ -99,6 +99,11 @@ impl Learner {
         }
     }
 
+    /// The deferred share in use.
+    pub fn defer(&self) -> f64 {
+        self.defer
+    }
+
     /// Whether the learned order is in use.
     pub fn is_trusted(&self) -> bool {
         self.trusted.is_some()

@@ -130,6 +130,11 @@ impl PriorityTable {
         self.learner.set_defer(share);
     }
 
+    /// The learned order's deferred share in use.
+    pub fn defer(&self) -> f64 {
+        self.learner.defer()
+    }
+
     /// The source configured.
     pub fn source(&self) -> Source {
         self.source

@@ -13,6 +13,7 @@ use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::{MessageKind, PsMessage, Role};
 
 use super::journal::Record;
+use super::learner::DEFAULT_DEFER;
 use super::live::{JobWatch, RequestSeen};
 use super::pairing::PairLag;
 use super::policy::{Policy, Refusal};
@@ -57,6 +58,9 @@ pub struct ProxyState {
     pub pair_lag: PairLag,
     /// How the job is doing (iterations, waits, unanswered requests).
     pub job: JobWatch,
+    /// The learned order's deferred share follows the topology (`learned_defer` unset):
+    /// strict layer order where a worker shares a local server's host.
+    pub auto_defer: bool,
     effects: VecDeque<Effect>,
 }
 
@@ -70,6 +74,7 @@ impl ProxyState {
             splitter,
             pair_lag: PairLag::default(),
             job: JobWatch::default(),
+            auto_defer: false,
             effects: VecDeque::new(),
         }
     }
@@ -163,6 +168,13 @@ impl ProxyState {
             .filter(|n| n.role == Role::Worker)
             .count();
         self.pair_lag.set_workers(workers);
+        if self.auto_defer {
+            // Measured on the testbed: colocated, strict layer order is 8% faster on
+            // ResNet-50 and level on VGG-19; on separate hosts the deferred order wins.
+            let colocated = self.splitter.server_shares_a_worker_host();
+            self.priority
+                .set_defer(if colocated { 0.0 } else { DEFAULT_DEFER });
+        }
         let nodes = self
             .topology
             .nodes()
@@ -293,6 +305,31 @@ mod tests {
 
     fn effects(s: &mut ProxyState) -> Vec<Effect> {
         std::iter::from_fn(|| s.poll_effect()).collect()
+    }
+
+    #[test]
+    fn an_unset_learned_defer_is_strict_layer_order_only_where_a_worker_shares_the_servers_host() {
+        let node = |id, role, addr: &str| NodeInfo {
+            id,
+            role,
+            addr: Some(addr.parse().unwrap()),
+        };
+        for (worker_host, auto, want) in [
+            ("10.0.0.2:9001", true, 0.0),
+            ("10.0.0.3:9001", true, DEFAULT_DEFER),
+            ("10.0.0.2:9001", false, DEFAULT_DEFER),
+        ] {
+            let mut s = state();
+            s.auto_defer = auto;
+            s.register("10.0.0.2:9000".parse().unwrap(), Role::Server);
+            s.topology.set_nodes(vec![
+                node(8, Role::Server, "10.0.0.2:9000"),
+                node(9, Role::Worker, worker_host),
+                node(11, Role::Worker, "10.0.0.4:9001"),
+            ]);
+            s.node_table_learned();
+            assert_eq!(s.priority.defer(), want, "{worker_host} auto {auto}");
+        }
     }
 
     #[test]

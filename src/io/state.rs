@@ -24,6 +24,7 @@ use super::journal::{JournalFile, JournalFileError};
 use super::net::{Bound, Env};
 use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
+use crate::core::learner::DEFAULT_DEFER;
 use crate::core::live::LiveEvent;
 use crate::core::policy::Policy;
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency};
@@ -134,7 +135,7 @@ impl Shared {
             None
         });
         let mut priority = PriorityTable::new(source, map);
-        priority.set_defer(config.learned_defer);
+        priority.set_defer(config.learned_defer.unwrap_or(DEFAULT_DEFER));
         tracing::info!(
             configured = source.label(),
             in_use = priority.in_use().label(),
@@ -155,6 +156,7 @@ impl Shared {
             None => None,
         };
         let mut core = ProxyState::new(policy, priority, Splitter::new(config.split_config()));
+        core.auto_defer = config.learned_defer.is_none();
         if !records.is_empty() {
             let layouts = core.replay(&records);
             tracing::warn!(
@@ -490,7 +492,7 @@ impl Shared {
             "priority": {
                 "configured": core.priority.source().label(),
                 "in_use": core.priority.in_use().label(),
-                "learned_defer": self.config.learned_defer,
+                "learned_defer": core.priority.defer(),
                 "learned_order": order,
             },
             "split_servers": servers,

@@ -366,6 +366,13 @@ impl Splitter {
             .is_some_and(|s| s.keys.contains_key(&key))
     }
 
+    /// A local server runs on a host where a worker runs too (from the node table).
+    pub fn server_shares_a_worker_host(&self) -> bool {
+        self.servers
+            .keys()
+            .any(|a| self.worker_hosts.contains(&a.ip()))
+    }
+
     /// Every local server as the splitter sees it, by address.
     pub fn servers(&self) -> Vec<ServerView> {
         let mut out: Vec<ServerView> = self
