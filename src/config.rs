@@ -135,6 +135,10 @@ pub struct Config {
     /// `opaque-ports`. Ports the proxy should not see at all are skipped by the
     /// redirect instead (`scripts/redirect install --skip-ports`).
     pub opaque_ports: Vec<u16>,
+    /// The host's link rate in bits per second, if known: the live estimate of what an
+    /// iteration could save against the ideal bound needs it
+    /// (`p3proxy_estimated_saving_seconds`). Unset: no estimate.
+    pub link_rate_bps: Option<u64>,
     /// Static upstream (tests only): every captured connection goes here.
     pub upstream: Option<SocketAddr>,
     /// Priority scheduling (DESIGN.md §5-6): per-class tunnel connections carrying
@@ -221,6 +225,7 @@ impl Default for Config {
             detect_timeout_ms: 1000,
             no_proxy_ttl_s: 60,
             opaque_ports: Vec::new(),
+            link_rate_bps: None,
             upstream: None,
             schedule: true,
             splice: true,
@@ -327,6 +332,15 @@ impl Config {
             if ms == 0 || ms > 600_000 {
                 return invalid(field, "must be between 1 and 600000 milliseconds");
             }
+        }
+        if self
+            .link_rate_bps
+            .is_some_and(|r| !(1_000_000..=10_000_000_000_000).contains(&r))
+        {
+            return invalid(
+                "link_rate_bps",
+                "must be between 1 Mbit/s and 10 Tbit/s (1000000 to 10000000000000)",
+            );
         }
         if self.opaque_ports.contains(&0) {
             return invalid("opaque_ports", "ports are 1-65535");

@@ -214,6 +214,9 @@ metrics_table! {
     /// The share of the iteration from its first request to its last response.
     COMM_SHARE = "p3proxy_communication_share_ratio", Gauge, None, None, Zero::No,
         "The share of the iteration period from its first request to its last response (median of the last 5 iterations).";
+    /// What an iteration could save against the ideal bound (with `link_rate_bps`).
+    ESTIMATED_SAVING = "p3proxy_estimated_saving_seconds", Gauge, Some(Unit::Seconds), None, Zero::No,
+        "What an iteration could save against the ideal bound (compute, or the worker's busier link direction at link_rate_bps, whichever is longer); the median of the last 5 iterations. Only with link_rate_bps set.";
     /// The age of the oldest request relayed and not yet answered: the hang detector.
     OLDEST_REQUEST_AGE = "p3proxy_oldest_request_age_seconds", Gauge, Some(Unit::Seconds), None, Zero::Plain,
         "Age of the oldest data request relayed by this proxy and not yet answered (0: none); a job that hangs makes it grow.";
@@ -350,6 +353,8 @@ pub struct JobEvents {
     pub first_layer_wait: Option<Duration>,
     /// The communication share estimate.
     pub comm_share: Option<f64>,
+    /// The saving estimate.
+    pub saving: Option<Duration>,
 }
 
 /// Records what the job watch reported.
@@ -380,6 +385,9 @@ pub fn job_events(job: &JobEvents) {
     }
     if let Some(r) = job.comm_share {
         gauge!(COMM_SHARE).set(r);
+    }
+    if let Some(d) = job.saving {
+        gauge!(ESTIMATED_SAVING).set(d.as_secs_f64());
     }
 }
 

@@ -56,6 +56,8 @@ pub enum LiveEvent {
         period: Duration,
         /// The share of the period from its first request to its last response.
         comm_share: f64,
+        /// What the period could save against the ideal bound (with a link rate).
+        saving: Option<Duration>,
     },
     /// How long a local worker's next forward pass waited for its first layer.
     FirstLayerWait(Duration),
@@ -87,6 +89,9 @@ struct Iteration {
     last_push: Option<(Instant, u64)>,
     /// When each key's response came.
     responses: HashMap<u64, Instant>,
+    /// Data bytes the worker sent and received for it.
+    bytes_out: u64,
+    bytes_in: u64,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +108,9 @@ struct WorkerTrack {
     first_layer: Option<u64>,
     /// The last folded iteration's first request to last response.
     last_comm: Duration,
+    /// The last folded iteration's first-layer wait and its busier direction's bytes.
+    last_wait: Duration,
+    last_bytes: u64,
 }
 
 /// The job as it goes by.
@@ -115,19 +123,33 @@ pub struct JobWatch {
     periods: VecDeque<Duration>,
     waits: VecDeque<Duration>,
     shares: VecDeque<f64>,
+    savings: VecDeque<Duration>,
+    /// The host's link rate, bits per second, if known (`link_rate_bps`).
+    rate_bps: Option<f64>,
     events: VecDeque<LiveEvent>,
     dropped: u64,
 }
 
 impl JobWatch {
+    /// A watch that also estimates each iteration's saving against the ideal bound
+    /// (`inspect`'s: compute, the period less the first-layer wait, or the worker's
+    /// busier link direction at `rate_bps`, whichever is longer).
+    pub fn with_link_rate(rate_bps: Option<f64>) -> JobWatch {
+        JobWatch {
+            rate_bps: rate_bps.filter(|r| *r > 0.0),
+            ..JobWatch::default()
+        }
+    }
+
     /// An app sent a data request.
     pub fn request(&mut self, req: RequestSeen, now: Instant) {
         if self.pending.len() >= MAX_PENDING {
             self.drop_oldest();
         }
         let follow = if req.local {
-            req.key
-                .and_then(|key| self.follow_request(req.corr.0, key, req.push, req.pull, now))
+            req.key.and_then(|key| {
+                self.follow_request(req.corr.0, key, req.push, req.pull, req.bytes, now)
+            })
         } else {
             None
         };
@@ -162,6 +184,7 @@ impl JobWatch {
             {
                 it.last_response = Some(it.last_response.map_or(now, |t| t.max(now)));
                 it.responses.insert(key, now);
+                it.bytes_in += bytes;
             }
         }
     }
@@ -207,6 +230,14 @@ impl JobWatch {
         v.get(v.len().saturating_sub(1) / 2).copied()
     }
 
+    /// What an iteration could save against the ideal bound: the median of the last
+    /// [`PERIOD_WINDOW`] (only with a link rate).
+    pub fn estimated_saving(&self) -> Option<Duration> {
+        let mut v: Vec<Duration> = self.savings.iter().copied().collect();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    }
+
     /// Requests dropped untracked because [`MAX_PENDING`] were unanswered.
     pub fn dropped(&self) -> u64 {
         self.dropped
@@ -242,6 +273,7 @@ impl JobWatch {
         key: u64,
         push: bool,
         pull: bool,
+        bytes: u64,
         now: Instant,
     ) -> Option<(u64, u32)> {
         let w = self.workers.entry(worker).or_default();
@@ -268,6 +300,7 @@ impl JobWatch {
         let it = w.open.entry(iteration).or_default();
         it.first_request.get_or_insert(now);
         it.last_request = Some(it.last_request.map_or(now, |t| t.max(now)));
+        it.bytes_out += bytes;
         if push && it.last_push.is_none_or(|(t, _)| now >= t) {
             it.last_push = Some((now, key));
         }
@@ -299,11 +332,20 @@ impl JobWatch {
                     } else {
                         (comm.as_secs_f64() / period.as_secs_f64()).min(1.0)
                     };
+                    let saving = self.rate_bps.map(|rate| {
+                        let compute = period.saturating_sub(w.last_wait);
+                        let link = Duration::from_secs_f64(w.last_bytes as f64 * 8.0 / rate);
+                        period.saturating_sub(compute.max(link))
+                    });
                     push_window(&mut self.periods, period);
                     push_window(&mut self.shares, share);
+                    if let Some(saving) = saving {
+                        push_window(&mut self.savings, saving);
+                    }
                     self.events.push_back(LiveEvent::Iteration {
                         period,
                         comm_share: share,
+                        saving,
                     });
                 }
             }
@@ -317,6 +359,13 @@ impl JobWatch {
                     self.events.push_back(LiveEvent::FirstLayerWait(wait));
                 }
             }
+            w.last_wait = first
+                .zip(it.last_request)
+                .and_then(|(key, last)| {
+                    Some(it.responses.get(&key)?.saturating_duration_since(last))
+                })
+                .unwrap_or_default();
+            w.last_bytes = it.bytes_out.max(it.bytes_in);
             w.first_layer = first;
             w.last_start = Some((index, start));
             w.last_comm = it
@@ -420,7 +469,9 @@ mod tests {
         let periods: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
-                LiveEvent::Iteration { period, comm_share } => Some((*period, *comm_share)),
+                LiveEvent::Iteration {
+                    period, comm_share, ..
+                } => Some((*period, *comm_share)),
                 _ => None,
             })
             .collect();
@@ -458,6 +509,35 @@ mod tests {
         assert_eq!(answered.len(), 8 * 4 + 4);
         assert!(answered.contains(&(SERVER, ms(70), 2000)));
         assert!(answered.contains(&(SERVER, ms(20), 2000)));
+    }
+
+    #[test]
+    fn with_a_link_rate_the_saving_is_the_period_less_the_longer_of_compute_and_the_link() {
+        // 4 keys of 1000 bytes each way per iteration; the first layer waits 70 ms.
+        // At 80 kbit/s the link needs 400 ms: no saving. At 1 Mbit/s it needs 32 ms, and
+        // compute is the period less the wait (330 ms): 70 ms to save.
+        for (rate, want) in [(80_000.0, ms(0)), (1_000_000.0, ms(70))] {
+            let mut watch = JobWatch::with_link_rate(Some(rate));
+            let events = run_job(&mut watch, Instant::now(), 8, 400, |k| {
+                if k == 0 {
+                    70
+                } else {
+                    20
+                }
+            });
+            let savings: Vec<_> = events
+                .iter()
+                .filter_map(|e| match e {
+                    LiveEvent::Iteration { saving, .. } => *saving,
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(savings, vec![want; 5], "{rate}");
+            assert_eq!(watch.estimated_saving(), Some(want));
+        }
+        let mut watch = JobWatch::default();
+        run_job(&mut watch, Instant::now(), 8, 400, |_| 20);
+        assert_eq!(watch.estimated_saving(), None);
     }
 
     #[test]

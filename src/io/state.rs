@@ -25,7 +25,7 @@ use super::net::{Bound, Env};
 use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
 use crate::core::learner::DEFAULT_DEFER;
-use crate::core::live::LiveEvent;
+use crate::core::live::{JobWatch, LiveEvent};
 use crate::core::policy::Policy;
 use crate::core::priority::{PriorityEvent, PriorityTable, Source, Urgency};
 use crate::core::proxy::{Effect, ProxyState, Registration};
@@ -157,6 +157,7 @@ impl Shared {
         };
         let mut core = ProxyState::new(policy, priority, Splitter::new(config.split_config()));
         core.auto_defer = config.learned_defer.is_none();
+        core.job = JobWatch::with_link_rate(config.link_rate_bps.map(|r| r as f64));
         if !records.is_empty() {
             let layouts = core.replay(&records);
             tracing::warn!(
@@ -407,6 +408,7 @@ impl Shared {
             iteration: core.job.iteration_period(),
             first_layer_wait: core.job.first_layer_wait(),
             comm_share: core.job.comm_share(),
+            saving: core.job.estimated_saving(),
         })
     }
 
@@ -507,6 +509,7 @@ impl Shared {
                 "iteration_s": secs(core.job.iteration_period()),
                 "first_layer_wait_s": secs(core.job.first_layer_wait()),
                 "comm_share": core.job.comm_share(),
+                "estimated_saving_s": secs(core.job.estimated_saving()),
             },
         })
     }
