@@ -455,6 +455,16 @@ mod tests {
         events
     }
 
+    fn first_layer_waits(events: &[LiveEvent]) -> Vec<Duration> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                LiveEvent::FirstLayerWait(d) => Some(*d),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn a_steady_job_reports_its_period_its_first_layer_wait_and_its_comm_share() {
         let mut watch = JobWatch::default();
@@ -483,13 +493,7 @@ mod tests {
             // From the first request (+0) to the last response (+30 + 70 ms).
             assert!((share - 100.0 / 400.0).abs() < 1e-9, "{share}");
         }
-        let waits: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                LiveEvent::FirstLayerWait(d) => Some(*d),
-                _ => None,
-            })
-            .collect();
+        let waits = first_layer_waits(&events);
         assert_eq!(waits, vec![ms(70); 6]);
         assert_eq!(watch.iteration_period(), Some(ms(400)));
         assert_eq!(watch.first_layer_wait(), Some(ms(70)));
@@ -543,7 +547,7 @@ mod tests {
     #[test]
     fn the_first_layer_back_before_the_last_request_waits_zero() {
         let mut watch = JobWatch::default();
-        // Key 0 is answered 1 ms after it left, but key 1's response is later: the wait
+        // Key 0 is answered as it leaves, but key 1's response is later: the wait
         // still counts from the last request (key 0's, at +30 ms).
         let events = run_job(&mut watch, Instant::now(), 5, 300, |k| {
             if k == 0 {
@@ -552,13 +556,7 @@ mod tests {
                 50
             }
         });
-        let waits: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                LiveEvent::FirstLayerWait(d) => Some(*d),
-                _ => None,
-            })
-            .collect();
+        let waits = first_layer_waits(&events);
         assert_eq!(waits, vec![Duration::ZERO; 3]);
     }
 
