@@ -84,9 +84,10 @@ async fn the_admin_surface_answers_what_an_operator_asks_and_refuses_the_rest() 
         }),
     ));
 
-    // Not serving yet: not ready.
+    // Not serving yet: not ready, but alive.
     let (status, text) = get(admin, "/ready").await;
     assert_eq!(status, 503, "{text}");
+    assert_eq!(get(admin, "/live").await.0, 200);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy = tokio::spawn(run(bound, shared.clone(), stopped));
     for _ in 0..100 {
@@ -116,6 +117,9 @@ async fn the_admin_surface_answers_what_an_operator_asks_and_refuses_the_rest() 
     assert_eq!(status, 200, "{text}");
     let state: serde_json::Value = serde_json::from_str(body(&text)).expect("JSON");
     assert_eq!(state["ready"], true);
+    // Exempted by uid: the redirect cannot be probed, so readiness does not wait for it.
+    assert_eq!(state["redirect"]["probe"], serde_json::Value::Null);
+    assert_eq!(state["redirect"]["verified"], serde_json::Value::Null);
     assert_eq!(state["nodes"], serde_json::json!([]));
     assert_eq!(state["priority"]["configured"], "learned");
     assert_eq!(state["priority"]["in_use"], "key");

@@ -97,7 +97,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, RequestError> {
 pub enum Route {
     /// `GET /metrics`: the Prometheus exposition.
     Metrics,
-    /// `GET /ready`: 200 once serving, 503 before and while shutting down.
+    /// `GET /live`: 200 while the process answers (startup and liveness probes).
+    Live,
+    /// `GET /ready`: 200 once serving and the redirect is seen to reach the proxy,
+    /// 503 before and while shutting down.
     Ready,
     /// `GET /debug/state`: the proxy's state as JSON.
     State,
@@ -118,6 +121,7 @@ pub fn route(req: &Request) -> Route {
     let get = req.method == "GET";
     match req.path.as_str() {
         "/metrics" if get => Route::Metrics,
+        "/live" if get => Route::Live,
         "/ready" if get => Route::Ready,
         "/debug/state" if get => Route::State,
         "/log-level" if get => Route::LogLevel,
@@ -126,7 +130,7 @@ pub fn route(req: &Request) -> Route {
             _ => Route::BadBody,
         },
         "/log-level" => Route::MethodNotAllowed("GET, PUT"),
-        "/metrics" | "/ready" | "/debug/state" => Route::MethodNotAllowed("GET"),
+        "/metrics" | "/live" | "/ready" | "/debug/state" => Route::MethodNotAllowed("GET"),
         _ => Route::NotFound,
     }
 }
@@ -239,6 +243,8 @@ mod tests {
             ("GET /metrics HTTP/1.1", Route::Metrics),
             ("GET /metrics?x=1 HTTP/1.0", Route::Metrics),
             ("GET /ready HTTP/1.1", Route::Ready),
+            ("GET /live HTTP/1.1", Route::Live),
+            ("HEAD /live HTTP/1.1", Route::MethodNotAllowed("GET")),
             ("GET /debug/state HTTP/1.1", Route::State),
             ("GET /log-level HTTP/1.1", Route::LogLevel),
             ("POST /metrics HTTP/1.1", Route::MethodNotAllowed("GET")),

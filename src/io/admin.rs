@@ -87,7 +87,11 @@ async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         match parse_request(&buf) {
             Ok(None) if buf.len() <= MAX_HEAD + MAX_BODY + 4 => continue,
             Ok(None) => break Response::text(413, "request too large\n"),
-            Ok(Some(req)) => break respond(&route(&req), admin),
+            Ok(Some(req)) => {
+                let response = respond(&route(&req), admin);
+                tracing::debug!(method = %req.method, path = %req.path, status = response.status, "admin request");
+                break response;
+            }
             Err(e) => break Response::text(e.status(), format!("{e}\n")),
         }
     };
@@ -104,6 +108,7 @@ fn respond(route: &Route, admin: &Admin) -> Response {
                 ..Response::text(200, admin.metrics.render())
             }
         }
+        Route::Live => Response::text(200, "live\n"),
         Route::Ready => {
             if admin.shared.is_ready() {
                 Response::text(200, "ready\n")

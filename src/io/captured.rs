@@ -43,6 +43,9 @@ pub(super) async fn handle_captured(
             return refuse(Refusal::NoOriginalDst, "captured connection", peer, None);
         }
     };
+    if !inbound && shared.redirect.is_probe(dst) {
+        return; // The proxy's own probe: the redirect reaches it.
+    }
     let dst_local = (shared.env.is_local)(dst.ip());
     let checked = if inbound {
         // Exactly what a tunnel may reach: a registered local node, from the cluster.

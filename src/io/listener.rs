@@ -47,7 +47,12 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
         }
     };
     shared.set_ready(true);
+    let redirect_check = async {
+        super::redirect_check::watch(shared.clone()).await;
+        std::future::pending::<()>().await
+    };
     tokio::select! {
+        _ = redirect_check => {}
         _ = redirect => {}
         _ = tunnel => {}
         _ = inbound => {}

@@ -12,6 +12,7 @@ mod journal;
 mod listener;
 pub mod memory;
 mod net;
+mod redirect_check;
 mod session;
 mod splice;
 mod split;

@@ -22,6 +22,7 @@ use super::handshake::PeerInfo;
 use super::inbound::{InboundError, InboundRules};
 use super::journal::{JournalFile, JournalFileError};
 use super::net::{Bound, Env};
+use super::redirect_check::RedirectCheck;
 use crate::config::{Config, PrioritySource};
 use crate::core::journal::Record;
 use crate::core::learner::DEFAULT_DEFER;
@@ -82,6 +83,8 @@ pub struct Shared {
     ready: AtomicBool,
     /// Requests to local servers held for order now.
     pub(crate) held_now: AtomicI64,
+    /// Whether the redirect reaches this proxy (`/ready`).
+    pub(crate) redirect: RedirectCheck,
 }
 
 /// Why a proxy could not start serving.
@@ -167,6 +170,7 @@ impl Shared {
                 "continuing from the journal of a previous run"
             );
         }
+        let redirect = RedirectCheck::new(&config);
         let shared = Arc::new(Shared {
             limits: Limits::default(),
             egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
@@ -181,6 +185,7 @@ impl Shared {
             inbound,
             ready: AtomicBool::new(false),
             held_now: AtomicI64::new(0),
+            redirect,
         });
         // Replaying asks only that the journal's local nodes be captured inbound again.
         let effects = shared.effects(&mut shared.core());
@@ -434,9 +439,10 @@ impl Shared {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Whether `/ready` says so.
+    /// Whether `/ready` says so: serving, and the redirect seen to reach this proxy
+    /// where that can be checked.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.redirect.ok()
     }
 
     /// The proxy's state for an operator (`GET /debug/state`).
@@ -490,6 +496,10 @@ impl Shared {
             .collect();
         json!({
             "ready": self.is_ready(),
+            "redirect": {
+                "probe": self.redirect.target.map(|t| t.to_string()),
+                "verified": self.redirect.verified(),
+            },
             "nodes": nodes,
             "priority": {
                 "configured": core.priority.source().label(),

@@ -7,6 +7,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{ideal_bound, Order, Profile, SimConfig, SimReport, WIRE_EFFICIENCY};
+use crate::core::learner::{Learner, DEFAULT_STABLE_ROUNDS};
 use crate::core::scheduler::{LaneKind, MessageSpec, MsgId, Scheduler};
 
 /// Nanoseconds since the start.
@@ -163,7 +164,14 @@ impl<'a> Sim<'a> {
                 }
             })
             .collect();
-        let priorities = priorities(profile, config.order);
+        let third = config.compute.as_nanos() as f64 / 3.0;
+        let fwd: Vec<Ns> = profile
+            .layers
+            .iter()
+            .map(|l| (third * l.flops_share) as Ns)
+            .collect();
+        let bwd: Vec<Ns> = fwd.iter().map(|f| 2 * f).collect();
+        let priorities = priorities(profile, config.order, &bwd);
         let mut parts = Vec::new();
         let mut parts_of: HashMap<u64, Vec<usize>> = HashMap::new();
         let mut left: Vec<u64> = vec![config.split.map_or(0, |z| z.max_slices(w)); s];
@@ -205,13 +213,6 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        let third = config.compute.as_nanos() as f64 / 3.0;
-        let fwd: Vec<Ns> = profile
-            .layers
-            .iter()
-            .map(|l| (third * l.flops_share) as Ns)
-            .collect();
-        let bwd = fwd.iter().map(|f| 2 * f).collect();
         Sim {
             config,
             profile,
@@ -551,49 +552,73 @@ impl<'a> Sim<'a> {
     }
 }
 
-/// Each key's egress priority under `order` (lower goes first).
-fn priorities(profile: &Profile, order: Order) -> HashMap<u64, u32> {
-    let n = profile.layers.len();
-    let total: u64 = profile.pushed_bytes();
-    let mut tail_layers = 0;
-    if let Order::Tail { tail } = order {
-        let mut acc = 0u64;
-        for l in &profile.layers {
-            if (acc as f64) >= tail * total as f64 {
-                break;
+/// Each key's egress priority under `order` (lower goes first); `bwd`: each layer's
+/// backward compute. The layer orders are what the proxies' real [`Learner`] learns
+/// from the pushes' arrival times in backward (ties within its burst gap, the deferred
+/// share by the pushes' sizes); key order where it would not trust what it saw.
+fn priorities(profile: &Profile, order: Order, bwd: &[Ns]) -> HashMap<u64, u32> {
+    let keys = profile.layers.iter().flat_map(|l| &l.params);
+    match order {
+        Order::Direct => keys.map(|p| (p.key, 0)).collect(),
+        Order::Key => keys.map(|p| (p.key, p.key as u32 + 1)).collect(),
+        Order::Layer => learned(profile, 0.0, bwd),
+        Order::Defer { tail } => learned(profile, tail, bwd),
+        Order::Tail { tail } => {
+            // The layers from the input holding `tail` of the bytes first, in forward
+            // order, then the rest in production order.
+            let n = profile.layers.len();
+            let total = profile.pushed_bytes();
+            let mut acc = 0u64;
+            let mut tail_layers = 0;
+            for l in &profile.layers {
+                if (acc as f64) >= tail * total as f64 {
+                    break;
+                }
+                acc += l.params.iter().map(|p| p.bytes).sum::<u64>();
+                tail_layers += 1;
             }
-            acc += l.params.iter().map(|p| p.bytes).sum::<u64>();
-            tail_layers += 1;
-        }
-    }
-    let mut deferred = 0;
-    if let Order::Defer { tail } = order {
-        let mut acc = 0u64;
-        for l in profile.layers.iter().rev() {
-            if (acc as f64) >= tail * total as f64 {
-                break;
+            let mut out = HashMap::new();
+            for (i, l) in profile.layers.iter().enumerate() {
+                let prio = if i < tail_layers {
+                    i + 1
+                } else {
+                    tail_layers + n - i
+                };
+                for p in &l.params {
+                    out.insert(p.key, prio as u32);
+                }
             }
-            acc += l.params.iter().map(|p| p.bytes).sum::<u64>();
-            deferred += 1;
+            out
         }
     }
-    let mut out = HashMap::new();
-    for (i, l) in profile.layers.iter().enumerate() {
-        for p in &l.params {
-            let prio = match order {
-                Order::Direct => 0,
-                Order::Key => p.key as u32 + 1,
-                Order::Layer => i as u32 + 1,
-                Order::Tail { .. } if i < tail_layers => i as u32 + 1,
-                Order::Tail { .. } => (tail_layers + n - i) as u32,
-                // Production order first, then the deferred layers in forward order.
-                Order::Defer { .. } if i + deferred < n => (n - i) as u32,
-                Order::Defer { .. } => (n + 1 + i) as u32,
-            };
-            out.insert(p.key, prio);
+}
+
+/// What the learner trusts after watching a few iterations of backward: each layer's
+/// pushes handed over when its backward compute ends.
+fn learned(profile: &Profile, defer: f64, bwd: &[Ns]) -> HashMap<u64, u32> {
+    let mut learner = Learner::default();
+    learner.set_defer(defer);
+    let base = Instant::now();
+    let backward: Ns = bwd.iter().sum();
+    let mut t: Ns = 0;
+    for _ in 0..DEFAULT_STABLE_ROUNDS + 2 {
+        t += backward.max(1_000_000_000); // the forward pass in between
+        for (l, layer) in profile.layers.iter().enumerate().rev() {
+            t += bwd[l];
+            for p in &layer.params {
+                let _ = learner.observe(p.key, p.bytes, base + Duration::from_nanos(t));
+            }
         }
     }
-    out
+    profile
+        .layers
+        .iter()
+        .flat_map(|l| &l.params)
+        .map(|p| {
+            let key_order = u32::try_from(p.key).unwrap_or(u32::MAX - 1) + 1;
+            (p.key, learner.priority(p.key).unwrap_or(key_order))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -674,10 +699,21 @@ mod tests {
     #[test]
     fn orders_rank_keys_as_documented() {
         let p = profile(&[(0.3, &[(5, 100)]), (0.3, &[(1, 100)]), (0.4, &[(3, 300)])]);
-        let prio = |o| priorities(&p, o);
+        // Backward: 80 ms for the last layer, 60 ms for each of the others.
+        let bwd = [60_000_000, 60_000_000, 80_000_000];
+        let prio = |o| priorities(&p, o, &bwd);
         assert_eq!(prio(Order::Key)[&1], 2);
         assert_eq!(prio(Order::Layer)[&5], 1);
         assert_eq!(prio(Order::Layer)[&3], 3);
+        // Deferring 40% of 500 bytes: the last layer (300 bytes) goes after the others,
+        // which go in production order.
+        let defer = prio(Order::Defer { tail: 0.4 });
+        assert!(defer[&1] < defer[&5] && defer[&5] < defer[&3], "{defer:?}");
+        // A layer whose backward ends within the learner's burst gap of the one before
+        // joins its group: the first layer (1 us of backward) ties with the second.
+        let ties = priorities(&p, Order::Layer, &[1_000, 80_000_000, 1_000]);
+        assert_eq!(ties[&5], ties[&1], "{ties:?}");
+        assert!(ties[&5] < ties[&3]);
         // A tail of 20% of 500 bytes: the first layer only, then production order.
         let tail = prio(Order::Tail { tail: 0.2 });
         assert!(tail[&5] < tail[&3] && tail[&3] < tail[&1], "{tail:?}");

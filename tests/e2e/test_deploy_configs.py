@@ -99,9 +99,11 @@ def test_the_kubernetes_example_is_shaped_as_design_section_2_says(tmp_path):
     args = sidecar["args"]
     assert args[args.index("--metrics") + 1] == "$(POD_IP):9464"
     assert sidecar["livenessProbe"]["httpGet"]["port"] == "metrics"
-    # Started and ready means serving: /ready, not the metrics text.
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["httpGet"]["path"] == "/ready", probe
+    # Alive, then ready (serving, the redirect reaching it): the admin endpoints, not the
+    # metrics text; startup cannot wait for the redirect, installed after it.
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/live"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/live"
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/ready"
     # The skip lists: a port the redirect never captures, one relayed opaque at once.
     assert redirect["command"][redirect["command"].index("--skip-ports") + 1] == "443"
     assert {"name": "metrics", "containerPort": 9464} in sidecar["ports"]
