@@ -48,7 +48,7 @@ pub async fn run(bound: Bound, shared: Arc<Shared>, shutdown: impl Future) {
     };
     shared.set_ready(true);
     let redirect_check = async {
-        super::redirect_check::watch(shared.clone()).await;
+        super::redirect_check::watch(&shared.redirect).await;
         std::future::pending::<()>().await
     };
     tokio::select! {

@@ -8,13 +8,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::net;
-use super::state::Shared;
 use crate::config::Config;
 
 /// The port the probe connects to (inside the redirect's default port range, outside
@@ -23,7 +21,7 @@ pub(crate) const PROBE_PORT: u16 = 15309;
 /// How long a probe waits to be connected and to arrive.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The redirect check's state, in [`Shared`].
+/// The redirect check's state, kept by `io::state::Shared`.
 #[derive(Debug, Default)]
 pub(crate) struct RedirectCheck {
     /// Where the probe goes; `None`: not checked (uid exemption, no address in the CIDR).
@@ -78,13 +76,13 @@ fn local_address_in(config: &Config) -> Option<IpAddr> {
 }
 
 /// Probes every second until the redirect is seen, then every five; logs changes.
-pub(crate) async fn watch(shared: Arc<Shared>) {
-    let Some(target) = shared.redirect.target else {
+pub(crate) async fn watch(check: &RedirectCheck) {
+    let Some(target) = check.target else {
         return;
     };
     loop {
-        let ok = probe(&shared.redirect, target).await;
-        let was = shared.redirect.verified.swap(ok, Ordering::Relaxed);
+        let ok = probe(check, target).await;
+        let was = check.verified.swap(ok, Ordering::Relaxed);
         match (was, ok) {
             (false, true) => {
                 tracing::info!(probe = %target, "the redirect reaches this proxy: ready")
