@@ -209,33 +209,25 @@ impl JobWatch {
     /// The job's iteration period: the median of the last [`PERIOD_WINDOW`] periods
     /// of the local workers.
     pub fn iteration_period(&self) -> Option<Duration> {
-        let mut v: Vec<Duration> = self.periods.iter().copied().collect();
-        v.sort_unstable();
-        v.get(v.len().saturating_sub(1) / 2).copied()
+        lower_median(&self.periods, Duration::cmp)
     }
 
     /// How long the next forward pass waited for its first layer: the median of the
     /// last [`PERIOD_WINDOW`] iterations of the local workers.
     pub fn first_layer_wait(&self) -> Option<Duration> {
-        let mut v: Vec<Duration> = self.waits.iter().copied().collect();
-        v.sort_unstable();
-        v.get(v.len().saturating_sub(1) / 2).copied()
+        lower_median(&self.waits, Duration::cmp)
     }
 
     /// The communication share of the iteration (first request to last response over
     /// the period): the median of the last [`PERIOD_WINDOW`] iterations.
     pub fn comm_share(&self) -> Option<f64> {
-        let mut v: Vec<f64> = self.shares.iter().copied().collect();
-        v.sort_unstable_by(f64::total_cmp);
-        v.get(v.len().saturating_sub(1) / 2).copied()
+        lower_median(&self.shares, f64::total_cmp)
     }
 
     /// What an iteration could save against the ideal bound: the median of the last
     /// [`PERIOD_WINDOW`] (only with a link rate).
     pub fn estimated_saving(&self) -> Option<Duration> {
-        let mut v: Vec<Duration> = self.savings.iter().copied().collect();
-        v.sort_unstable();
-        v.get(v.len().saturating_sub(1) / 2).copied()
+        lower_median(&self.savings, Duration::cmp)
     }
 
     /// Requests dropped untracked because [`MAX_PENDING`] were unanswered.
@@ -352,19 +344,14 @@ impl JobWatch {
             // The first layer: what this worker pushed last, as in the iteration before
             // when that one saw no response for it yet.
             let first = it.last_push.map(|(_, k)| k).or(w.first_layer);
-            if let (Some(key), Some(last)) = (first, it.last_request) {
-                if let Some(&ready) = it.responses.get(&key) {
-                    let wait = ready.saturating_duration_since(last);
-                    push_window(&mut self.waits, wait);
-                    self.events.push_back(LiveEvent::FirstLayerWait(wait));
-                }
+            let wait = first.zip(it.last_request).and_then(|(key, last)| {
+                Some(it.responses.get(&key)?.saturating_duration_since(last))
+            });
+            if let Some(wait) = wait {
+                push_window(&mut self.waits, wait);
+                self.events.push_back(LiveEvent::FirstLayerWait(wait));
             }
-            w.last_wait = first
-                .zip(it.last_request)
-                .and_then(|(key, last)| {
-                    Some(it.responses.get(&key)?.saturating_duration_since(last))
-                })
-                .unwrap_or_default();
+            w.last_wait = wait.unwrap_or_default();
             w.last_bytes = it.bytes_out.max(it.bytes_in);
             w.first_layer = first;
             w.last_start = Some((index, start));
@@ -374,6 +361,16 @@ impl JobWatch {
                 .unwrap_or_default();
         }
     }
+}
+
+/// The lower median of a window (`None` when empty).
+fn lower_median<T: Copy>(
+    window: &VecDeque<T>,
+    cmp: impl FnMut(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    let mut v: Vec<T> = window.iter().copied().collect();
+    v.sort_unstable_by(cmp);
+    v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
 /// Keeps the last [`PERIOD_WINDOW`] values.
