@@ -18,7 +18,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM = os.path.join(ROOT, "target", "release", "p3proxy-sim")
-ORDERS = "direct,key,layer,defer20"
+ORDERS = "direct,key,layer,defer25"
 # The testbed's measurement of each simulated system (file, system).
 MEASURED = {"direct": ("sizing-a", "direct"), "layer": ("sizing-a", "p3proxy"), "key": ("priority", "p3proxy-key")}
 

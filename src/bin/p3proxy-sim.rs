@@ -28,7 +28,7 @@ struct Args {
     /// Link rates in Gbit/s.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     rates: Vec<f64>,
-    /// Orders: direct, key, layer, tailNN (NN: percent of the bytes in the tail).
+    /// Orders: direct, key, layer, deferNN (NN: percent of the bytes deferred).
     #[arg(long, value_delimiter = ',', default_value = "direct,key,layer")]
     orders: Vec<String>,
     /// Compute per iteration, ms.
@@ -49,6 +49,9 @@ struct Args {
     /// Bytes one connection keeps in flight [default: 1048576].
     #[arg(long)]
     window: Option<u64>,
+    /// Worker w starts w times this late, ms (do the workers fall back in step?).
+    #[arg(long, default_value_t = 0.0)]
+    skew_ms: f64,
     /// Write the table (markdown) and rows (JSON) here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -131,6 +134,7 @@ fn run(args: &Args) -> Result<(), String> {
                         config.rate_bps = rate * 1e9;
                         config.compute = Duration::from_secs_f64(args.compute_ms / 1000.0);
                         config.iters = args.iters;
+                        config.skew = Duration::from_secs_f64(args.skew_ms.max(0.0) / 1000.0);
                         if let Some(w) = args.window {
                             config.window = w;
                         }

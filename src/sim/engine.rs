@@ -26,6 +26,8 @@ enum Event {
     ComputeEnded(usize),
     /// A server finished the request it was serving.
     ServerAnswered(usize),
+    /// A worker starts its first iteration.
+    Started(usize),
 }
 
 /// A key's share on one server.
@@ -126,7 +128,8 @@ struct Sim<'a> {
 pub fn simulate(profile: &Profile, config: &SimConfig) -> SimReport {
     let mut sim = Sim::new(profile, config);
     for w in 0..config.workers {
-        sim.start_iteration(w);
+        let late = config.skew.as_nanos() as Ns * w as Ns;
+        sim.at(late, Event::Started(w));
     }
     let target = config.warmup + config.iters + 1;
     while let Some(Reverse((t, _, ev))) = sim.events.pop() {
@@ -289,6 +292,7 @@ impl<'a> Sim<'a> {
             }
             Event::ComputeEnded(w) => self.compute_done(w),
             Event::ServerAnswered(s) => self.server_done(s),
+            Event::Started(w) => self.start_iteration(w),
         }
     }
 

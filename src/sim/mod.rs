@@ -121,6 +121,9 @@ pub struct SimConfig {
     pub window: u64,
     /// The servers' costs.
     pub server: ServerCost,
+    /// Worker `w` starts its first iteration `w * skew` late (0: all at once), to see
+    /// whether an order pulls the workers back in step.
+    pub skew: Duration,
 }
 
 impl SimConfig {
@@ -140,6 +143,7 @@ impl SimConfig {
             slice_bytes: 160_000,
             window: 1 << 20,
             server: ServerCost::default(),
+            skew: Duration::ZERO,
         }
     }
 }

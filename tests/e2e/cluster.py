@@ -60,9 +60,9 @@ class Topology:
         return sorted({self.scheduler, *self.servers, *self.workers}, key=lambda h: int(h[1:]))
 
 
-def scrape(host, port=9464, address="127.0.0.1"):
-    """The proxy's Prometheus text, fetched inside the host's namespace."""
-    out = sh(*netns(host), PYTHON, "-c", f"import urllib.request;print(urllib.request.urlopen('http://{address}:{port}/metrics', timeout=5).read().decode())")
+def scrape(host, port=9464, address="127.0.0.1", path="/metrics"):
+    """The proxy's Prometheus text (or another admin path), fetched inside the host's namespace."""
+    out = sh(*netns(host), PYTHON, "-c", f"import urllib.request;print(urllib.request.urlopen('http://{address}:{port}{path}', timeout=5).read().decode())")
     return out.stdout
 
 
@@ -153,6 +153,14 @@ class Proxies:
 
     def __exit__(self, *exc):
         self.cpu = self.cpu_seconds()
+        for h in self.hosts:
+            # Each proxy's /debug/state at the end (learned order, layouts), beside its log.
+            try:
+                state = scrape(h, address=ip(h) if self.metrics_on_host else "127.0.0.1", path="/debug/state")
+                with open(os.path.join(LOGS, f"{self.tag}-state-{h}.json"), "w") as f:
+                    f.write(state)
+            except Exception:  # noqa: BLE001 - a proxy that died has no state; the job says why
+                pass
         try:
             texts = self.metrics().values()
             self.slices = sum(metric(t, "p3proxy_slice_requests_total") for t in texts)
