@@ -2,8 +2,9 @@
 
 1. Validation: W=2 workers, 1 server, 1 Gbit/s, 300 ms compute, side by side with the
    training benchmark's measurements of the same jobs on the testbed (topology a):
-   direct and p3proxy (learned: the layer order) from bench/results/sizing-a/, key order
-   from bench/results/priority/.
+   direct, key order and p3proxy's default (the deferred order) from
+   bench/results/order-cut/, strict layer order from bench/results/sizing-a/ (p3proxy's
+   default then).
 2. Scale: what the testbed cannot run: 2-64 workers, 1-8 servers, 1-100 Gbit/s, for
    direct (FIFO), key order, strict layer order and the deferred-tail order.
 
@@ -20,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM = os.path.join(ROOT, "target", "release", "p3proxy-sim")
 ORDERS = "direct,key,layer,defer25"
 # The testbed's measurement of each simulated system (file, system).
-MEASURED = {"direct": ("sizing-a", "direct"), "layer": ("sizing-a", "p3proxy"), "key": ("priority", "p3proxy-key")}
+MEASURED = {"direct": ("order-cut", "direct"), "layer": ("sizing-a", "p3proxy"), "key": ("order-cut", "p3proxy-key"),
+            "defer25": ("order-cut", "p3proxy")}
 
 
 def sim(args):

@@ -261,11 +261,9 @@ impl Learner {
     /// on its own, from its own timing: a cut that lands between two groups one host
     /// saw apart and another saw as one burst defers a key on one worker and not on the
     /// other, and that key waits at the server for the rest of the iteration (measured:
-    /// ResNet-50 at 500 Mbit/s 12% slower than key order in such runs). So the cut is
-    /// not simply where `defer` of the bytes is reached but, among the boundaries
-    /// deferring between half and twice that share, the one after the longest pause in
-    /// backward (mean over the agreeing rounds): the same boundary on every worker as
-    /// long as one pause stands out; on equal pauses, the boundary nearest the share.
+    /// two workers' proxies deferring different keys). So the cut is not simply where
+    /// `defer` of the bytes is reached but at a pause in backward (mean over the
+    /// agreeing rounds) at least twice the burst gap, which no worker sees as a tie.
     fn deferred_groups(
         &self,
         groups: &Grouping,
@@ -293,28 +291,24 @@ impl Learner {
             let start = groups[d].iter().map(offset).fold(f64::MAX, f64::min);
             start - end
         };
-        // Boundaries within half to twice the share; the plain cut is always one.
-        let mut candidates: Vec<(usize, f64)> = Vec::new();
+        // A pause of twice the burst gap is a boundary on every worker's proxy: their
+        // shares (bytes only) are the same everywhere. Of those deferring half to twice
+        // the share, the nearest the share (the larger on a tie); none: the plain cut.
+        let robust = 2.0 * self.burst_gap.as_secs_f64() * 1e3;
+        let mut best: Option<(usize, f64)> = None;
         let mut acc = 0u64;
         for d in 1..=last {
             acc += size(&groups[d - 1]);
             let share = acc as f64;
-            if d == target_cut || (target / 2.0..=target * 2.0).contains(&share) {
-                candidates.push((d, share));
+            if !(target / 2.0..=target * 2.0).contains(&share) || pause_before(d) < robust {
+                continue;
+            }
+            let off = (share - target).abs();
+            if best.is_none_or(|(_, b)| off <= (b - target).abs()) {
+                best = Some((d, share));
             }
         }
-        // Pauses within a quarter of the longest are the same pause (jitter): of those,
-        // the boundary nearest the share, which depends on bytes only.
-        let longest = candidates
-            .iter()
-            .map(|&(d, _)| pause_before(d))
-            .fold(f64::MIN, f64::max);
-        let best = candidates
-            .iter()
-            .filter(|&&(d, _)| pause_before(d) >= 0.75 * longest)
-            .min_by(|a, b| (a.1 - target).abs().total_cmp(&(b.1 - target).abs()))
-            .map_or(target_cut, |&(d, _)| d);
-        best
+        best.map_or(target_cut, |(d, _)| d)
     }
 }
 
@@ -512,8 +506,27 @@ mod tests {
         let tie = deferred_by(1.9);
         let apart = deferred_by(2.1);
         assert_eq!(tie, apart);
-        // The cut after the 10 ms pause (10% of the bytes, within half to twice 20%).
-        assert_eq!(tie, vec![9]);
+        // The cut at a pause of at least twice the burst gap nearest 20% of the bytes:
+        // after 10% or after 30% (both 10 points off; the larger wins).
+        assert_eq!(tie, vec![7, 8, 9]);
+    }
+
+    #[test]
+    fn without_a_clear_pause_near_the_share_the_cut_is_where_the_share_is_reached() {
+        // VGG's shape: the first-produced layer (4) holds 86% of the bytes, so no
+        // boundary defers between half and twice 25%: layer 4 alone is deferred.
+        let t0 = Instant::now();
+        let mut l = Learner::default();
+        l.set_defer(0.25);
+        let bytes = |k: u64| if k == 4 { 860 } else { 35 };
+        for r in 0..4 {
+            for k in (0..5u64).rev() {
+                let at = t0 + Duration::from_millis(r * 1000 + (4 - k) * 20);
+                let _ = l.observe(k, bytes(k), at);
+            }
+        }
+        let ranks: Vec<u32> = (0..5).map(|k| l.priority(k).unwrap()).collect();
+        assert_eq!(ranks, vec![4, 3, 2, 1, 5]);
     }
 
     #[test]
