@@ -19,10 +19,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIM = os.path.join(ROOT, "target", "release", "p3proxy-sim")
-ORDERS = "direct,key,layer,defer25"
+ORDERS = "direct,key,layer,defer20"
 # The testbed's measurement of each simulated system (file, system).
 MEASURED = {"direct": ("order-cut", "direct"), "layer": ("sizing-a", "p3proxy"), "key": ("order-cut", "p3proxy-key"),
-            "defer25": ("order-cut", "p3proxy")}
+            "defer20": ("order-cut", "p3proxy")}
 
 
 def sim(args):

@@ -168,7 +168,7 @@ pub struct Config {
     /// The learned order's shape: 0 is strict layer order; above 0, production order
     /// with the last layers holding this share of the bytes deferred to the end (README,
     /// "The learned order now"). 0 to 1. Unset: 0 on a host where a worker shares a
-    /// server's host (measured faster colocated), 0.25 elsewhere.
+    /// server's host (measured faster colocated), 0.2 elsewhere.
     pub learned_defer: Option<f64>,
     /// Key splitting in front of local servers (DESIGN.md §7), where it is provably safe.
     pub split: bool,

@@ -220,7 +220,7 @@ struct RunArgs {
     priority_map: Option<PathBuf>,
     /// The learned order: 0 = strict layer order; above 0, production order with the
     /// last layers holding this share of the bytes deferred to the end [default: 0 where
-    /// a worker shares a server's host, 0.25 elsewhere].
+    /// a worker shares a server's host, 0.2 elsewhere].
     #[arg(long, value_name = "SHARE")]
     learned_defer: Option<f64>,
     /// Threads that move bytes [default: 1].

@@ -19,7 +19,7 @@ pub const DEFAULT_BURST_GAP: Duration = Duration::from_millis(2);
 /// Defaults: rounds that must agree before the order is trusted.
 pub const DEFAULT_STABLE_ROUNDS: usize = 3;
 /// Default share of the bytes the learned order defers (see [`Learner::set_defer`]).
-pub const DEFAULT_DEFER: f64 = 0.25;
+pub const DEFAULT_DEFER: f64 = 0.2;
 
 /// Keys grouped into ties, in order of arrival within a round.
 type Grouping = Vec<Vec<u64>>;
@@ -262,8 +262,9 @@ impl Learner {
     /// saw apart and another saw as one burst defers a key on one worker and not on the
     /// other, and that key waits at the server for the rest of the iteration (measured:
     /// two workers' proxies deferring different keys). So the cut is not simply where
-    /// `defer` of the bytes is reached but at a pause in backward (mean over the
-    /// agreeing rounds) at least twice the burst gap, which no worker sees as a tie.
+    /// `defer` of the bytes is reached but at the first pause in backward from there
+    /// (mean over the agreeing rounds) of at least twice the burst gap, which no
+    /// worker's proxy sees as a tie.
     fn deferred_groups(
         &self,
         groups: &Grouping,
@@ -291,24 +292,18 @@ impl Learner {
             let start = groups[d].iter().map(offset).fold(f64::MAX, f64::min);
             start - end
         };
-        // A pause of twice the burst gap is a boundary on every worker's proxy: their
-        // shares (bytes only) are the same everywhere. Of those deferring half to twice
-        // the share, the nearest the share (the larger on a tie); none: the plain cut.
+        // A pause of twice the burst gap is a boundary on every worker's proxy, with the
+        // same keys before it everywhere: the first such boundary that defers at least
+        // the share; none: the plain cut.
         let robust = 2.0 * self.burst_gap.as_secs_f64() * 1e3;
-        let mut best: Option<(usize, f64)> = None;
         let mut acc = 0u64;
         for d in 1..=last {
             acc += size(&groups[d - 1]);
-            let share = acc as f64;
-            if !(target / 2.0..=target * 2.0).contains(&share) || pause_before(d) < robust {
-                continue;
-            }
-            let off = (share - target).abs();
-            if best.is_none_or(|(_, b)| off <= (b - target).abs()) {
-                best = Some((d, share));
+            if acc as f64 >= target && pause_before(d) >= robust {
+                return d;
             }
         }
-        best.map_or(target_cut, |(d, _)| d)
+        target_cut
     }
 }
 
@@ -506,15 +501,15 @@ mod tests {
         let tie = deferred_by(1.9);
         let apart = deferred_by(2.1);
         assert_eq!(tie, apart);
-        // The cut at a pause of at least twice the burst gap nearest 20% of the bytes:
-        // after 10% or after 30% (both 10 points off; the larger wins).
+        // The cut at the first pause of at least twice the burst gap once 20% of the
+        // bytes are deferred: after 30%.
         assert_eq!(tie, vec![7, 8, 9]);
     }
 
     #[test]
-    fn without_a_clear_pause_near_the_share_the_cut_is_where_the_share_is_reached() {
-        // VGG's shape: the first-produced layer (4) holds 86% of the bytes, so no
-        // boundary defers between half and twice 25%: layer 4 alone is deferred.
+    fn a_first_layer_past_the_share_is_deferred_alone() {
+        // VGG's shape: the first-produced layer (4) holds 86% of the bytes: it alone
+        // is deferred.
         let t0 = Instant::now();
         let mut l = Learner::default();
         l.set_defer(0.25);
