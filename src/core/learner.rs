@@ -262,9 +262,8 @@ impl Learner {
     /// saw apart and another saw as one burst defers a key on one worker and not on the
     /// other, and that key waits at the server for the rest of the iteration (measured:
     /// two workers' proxies deferring different keys). So the cut is not simply where
-    /// `defer` of the bytes is reached but at the first pause in backward from there
-    /// (mean over the agreeing rounds) of at least twice the burst gap, which no
-    /// worker's proxy sees as a tie.
+    /// `defer` of the bytes is reached but at the longest pause in backward (mean over
+    /// the agreeing rounds) between deferring that share and twice it.
     fn deferred_groups(
         &self,
         groups: &Grouping,
@@ -292,18 +291,26 @@ impl Learner {
             let start = groups[d].iter().map(offset).fold(f64::MAX, f64::min);
             start - end
         };
-        // A pause of twice the burst gap is a boundary on every worker's proxy, with the
-        // same keys before it everywhere: the first such boundary that defers at least
-        // the share; none: the plain cut.
-        let robust = 2.0 * self.burst_gap.as_secs_f64() * 1e3;
+        // Past the share, the longest pause up to twice it stands out on every worker's
+        // proxy (pauses within a quarter of it count as equal): the cut is at the first
+        // of those, with the same keys before it everywhere. No boundary there: the plain
+        // cut.
+        let mut shares = Vec::with_capacity(last);
         let mut acc = 0u64;
         for d in 1..=last {
             acc += size(&groups[d - 1]);
-            if acc as f64 >= target && pause_before(d) >= robust {
-                return d;
-            }
+            shares.push((d, acc as f64));
         }
-        target_cut
+        let ahead: Vec<usize> = shares
+            .iter()
+            .filter(|&&(_, share)| (target..=2.0 * target).contains(&share))
+            .map(|&(d, _)| d)
+            .collect();
+        let longest = ahead.iter().map(|&d| pause_before(d)).fold(f64::MIN, f64::max);
+        ahead
+            .into_iter()
+            .find(|&d| pause_before(d) >= 0.75 * longest)
+            .unwrap_or(target_cut)
     }
 }
 
@@ -501,8 +508,8 @@ mod tests {
         let tie = deferred_by(1.9);
         let apart = deferred_by(2.1);
         assert_eq!(tie, apart);
-        // The cut at the first pause of at least twice the burst gap once 20% of the
-        // bytes are deferred: after 30%.
+        // The cut at the longest pause between deferring 20% and 40% of the bytes (5 ms
+        // apart from the near-tie): the first, after 30%.
         assert_eq!(tie, vec![7, 8, 9]);
     }
 
