@@ -306,7 +306,10 @@ impl Learner {
             .filter(|&&(_, share)| (target..=2.0 * target).contains(&share))
             .map(|&(d, _)| d)
             .collect();
-        let longest = ahead.iter().map(|&d| pause_before(d)).fold(f64::MIN, f64::max);
+        let longest = ahead
+            .iter()
+            .map(|&d| pause_before(d))
+            .fold(f64::MIN, f64::max);
         ahead
             .into_iter()
             .find(|&d| pause_before(d) >= 0.75 * longest)
