@@ -78,7 +78,12 @@ def test_simulate_smoke(tmp_path):
                           "--rates", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     validation = (tmp_path / "validation.md").read_text()
-    assert re.search(r"\| resnet50_v1 x0.5 \| direct \| [\d.]+ \| 1\.096 \| [\d.]+ \| bench/results/sizing-a \|", validation), validation
+    # Each simulated order beside the testbed's measurement of it, from the results it names.
+    measured = {r["system"]: r["median_s"] for r in json.load(open(os.path.join(cluster.ROOT, "bench", "results", "order-cut", "bench.json")))["rows"]
+                if r["model"] == "resnet50_v1"}
+    for order, system in (("direct", "direct"), ("key", "p3proxy-key"), ("defer20", "p3proxy")):
+        row = rf"\| resnet50_v1 x0.5 \| {order} \| [\d.]+ \| {measured[system]:.3f} \| [\d.]+ \| bench/results/order-cut \|"
+        assert re.search(row, validation), (order, validation)
     data = json.load(open(tmp_path / "sim.json"))
     assert {(r["workers"], r["order"]) for r in data["scale"]} == {(w, o) for w in (2, 4) for o in ("direct", "key", "layer", "defer20")}
     for r in data["scale"]:
