@@ -275,16 +275,18 @@ impl Learner {
         // Deferring everything would be strict layer order again.
         let last = n.saturating_sub(1);
         let target = defer * total as f64;
-        let mut target_cut = 0;
+        // (boundary, bytes deferred by cutting there), boundary d after the first d groups.
+        let mut shares = Vec::with_capacity(last);
         let mut acc = 0u64;
-        for g in groups {
-            if acc as f64 >= target {
-                break;
-            }
-            acc += size(g);
-            target_cut += 1;
+        for d in 1..=last {
+            acc += size(&groups[d - 1]);
+            shares.push((d, acc as f64));
         }
-        let target_cut = target_cut.min(last);
+        // The plain cut: where the share is reached.
+        let target_cut = shares
+            .iter()
+            .find(|&&(_, share)| share >= target)
+            .map_or(last, |&(d, _)| d);
         let offset = |k: &u64| self.trusted_offsets.get(k).copied().unwrap_or(0.0);
         let pause_before = |d: usize| -> f64 {
             let end = groups[d - 1].iter().map(offset).fold(f64::MIN, f64::max);
@@ -295,12 +297,6 @@ impl Learner {
         // proxy (pauses within a quarter of it count as equal): the cut is at the first
         // of those, with the same keys before it everywhere. No boundary there: the plain
         // cut.
-        let mut shares = Vec::with_capacity(last);
-        let mut acc = 0u64;
-        for d in 1..=last {
-            acc += size(&groups[d - 1]);
-            shares.push((d, acc as f64));
-        }
         let ahead: Vec<usize> = shares
             .iter()
             .filter(|&&(_, share)| (target..=2.0 * target).contains(&share))
