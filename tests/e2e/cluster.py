@@ -134,8 +134,12 @@ class Proxies:
             sh(*netns(h), REDIRECT, "install", "--proxy-port", "15301", "--cidr", CIDR, *exempt)
         return self
 
+    def admin(self, host, path="/metrics"):
+        """A path of the proxy's admin surface on `host` (its metrics address)."""
+        return scrape(host, address=ip(host) if self.metrics_on_host else "127.0.0.1", path=path)
+
     def metrics(self):
-        return {h: scrape(h, address=ip(h) if self.metrics_on_host else "127.0.0.1") for h in self.hosts}
+        return {h: self.admin(h) for h in self.hosts}
 
     def slice_requests(self):
         """Slice requests every proxy sent to its local servers so far."""
@@ -156,7 +160,7 @@ class Proxies:
         for h in self.hosts:
             # Each proxy's /debug/state at the end (learned order, layouts), beside its log.
             try:
-                state = scrape(h, address=ip(h) if self.metrics_on_host else "127.0.0.1", path="/debug/state")
+                state = self.admin(h, "/debug/state")
                 with open(os.path.join(LOGS, f"{self.tag}-state-{h}.json"), "w") as f:
                     f.write(state)
             except Exception:  # noqa: BLE001 - a proxy that died has no state; the job says why
