@@ -137,17 +137,21 @@ def progress(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp"):
+def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp", rate=None):
     env = dict(SYSTEM_ENV[system])
     if system in PROXY_ARGS:
-        with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out), binary=BINARY.get(system)) as proxies:
+        # The testbed's link rate: the proxies measure how long answers idle on it.
+        rate_args = ["--link-rate", rate] if rate and system not in BINARY else []
+        with Proxies(topo.hosts(), tag, proxy_args(system, job_args, out) + rate_args, binary=BINARY.get(system)) as proxies:
             r = parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
         r["proxy_cpu_s"] = sum(v for v in proxies.cpu.values() if v)
         r["slice_requests"] = proxies.slices
         r["pair_lag_s"] = proxies.pair_lag
+        r["answer_idle_share"] = proxies.answer_idle_share
         lag = "-" if proxies.pair_lag is None else f"{proxies.pair_lag * 1000:.1f} ms"
+        idle = "-" if proxies.answer_idle_share is None else f"{proxies.answer_idle_share:.0%}"
         progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s, sent {r['slice_requests']} slice requests, "
-                 f"mean push pair lag {lag}")
+                 f"mean push pair lag {lag}, answers idle {idle} of the servers' waiting time")
         return r
     return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
 
@@ -228,12 +232,13 @@ def main():
                     # Per run, per iteration (warm-up included: the processes ran those too).
                     costs = {s: {"proxy_cpu": [], "server_cpu": [], "slices": []} for s in systems}
                     pair_lags = {s: [] for s in systems}
+                    answer_idle = {s: [] for s in systems}
                     shas = {s: [] for s in systems}
                     hung = {s: 0 for s in systems}
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
-                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job, a.out)
+                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job, a.out, rate)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             progress(f"{label}: {s} run {run + 1}: median {per_system[s][-1]:.3f} s, iterations "
@@ -246,6 +251,8 @@ def main():
                                     costs[s][name].append(v / n_iter)
                             if r.get("pair_lag_s") is not None:
                                 pair_lags[s].append(r["pair_lag_s"])
+                            if r.get("answer_idle_share") is not None:
+                                answer_idle[s].append(r["answer_idle_share"])
                             if r["hung"]:
                                 hung[s] += 1
                                 progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
@@ -279,6 +286,7 @@ def main():
                             # Runs' medians: the spread says whether the runs are bimodal.
                             "run_medians_s": per_system[s], "max_over_median": max(per_system[s]) / med,
                             "pair_lag_ms": statistics.median(pair_lags[s]) * 1000 if pair_lags[s] else None,
+                            "answer_idle_share": statistics.median(answer_idle[s]) if answer_idle[s] else None,
                             **{f"{k}_per_iter": (statistics.median(v) if v else None) for k, v in costs[s].items()},
                         })
                     progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
@@ -306,8 +314,8 @@ def report(rows, timelines, a, failures):
         f"Bitwise checks: {meta['bitwise_checks']}.",
         "",
         "| model | topology | rate | host NICs | system | iteration s (median [min, max]) | samples/s | vs direct | x ideal "
-        "| x wire | max / median | pair lag ms | proxies CPU-s/iter | servers CPU-s/iter | slice requests/iter |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x wire | max / median | pair lag ms | answers idle | proxies CPU-s/iter | servers CPU-s/iter | slice requests/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def per_iter(v, fmt):
@@ -318,7 +326,8 @@ def report(rows, timelines, a, failures):
         lines.append(f"| {r['model']} x{r['scale']} | {r['topology']} | {r['rate']} | {r.get('host_qdisc', 'fifo')} | {r['system']} | "
                      f"{r['median_s']:.3f} [{r['min_s']:.3f}, {r['max_s']:.3f}] | {r['samples_per_s']:.1f} | {vs} | "
                      f"{r['x_ideal']:.2f} | {per_iter(r.get('x_wire'), '{:.2f}')} | {per_iter(r.get('max_over_median'), '{:.2f}')} | "
-                     f"{per_iter(r.get('pair_lag_ms'), '{:.1f}')} | {per_iter(r.get('proxy_cpu_per_iter'), '{:.3f}')} | "
+                     f"{per_iter(r.get('pair_lag_ms'), '{:.1f}')} | {per_iter(r.get('answer_idle_share'), '{:.0%}')} | "
+                     f"{per_iter(r.get('proxy_cpu_per_iter'), '{:.3f}')} | "
                      f"{per_iter(r.get('server_cpu_per_iter'), '{:.3f}')} | {per_iter(r.get('slices_per_iter'), '{:.0f}')} |")
     ideals = sorted({(r["model"], r["scale"], r["topology"], r["rate"], r["ideal_s"], r["busiest_link_mb"], r["wire_s"]) for r in rows})
     lines.append("")

@@ -223,6 +223,10 @@ struct RunArgs {
     /// a worker shares a server's host, 0.2 elsewhere].
     #[arg(long, value_name = "SHARE")]
     learned_defer: Option<f64>,
+    /// The host's link rate (1gbit, 500mbit, or bits per second), for the live saving
+    /// estimate and the answer idle share [default: none].
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    link_rate: Option<f64>,
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -340,6 +344,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(d) = args.learned_defer {
         config.learned_defer = Some(d);
+    }
+    if let Some(r) = args.link_rate {
+        config.link_rate_bps = Some(r.round() as u64);
     }
     if let Some(n) = args.threads {
         config.threads = n;

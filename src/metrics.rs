@@ -217,6 +217,10 @@ metrics_table! {
     /// What an iteration could save against the ideal bound (with `link_rate_bps`).
     ESTIMATED_SAVING = "p3proxy_estimated_saving_seconds", Gauge, Some(Unit::Seconds), None, Zero::No,
         "What an iteration could save against the ideal bound (compute, or the worker's busier link direction at link_rate_bps, whichever is longer); the median of the last 5 iterations. Only with link_rate_bps set.";
+    /// While requests wait for answers, the share of the time no answer is on the link
+    /// (`core::answer_idle`; with `link_rate_bps`).
+    ANSWER_IDLE = "p3proxy_answer_idle_ratio", Gauge, None, None, Zero::No,
+        "While data requests relayed by this proxy wait for their answers, the share of the time no answer is on the link (answers held at link_rate_bps): high when a server waits for its slowest worker and the answers pile up at the end. Over the last window of at least 1 s of waiting; only with link_rate_bps set.";
     /// The age of the oldest request relayed and not yet answered: the hang detector.
     OLDEST_REQUEST_AGE = "p3proxy_oldest_request_age_seconds", Gauge, Some(Unit::Seconds), None, Zero::Plain,
         "Age of the oldest data request relayed by this proxy and not yet answered (0: none); a job that hangs makes it grow.";
@@ -389,6 +393,11 @@ pub fn job_events(job: &JobEvents) {
     if let Some(d) = job.saving {
         gauge!(ESTIMATED_SAVING).set(d.as_secs_f64());
     }
+}
+
+/// The answers' idle share of the last window with requests waiting.
+pub fn answer_idle(share: f64) {
+    gauge!(ANSWER_IDLE).set(share);
 }
 
 /// Counts one refused connection.

@@ -119,6 +119,10 @@ pub struct JobWatch {
     pending: HashMap<Correlation, Pending>,
     /// Requester-responder pairs whose responses this proxy has seen.
     answered_pairs: HashSet<(i32, i32)>,
+    /// Pending requests per requester-responder pair.
+    pending_pairs: HashMap<(i32, i32), usize>,
+    /// What [`JobWatch::waiting_changed`] said last.
+    reported_waiting: bool,
     workers: HashMap<i32, WorkerTrack>,
     periods: VecDeque<Duration>,
     waits: VecDeque<Duration>,
@@ -153,7 +157,7 @@ impl JobWatch {
         } else {
             None
         };
-        self.pending.insert(
+        let earlier = self.pending.insert(
             req.corr,
             Pending {
                 at: now,
@@ -161,6 +165,12 @@ impl JobWatch {
                 follow,
             },
         );
+        if earlier.is_none() {
+            *self
+                .pending_pairs
+                .entry((req.corr.0, req.corr.1))
+                .or_insert(0) += 1;
+        }
     }
 
     /// A response with this correlation (requester, responder, customer, timestamp)
@@ -171,6 +181,7 @@ impl JobWatch {
         let Some(p) = self.pending.remove(&corr) else {
             return;
         };
+        self.unpend(corr);
         self.events.push_back(LiveEvent::Answered {
             server: corr.1,
             latency: now.saturating_duration_since(p.at),
@@ -194,6 +205,34 @@ impl JobWatch {
     pub fn forget(&mut self, requester: i32, responder: i32) {
         self.pending
             .retain(|&(r, s, _, _), _| !(r == requester && s == responder));
+        self.pending_pairs.remove(&(requester, responder));
+    }
+
+    /// Whether a request waits for its answer, between a pair whose answers this
+    /// proxy sees (`core::answer_idle` counts the egress's idle time then).
+    pub fn waiting(&self) -> bool {
+        self.answered_pairs
+            .iter()
+            .any(|p| self.pending_pairs.get(p).is_some_and(|n| *n > 0))
+    }
+
+    /// [`JobWatch::waiting`], when it changed since the last call.
+    pub fn waiting_changed(&mut self) -> Option<bool> {
+        let now = self.waiting();
+        (now != self.reported_waiting).then(|| {
+            self.reported_waiting = now;
+            now
+        })
+    }
+
+    fn unpend(&mut self, corr: Correlation) {
+        let pair = (corr.0, corr.1);
+        if let Some(n) = self.pending_pairs.get_mut(&pair) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_pairs.remove(&pair);
+            }
+        }
     }
 
     /// The age of the oldest request still unanswered, among those whose answers this
@@ -253,6 +292,7 @@ impl JobWatch {
             .map(|(c, _)| *c)
         {
             self.pending.remove(&corr);
+            self.unpend(corr);
             self.dropped += 1;
         }
     }
@@ -384,6 +424,7 @@ fn push_window<T>(window: &mut VecDeque<T>, value: T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::answer_idle::{AnswerIdle, AnswerTotals};
 
     const WORKER: i32 = 9;
     const SERVER: i32 = 8;
@@ -641,5 +682,78 @@ mod tests {
         }
         assert_eq!(n, 6);
         assert_eq!(watch.iteration_period(), None);
+    }
+
+    /// A server's proxy: two remote workers push keys 0..4 of 1000 bytes each per 50 ms
+    /// iteration; worker 11 runs `lag_ms` behind worker 9, and the server answers a
+    /// key when both copies are in, its answers going out at once. The answers' idle
+    /// time while requests wait, as the shell measures it.
+    fn server_view(lag_ms: u64) -> AnswerTotals {
+        let mut watch = JobWatch::default();
+        // 8 Mbit/s: an answer of 1000 bytes holds the link 1 ms.
+        let mut link = AnswerIdle::new(8e6);
+        let t0 = Instant::now();
+        let mut timeline: Vec<(Instant, Option<RequestSeen>, Correlation)> = Vec::new();
+        let mut ts = 0;
+        for iteration in 0..100u64 {
+            let start = t0 + ms(iteration * 50);
+            for k in 0..4u64 {
+                for (worker, lag) in [(9, 0), (11, lag_ms)] {
+                    ts += 1;
+                    let corr = (worker, 8, 0, ts);
+                    let at = start + ms(5 * k + lag);
+                    let req = RequestSeen {
+                        corr,
+                        key: Some(k),
+                        push: true,
+                        pull: true,
+                        local: false,
+                        bytes: 1000,
+                    };
+                    timeline.push((at, Some(req), corr));
+                    timeline.push((start + ms(5 * k + lag_ms), None, corr));
+                }
+            }
+        }
+        timeline.sort_by_key(|(at, req, _)| (*at, req.is_none()));
+        for (at, req, corr) in timeline {
+            match req {
+                Some(req) => watch.request(req, at),
+                None => {
+                    watch.response(corr, 1000, at);
+                    link.sent(at, 1000);
+                }
+            }
+            link.set_waiting(at, watch.waiting());
+        }
+        link.totals()
+    }
+
+    #[test]
+    fn a_server_waiting_for_its_slowest_worker_shows_as_answer_idle_time() {
+        // In step: each key is answered as its copies arrive, nothing waits.
+        assert_eq!(server_view(0).waiting, ms(0));
+        // 30 ms apart: per 50 ms iteration the server holds requests from 0 to 45 ms;
+        // answers hold the link 30-32, 35-37 and 40-42 (the last pair's answers leave
+        // after the wait ended): 39 of 45 ms idle.
+        let apart = server_view(30);
+        assert!((apart.idle_share() - 39.0 / 45.0).abs() < 0.01, "{apart:?}");
+    }
+
+    #[test]
+    fn requests_wait_only_between_pairs_whose_answers_this_proxy_sees() {
+        let mut watch = JobWatch::default();
+        let t0 = Instant::now();
+        watch.request(pull((9, 8, 0, 1), false), t0);
+        assert!(!watch.waiting(), "no answer of 9 -> 8 seen yet");
+        watch.response((9, 8, 0, 1), 50, t0);
+        assert!(!watch.waiting());
+        watch.request(pull((9, 8, 0, 2), false), t0);
+        assert!(watch.waiting());
+        assert_eq!(watch.waiting_changed(), Some(true));
+        assert_eq!(watch.waiting_changed(), None);
+        watch.forget(9, 8);
+        assert!(!watch.waiting());
+        assert_eq!(watch.waiting_changed(), Some(false));
     }
 }

@@ -2,6 +2,7 @@
 //! shell (`crate::io`) feeds events in and does what these types say.
 
 pub mod admin;
+pub mod answer_idle;
 pub mod delivery;
 pub mod dscp;
 pub mod journal;

@@ -79,13 +79,16 @@ impl ProxyState {
         }
     }
 
-    /// Shows the job watch a data message a session's DEALER sent at `now` (a request,
-    /// or a response going back to its requester); `is_local`: whether an address is
-    /// this host's (the requester's iterations are followed only there).
+    /// Shows the job watch a data message of `bytes` wire bytes a session's DEALER sent
+    /// at `now` (a request, or a response going back to its requester); `is_local`:
+    /// whether an address is this host's (the requester's iterations are followed only
+    /// there). The size comes from the frames: ps-lite's ZMQ van never sends the meta's
+    /// `data_size` (wire/PROTOCOL.md).
     pub fn watch(
         &mut self,
         ctx: &MessageContext<'_>,
         msg: &PsMessage,
+        bytes: u64,
         now: Instant,
         is_local: impl Fn(IpAddr) -> bool,
     ) {
@@ -104,7 +107,6 @@ impl ProxyState {
             return;
         };
         let (customer, ts) = (msg.meta.customer_id(), msg.meta.timestamp());
-        let bytes = u64::try_from(msg.meta.data_size.unwrap_or(0)).unwrap_or(0);
         if request {
             let local = self
                 .topology

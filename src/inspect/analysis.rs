@@ -57,6 +57,8 @@ struct Pending {
     iteration: u32,
     push: bool,
     first_ts: f64,
+    /// Its last byte: from then on it waits for its answer.
+    last_ts: f64,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +79,10 @@ struct OpenIteration {
     workers: BTreeMap<i32, WorkerIteration>,
     /// Bytes sent by each host (the sender's IP) for this iteration.
     host_bytes: HashMap<IpAddr, u64>,
+    /// Each response's (or response part's) first and last byte.
+    answer_spans: Vec<(f64, f64)>,
+    /// Each request's wait for its answer: its last byte to the answer's first.
+    waits: Vec<(f64, f64)>,
 }
 
 /// One iteration, folded.
@@ -98,6 +104,13 @@ pub struct IterationRow {
     /// slowest worker (captured at the server's host or the switch). `None` with one
     /// worker.
     pub pair_lag_s: Option<f64>,
+    /// The time requests of the iteration waited for their answers (from a request's
+    /// last byte to its answer's first; overlaps counted once).
+    pub answer_wait_s: f64,
+    /// Of that, the time no answer was on the wire: the answer direction idling while
+    /// the servers wait for the slowest worker's copies (what the live
+    /// `p3proxy_answer_idle_ratio` measures at the server's proxy).
+    pub answer_idle_s: f64,
     /// Bytes sent by the busiest host, MB.
     pub busiest_link_mb: f64,
     /// Those bytes at the link rate.
@@ -162,6 +175,8 @@ pub struct Summary {
     pub median_first_layer_wait_s: Option<f64>,
     /// Median of the iterations' pair lags.
     pub median_pair_lag_s: Option<f64>,
+    /// Over the iterations, the share of the answer wait with no answer on the wire.
+    pub answer_idle_share: Option<f64>,
     /// Median busiest link, MB.
     pub median_busiest_link_mb: Option<f64>,
     /// Median ideal bound.
@@ -242,6 +257,8 @@ pub struct Analysis {
     pending_by_key: HashMap<(i32, i32, u64), (i32, i32)>,
     /// Parts seen of each of those responses.
     parts_seen: HashMap<(i32, i32, u64), u32>,
+    /// When the first part of a split response began (its request's wait ended).
+    first_part_ts: HashMap<(i32, i32, u64), f64>,
     /// The priority p3proxy announced for each key (lower is more urgent).
     announced: HashMap<u64, u32>,
     /// The next iteration of each worker's pushes of each ps-lite key (a big array's
@@ -249,6 +266,8 @@ pub struct Analysis {
     next_iteration: HashMap<(i32, u64), u32>,
     /// Iterations below this are folded: late requests for them are not counted.
     folded_below: u32,
+    /// The answers of the iteration folded last: a wait of the next one may overlap them.
+    folded_answers: Vec<(f64, f64)>,
     /// Workers seen sending pushpulls: from their first one on, only pushpulls start
     /// iterations (rank 0's init pushes do not).
     pushpull_workers: std::collections::HashSet<i32>,
@@ -272,6 +291,36 @@ fn label(id: Option<i32>) -> String {
         Some(id) => format!("N{id}"),
         None => "anon".into(),
     }
+}
+
+/// The spans merged: disjoint, in order (empty spans dropped).
+fn union(mut spans: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut merged: Vec<(f64, f64)> = Vec::new();
+    for (from, to) in spans.into_iter().filter(|(a, b)| b > a) {
+        match merged.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
+}
+
+/// The length two sets of disjoint, ordered spans share.
+fn overlap(a: &[(f64, f64)], b: &[(f64, f64)]) -> f64 {
+    let (mut i, mut j, mut total) = (0, 0, 0.0);
+    while i < a.len() && j < b.len() {
+        let (from, to) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if to > from {
+            total += to - from;
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    total
 }
 
 /// The median over the keys every worker of an iteration pushed of the time from the
@@ -317,9 +366,11 @@ impl Analysis {
             pending: HashMap::new(),
             pending_by_key: HashMap::new(),
             parts_seen: HashMap::new(),
+            first_part_ts: HashMap::new(),
             announced: HashMap::new(),
             next_iteration: HashMap::new(),
             folded_below: 0,
+            folded_answers: Vec::new(),
             pushpull_workers: Default::default(),
             open: BTreeMap::new(),
             rows: Vec::new(),
@@ -465,6 +516,7 @@ impl Analysis {
                     iteration,
                     push: push || !pull,
                     first_ts: m.first_ts,
+                    last_ts: m.last_ts,
                 },
             );
             self.fold(iteration);
@@ -474,12 +526,14 @@ impl Analysis {
                 self.unmatched += 1;
                 return;
             };
+            let mut answer_began = m.first_ts;
             let found = match m.part {
                 None => self.pending.remove(&(worker, sender, customer, ts)),
                 Some(part) => {
                     // One slice-key response of a split key: the response is complete
-                    // with its last part.
+                    // with its last part; the wait for it ended with its first.
                     let id = (worker, sender, part.key);
+                    let began = *self.first_part_ts.entry(id).or_insert(m.first_ts);
                     let seen = self.parts_seen.entry(id).or_insert(0);
                     *seen += 1;
                     if *seen < part.count {
@@ -490,10 +544,13 @@ impl Analysis {
                             .and_then(|p| self.open.get_mut(&p.iteration))
                         {
                             *it.host_bytes.entry(m.client.ip()).or_insert(0) += m.wire_bytes;
+                            it.answer_spans.push((m.first_ts, m.last_ts));
                         }
                         return;
                     }
                     self.parts_seen.remove(&id);
+                    self.first_part_ts.remove(&id);
+                    answer_began = began;
                     self.pending_by_key
                         .get(&id)
                         .copied()
@@ -506,6 +563,8 @@ impl Analysis {
             };
             if let Some(it) = self.open.get_mut(&p.iteration) {
                 *it.host_bytes.entry(m.client.ip()).or_insert(0) += m.wire_bytes;
+                it.answer_spans.push((m.first_ts, m.last_ts));
+                it.waits.push((p.last_ts, answer_began));
                 if let Some(w) = it.workers.get_mut(&p.worker) {
                     w.last_response = w.last_response.max(m.last_ts);
                     let r = w.responses.entry(p.key).or_insert(m.last_ts);
@@ -614,6 +673,20 @@ impl Analysis {
             .fold(0.0, f64::max);
         let busiest = it.host_bytes.values().copied().max().unwrap_or(0) as f64;
         let pair_lag = pair_lag(&it.workers);
+        // Any answer on the wire keeps the direction busy, also one of the iterations
+        // before or after (the tail of one overlaps the next).
+        let waiting = union(it.waits);
+        let answer_wait: f64 = waiting.iter().map(|(a, b)| b - a).sum();
+        let answers = union(
+            self.open
+                .values()
+                .flat_map(|o| o.answer_spans.iter().copied())
+                .chain(it.answer_spans.iter().copied())
+                .chain(self.folded_answers.iter().copied())
+                .collect(),
+        );
+        let answer_idle = answer_wait - overlap(&waiting, &answers);
+        self.folded_answers = it.answer_spans;
         if let Some(prev) = self.rows.last_mut() {
             if prev.index + 1 == index {
                 let period = self.t0.map_or(start, |t| start - t) - prev.start_s;
@@ -631,6 +704,8 @@ impl Analysis {
             comm_s: (end - start).max(0.0),
             first_layer_wait_s: wait,
             pair_lag_s: pair_lag,
+            answer_wait_s: answer_wait,
+            answer_idle_s: answer_idle,
             busiest_link_mb: busiest / 1e6,
             link_busy_s: busiest * 8.0 / self.options.rate_bps,
             ideal_s: None,
@@ -673,6 +748,8 @@ impl Analysis {
         let mut periods: Vec<f64> = steady.iter().filter_map(|r| r.period_s).collect();
         let mut waits: Vec<f64> = steady.iter().map(|r| r.first_layer_wait_s).collect();
         let mut lags: Vec<f64> = steady.iter().filter_map(|r| r.pair_lag_s).collect();
+        let answer_wait: f64 = steady.iter().map(|r| r.answer_wait_s).sum();
+        let answer_idle: f64 = steady.iter().map(|r| r.answer_idle_s).sum();
         let mut links: Vec<f64> = steady.iter().map(|r| r.busiest_link_mb).collect();
         let mut ideals: Vec<f64> = steady.iter().filter_map(|r| r.ideal_s).collect();
         let (mp, mi) = (median(&mut periods), median(&mut ideals));
@@ -714,6 +791,7 @@ impl Analysis {
                 median_period_s: mp,
                 median_first_layer_wait_s: median(&mut waits),
                 median_pair_lag_s: median(&mut lags),
+                answer_idle_share: (answer_wait > 0.0).then(|| answer_idle / answer_wait),
                 median_busiest_link_mb: median(&mut links),
                 median_ideal_s: mi,
                 estimated_speedup: mp.zip(mi).map(|(p, i)| p / i),
@@ -858,5 +936,46 @@ mod tests {
             .iterations
             .iter()
             .all(|r| r.pair_lag_s.is_none()));
+    }
+
+    #[test]
+    fn answer_idle_is_the_time_requests_wait_with_no_answer_on_the_wire() {
+        const SERVER: &str = "10.0.0.2:4000";
+        const WORKER: &str = "10.0.0.3:5000";
+        let mut a = Analysis::new(Options::default());
+        a.on_message(&msg("ps8", "10.0.0.9:1", false, 99, 99, 0.5));
+        for it in 0..3 {
+            let t = 1.0 + f64::from(it);
+            let ts = it * 10;
+            // Pushes at t and t + 0.1 (10 ms on the wire); answers at t + 0.3 and
+            // t + 0.305 (10 ms each, overlapping 5 ms): requests wait from t + 0.01 to
+            // t + 0.305, and answers are on the wire 5 ms of that.
+            a.on_message(&msg("ps9", SERVER, true, 3, ts, t));
+            a.on_message(&msg("ps9", SERVER, true, 7, ts + 1, t + 0.1));
+            a.on_message(&msg("ps8", WORKER, false, 3, ts, t + 0.3));
+            a.on_message(&msg("ps8", WORKER, false, 7, ts + 1, t + 0.305));
+        }
+        let r = a.finish();
+        assert_eq!(r.iterations.len(), 3, "{:?}", r.iterations);
+        for row in &r.iterations {
+            assert!((row.answer_wait_s - 0.295).abs() < 1e-9, "{row:?}");
+            assert!((row.answer_idle_s - 0.29).abs() < 1e-9, "{row:?}");
+        }
+        assert!((r.summary.answer_idle_share.unwrap() - 0.29 / 0.295).abs() < 1e-9);
+    }
+
+    #[test]
+    fn spans_are_merged_once_and_their_overlap_measured() {
+        let a = union(vec![
+            (1.2, 2.0),
+            (0.5, 1.5),
+            (3.0, 3.5),
+            (4.5, 6.0),
+            (7.0, 7.0),
+        ]);
+        assert_eq!(a, vec![(0.5, 2.0), (3.0, 3.5), (4.5, 6.0)]);
+        let b = union(vec![(1.0, 5.0)]);
+        assert!((overlap(&a, &b) - (1.0 + 0.5 + 0.5)).abs() < 1e-12);
+        assert_eq!(overlap(&a, &[]), 0.0);
     }
 }

@@ -163,7 +163,6 @@ pub fn inspect_iface(
     options: Options,
     mut progress: impl FnMut(&CaptureStats),
 ) -> Result<Inspection, InspectError> {
-    use pnet_datalink::Channel;
     let err = |reason: String| InspectError::Interface {
         iface: iface.to_string(),
         reason,
@@ -172,41 +171,30 @@ pub fn inspect_iface(
         .into_iter()
         .find(|i| i.name == iface)
         .ok_or_else(|| err("no such interface".into()))?;
-    let config = pnet_datalink::Config {
-        read_timeout: Some(Duration::from_millis(100)),
-        read_buffer_size: 1 << 20,
-        socket_fd: Some(capture_socket().map_err(|e| err(e.to_string()))?),
-        ..Default::default()
-    };
-    let mut rx = match pnet_datalink::channel(&interface, config) {
-        Ok(Channel::Ethernet(_, rx)) => rx,
-        Ok(_) => return Err(err("not an Ethernet channel".into())),
-        Err(e) => return Err(err(e.to_string())),
-    };
+    let mut rx = CaptureSocket::open(interface.index).map_err(|e| err(e.to_string()))?;
     let mut inspector = Inspector::new(options);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     let mut last = Instant::now();
     while Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let frame = match rx.next() {
+        let (data, ts) = match rx.next() {
             Ok(f) => f,
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
                 ) =>
             {
                 continue
             }
             Err(e) => return Err(err(e.to_string())),
         };
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
         inspector.packet(&Packet {
             ts,
             linktype: pcap_parser::Linktype::ETHERNET,
-            data: frame.to_vec(),
+            data: data.to_vec(),
         });
         if last.elapsed() > Duration::from_secs(2) {
             progress(inspector.stats());
@@ -216,19 +204,114 @@ pub fn inspect_iface(
     Ok(inspector.finish())
 }
 
+/// A raw packet socket bound to one interface that reads each frame with the time the
+/// kernel saw it (`SO_TIMESTAMPNS`): the analyzer may fall behind a busy link and read
+/// a burst at once, and the time it reads them is not when they crossed the wire.
+struct CaptureSocket {
+    socket: socket2::Socket,
+    buf: Vec<u8>,
+}
+
+impl CaptureSocket {
+    /// Largest frame read whole (a GSO/GRO frame is up to 64 KiB).
+    const FRAME: usize = 256 * 1024;
+
+    fn open(ifindex: u32) -> std::io::Result<CaptureSocket> {
+        let socket = capture_socket()?;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, a pointer to an int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: a valid socket and a sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(CaptureSocket {
+            socket,
+            buf: vec![0; Self::FRAME],
+        })
+    }
+
+    /// The next frame and when the kernel saw it (seconds since the epoch).
+    fn next(&mut self) -> std::io::Result<(&[u8], f64)> {
+        // Room for one timespec control message, aligned.
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: self.buf.len(),
+        };
+        // SAFETY: msghdr is plain data; zero is a valid start.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: the buffers msg points to live until the call returns.
+        let n =
+            unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(&self.socket), &mut msg, 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ts = None;
+        // SAFETY: walking the control messages recvmsg wrote, with libc's macros.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                    && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+                {
+                    let t: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    ts = Some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9);
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let ts = match ts {
+            Some(t) => t,
+            None => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        };
+        let len = (n as usize).min(self.buf.len());
+        Ok((&self.buf[..len], ts))
+    }
+}
+
 /// Kernel buffer of the capture socket: a second of a 1 Gbit/s link, so that a burst of
 /// large segments is not dropped while the analyzer works through the previous one.
 const CAPTURE_SOCKET_BUFFER: i32 = 128 << 20;
 
 /// A raw packet socket with a large receive buffer (`SO_RCVBUFFORCE`, as root; else as
-/// large as `net.core.rmem_max` allows), for pnet to bind to the interface.
-fn capture_socket() -> std::io::Result<i32> {
-    use std::os::fd::IntoRawFd;
-    let protocol = (libc::ETH_P_ALL as u16).to_be() as i32;
+/// large as `net.core.rmem_max` allows). It receives nothing until bound (protocol 0),
+/// so that no frame of another interface slips in before.
+fn capture_socket() -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::PACKET,
         socket2::Type::RAW,
-        Some(socket2::Protocol::from(protocol)),
+        Some(socket2::Protocol::from(0)),
     )?;
     let size = CAPTURE_SOCKET_BUFFER;
     // SAFETY: a valid socket, a pointer to an int and its size.
@@ -244,5 +327,5 @@ fn capture_socket() -> std::io::Result<i32> {
     if forced != 0 {
         socket.set_recv_buffer_size(size as usize)?;
     }
-    Ok(socket.into_raw_fd())
+    Ok(socket)
 }

@@ -78,13 +78,13 @@ pub fn table(ins: &Inspection) -> String {
     }
     let _ = writeln!(
         out,
-        "\niterations (seconds; wait = the next forward pass waiting on its first layer, key {}, layer order {}; pair lag = median from the first to the last worker's push of a key):",
+        "\niterations (seconds; wait = the next forward pass waiting on its first layer, key {}, layer order {}; pair lag = median from the first to the last worker's push of a key; answer wait = requests waiting for their answers, answer idle = of that, no answer on the wire):",
         s.first_layer_key.map_or("-".into(), |k| k.to_string()),
         s.layer_order
     );
     let _ = writeln!(
         out,
-        "  {:>5} {:>8} {:>7} {:>7} {:>6} {:>10} {:>9} {:>7} {:>7} {:>8}",
+        "  {:>5} {:>8} {:>7} {:>7} {:>6} {:>10} {:>9} {:>7} {:>7} {:>8} {:>11} {:>11}",
         "iter",
         "start",
         "period",
@@ -94,12 +94,14 @@ pub fn table(ins: &Inspection) -> String {
         "link busy",
         "ideal",
         "saving",
-        "pair lag"
+        "pair lag",
+        "answer wait",
+        "answer idle"
     );
     for it in &r.iterations {
         let _ = writeln!(
             out,
-            "  {:>5} {:>8.3} {:>7} {:>7.3} {:>6.3} {:>10.1} {:>9.3} {:>7} {:>7} {:>8}",
+            "  {:>5} {:>8.3} {:>7} {:>7.3} {:>6.3} {:>10.1} {:>9.3} {:>7} {:>7} {:>8} {:>11.3} {:>11.3}",
             it.index,
             it.start_s,
             secs(it.period_s),
@@ -109,16 +111,20 @@ pub fn table(ins: &Inspection) -> String {
             it.link_busy_s,
             secs(it.ideal_s),
             secs(it.saving_s),
-            secs(it.pair_lag_s)
+            secs(it.pair_lag_s),
+            it.answer_wait_s,
+            it.answer_idle_s
         );
     }
     let _ = writeln!(
         out,
-        "\nsummary over {} iterations (the first one seen left out): median period {} s, first-layer wait {} s, push pair lag {} s, busiest link {} MB/iteration at {:.2} Gbit/s",
+        "\nsummary over {} iterations (the first one seen left out): median period {} s, first-layer wait {} s, push pair lag {} s, answers idle {} of their wait, busiest link {} MB/iteration at {:.2} Gbit/s",
         s.iterations,
         secs(s.median_period_s),
         secs(s.median_first_layer_wait_s),
         secs(s.median_pair_lag_s),
+        s.answer_idle_share
+            .map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
         s.median_busiest_link_mb.map_or("-".into(), |v| format!("{v:.1}")),
         s.rate_bps / 1e9
     );

@@ -16,6 +16,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::memory::MemoryReturn;
+use crate::core::answer_idle::{AnswerIdle, AnswerTotals};
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
 use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_ANNOUNCED_KEYS};
@@ -92,6 +93,8 @@ struct Lane {
     control: Vec<u8>,
     /// The session's reader ended: write what is queued, then end.
     finishing: bool,
+    /// It carries a local server's answers.
+    answers: bool,
 }
 
 #[derive(Debug)]
@@ -100,6 +103,8 @@ struct State {
     bodies: HashMap<MsgId, Queued>,
     lanes: HashMap<LaneId, Lane>,
     next_lane: LaneId,
+    /// The answers' idle time while requests wait (with the link rate).
+    answer_link: Option<AnswerIdle>,
 }
 
 /// The egress of one proxy.
@@ -125,14 +130,16 @@ pub(crate) enum Next {
 }
 
 impl Egress {
-    /// An egress cutting `slice_bytes` slices, holding at most `budget` bytes.
-    pub(crate) fn new(slice_bytes: u64, budget: u64) -> Egress {
+    /// An egress cutting `slice_bytes` slices, holding at most `budget` bytes; with the
+    /// link's rate, it measures how long answers idle while requests wait.
+    pub(crate) fn new(slice_bytes: u64, budget: u64, link_rate_bps: Option<f64>) -> Egress {
         Egress {
             state: Mutex::new(State {
                 sched: Scheduler::new(slice_bytes, budget),
                 bodies: HashMap::new(),
                 lanes: HashMap::new(),
                 next_lane: 0,
+                answer_link: link_rate_bps.map(AnswerIdle::new),
             }),
             space: Notify::new(),
             slice_bytes,
@@ -152,8 +159,14 @@ impl Egress {
         self.memory.due(used)
     }
 
-    /// Declares an output connection of `session`; returns its id and wake-up.
-    pub(crate) fn add_lane(&self, session: SessionId, kind: LaneKind) -> (LaneId, Arc<Notify>) {
+    /// Declares an output connection of `session` (`answers`: a local server's);
+    /// returns its id and wake-up.
+    pub(crate) fn add_lane(
+        &self,
+        session: SessionId,
+        kind: LaneKind,
+        answers: bool,
+    ) -> (LaneId, Arc<Notify>) {
         let mut st = self.lock();
         let id = st.next_lane;
         st.next_lane += 1;
@@ -167,9 +180,27 @@ impl Egress {
                 wake: wake.clone(),
                 control: Vec::new(),
                 finishing: false,
+                answers,
             },
         );
         (id, wake)
+    }
+
+    /// From `now` on, requests this proxy relayed wait for answers or not.
+    pub(crate) fn requests_waiting(&self, now: Instant, waiting: bool) {
+        let mut st = self.lock();
+        if let Some(a) = &mut st.answer_link {
+            a.set_waiting(now, waiting);
+            if let Some(w) = a.take_window() {
+                metrics::answer_idle(w.idle_share());
+            }
+        }
+    }
+
+    /// Time with requests waiting, and how long of it no answer was on the link (only
+    /// with the link rate).
+    pub(crate) fn answer_totals(&self) -> Option<AnswerTotals> {
+        self.lock().answer_link.as_ref().map(AnswerIdle::totals)
     }
 
     /// Queues a message, waiting while the memory budget is full (which stops the
@@ -236,6 +267,7 @@ impl Egress {
         let mut header = std::mem::take(&mut lane.control);
         let finishing = lane.finishing;
         let session = lane.session;
+        let answers = lane.answers;
         let mut pieces = Vec::new();
         let mut total = 0u64;
         let mut released = false;
@@ -273,6 +305,10 @@ impl Egress {
         }
         if !header.is_empty() {
             pieces.push(Bytes::from(header));
+        }
+        if let (true, Some(a)) = (answers && total > 0, &mut st.answer_link) {
+            // Handed out as the socket takes them: on the link from now.
+            a.sent(now, total);
         }
         if released {
             self.metrics.queued(st.sched.used());

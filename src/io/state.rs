@@ -173,7 +173,11 @@ impl Shared {
         let redirect = RedirectCheck::new(&config);
         let shared = Arc::new(Shared {
             limits: Limits::default(),
-            egress: Arc::new(Egress::new(config.slice_bytes, config.memory_budget_bytes)),
+            egress: Arc::new(Egress::new(
+                config.slice_bytes,
+                config.memory_budget_bytes,
+                config.link_rate_bps.map(|r| r as f64),
+            )),
             order_released: tokio::sync::Notify::new(),
             config,
             env,
@@ -260,14 +264,21 @@ impl Shared {
         }
     }
 
-    /// Looks at a message going from a session's DEALER to its ROUTER, before it
-    /// is forwarded, and acts on what it teaches.
-    pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage) {
+    /// Looks at a message of `bytes` wire bytes going from a session's DEALER to its
+    /// ROUTER, before it is forwarded, and acts on what it teaches.
+    pub(crate) fn observe(&self, ctx: &MessageContext<'_>, msg: &PsMessage, bytes: u64) {
         let now = Instant::now();
         let (learned, live) = {
             let mut core = self.core();
             let learned = core.topology.observe(ctx, msg);
-            core.watch(ctx, msg, now, &*self.env.is_local);
+            core.watch(ctx, msg, bytes, now, &*self.env.is_local);
+            if self.config.link_rate_bps.is_some() {
+                if let Some(waiting) = core.job.waiting_changed() {
+                    // Under the core lock, so that the egress sees the changes in order
+                    // (the egress never takes the core lock).
+                    self.egress.requests_waiting(now, waiting);
+                }
+            }
             (learned, self.live_events(&mut core))
         };
         if let Some(live) = live {
@@ -520,6 +531,11 @@ impl Shared {
                 "first_layer_wait_s": secs(core.job.first_layer_wait()),
                 "comm_share": core.job.comm_share(),
                 "estimated_saving_s": secs(core.job.estimated_saving()),
+                "answers": self.egress.answer_totals().map(|t| json!({
+                    "waiting_s": t.waiting.as_secs_f64(),
+                    "idle_s": t.idle.as_secs_f64(),
+                    "idle_share": t.idle_share(),
+                })),
             },
         })
     }

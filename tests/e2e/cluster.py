@@ -1,6 +1,7 @@
 """Runs real MXNet 1.9.1 jobs on the namespace testbed (scripts/testbed), with or
 without p3proxy + scripts/redirect on chosen hosts, and collects what they printed
 and what the proxies counted."""
+import json
 import os
 import re
 import signal
@@ -157,20 +158,30 @@ class Proxies:
 
     def __exit__(self, *exc):
         self.cpu = self.cpu_seconds()
+        states = {}
         for h in self.hosts:
             # Each proxy's /debug/state at the end (learned order, layouts), beside its log.
             try:
                 state = self.admin(h, "/debug/state")
                 with open(os.path.join(LOGS, f"{self.tag}-state-{h}.json"), "w") as f:
                     f.write(state)
+                states[h] = json.loads(state)
             except Exception:  # noqa: BLE001 - a proxy that died has no state; the job says why
                 pass
+        self.answer_idle_share = None
         try:
-            texts = self.metrics().values()
-            self.slices = sum(metric(t, "p3proxy_slice_requests_total") for t in texts)
-            lags = sum(metric(t, "p3proxy_push_pair_lag_seconds_count") for t in texts)
+            texts = self.metrics()
+            self.slices = sum(metric(t, "p3proxy_slice_requests_total") for t in texts.values())
+            lags = sum(metric(t, "p3proxy_push_pair_lag_seconds_count") for t in texts.values())
             # Mean time from the first to the last worker's push of a key at the servers' proxies.
-            self.pair_lag = sum(metric(t, "p3proxy_push_pair_lag_seconds_sum") for t in texts) / lags if lags else None
+            self.pair_lag = sum(metric(t, "p3proxy_push_pair_lag_seconds_sum") for t in texts.values()) / lags if lags else None
+            # At the servers' proxies (those that measured a pair lag), with --link-rate: the
+            # share of the time requests waited with no answer on the link.
+            answers = [states[h]["job"].get("answers") for h, t in texts.items()
+                       if h in states and metric(t, "p3proxy_push_pair_lag_seconds_count") > 0]
+            waiting = sum(a["waiting_s"] for a in answers if a)
+            if waiting > 0:
+                self.answer_idle_share = sum(a["idle_s"] for a in answers if a) / waiting
         except Exception:  # noqa: BLE001 - a proxy that died has no metrics; the job says why
             self.slices = self.pair_lag = None
         for h in self.hosts:

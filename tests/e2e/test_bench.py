@@ -38,7 +38,10 @@ def test_bench_smoke(tmp_path):
     # every system says how far its slowest run is from its median.
     assert proxied["pair_lag_ms"] is not None and proxied["pair_lag_ms"] >= 0, proxied
     assert all(r["max_over_median"] >= 1 and len(r["run_medians_s"]) == data["meta"]["runs"] for r in data["rows"])
-    assert "| max / median | pair lag ms |" in out.stdout
+    assert "| max / median | pair lag ms | answers idle |" in out.stdout
+    # ... and, given the testbed's link rate, how long the answers idled while requests
+    # waited at them (a share of that time).
+    assert proxied["answer_idle_share"] is not None and 0 <= proxied["answer_idle_share"] <= 1, proxied
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -45,9 +45,10 @@ def inspected_job(tag, tmp_path, proxied):
                                stdout=open(out, "w"), stderr=open(err, "w"))
     try:
         time.sleep(1.0)  # the raw socket is open
-        live = None
+        live = proxies = None
         if proxied:
-            with Proxies(TOPO.hosts(), tag) as proxies:
+            # The testbed's rate: the proxies measure how long answers idle on the link.
+            with Proxies(TOPO.hosts(), tag, ["--link-rate", "1gbit"]) as proxies:
                 result = run_job(TOPO, JOB, tag, timeout=300, args=JOB_ARGS)
                 live = proxies.metrics()
         else:
@@ -56,13 +57,13 @@ def inspected_job(tag, tmp_path, proxied):
         inspect.send_signal(signal.SIGTERM)
         code = inspect.wait(timeout=60)
     assert code == 0, err.read_text()
-    return json.loads(out.read_text()), job_times(result), json.loads(trace.read_text()), live
+    return json.loads(out.read_text()), job_times(result), json.loads(trace.read_text()), live, proxies
 
 
 @pytest.mark.parametrize("proxied", [False, True], ids=["direct", "p3proxy"])
 def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     tag = "inspect-" + ("p3proxy" if proxied else "direct")
-    ins, times, trace, live = inspected_job(tag, tmp_path, proxied)
+    ins, times, trace, live, proxies = inspected_job(tag, tmp_path, proxied)
     report = ins["report"]
     job_median = statistics.median(times)
     seen = report["summary"]["median_period_s"]
@@ -83,6 +84,9 @@ def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     # Through p3proxy the wire order is the proxies': the order they announced is used.
     assert report["summary"]["layer_order"] == ("p3proxy" if proxied else "learned")
     assert len(trace["traceEvents"]) > 0
+    # Answer idle: part of the time the iteration's requests waited for their answers.
+    assert all(0 <= it["answer_idle_s"] <= it["answer_wait_s"] for it in report["iterations"]), report["iterations"]
+    assert 0 < report["summary"]["answer_idle_share"] <= 1
     if not proxied:
         return
     # The live proxies tell the same story: each worker host's proxy reports the job's
@@ -99,5 +103,12 @@ def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
         assert metric(live[h], "p3proxy_iteration_period_seconds_count") >= 5
         assert metric(live[h], "p3proxy_server_request_seconds_count", server="8") > 0
         assert metric(live[h], "p3proxy_oldest_request_age_seconds") < 5
-    # The server's host runs no worker: no iteration of its own.
+    # The server's host runs no worker: no iteration of its own. Its proxy measured,
+    # over windows of at least a second of requests waiting, how long no answer was on
+    # the link; the end-of-run state holds the totals (cluster.Proxies read them).
     assert "p3proxy_iteration_seconds " not in live["h2"]
+    idle = metric(live["h2"], "p3proxy_answer_idle_ratio")
+    print(f"h2: answers idle {idle:.0%} of the last window's waiting; over the run {proxies.answer_idle_share:.0%}; "
+          f"inspect on h2's NIC: {report['summary']['answer_idle_share']:.0%}")
+    assert 0 <= idle <= 1
+    assert 0 <= proxies.answer_idle_share <= 1

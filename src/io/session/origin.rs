@@ -20,6 +20,7 @@ use super::pump::{classify, pump, End, PumpEnd, Sides};
 use crate::core::priority::{Urgency, FENCE};
 use crate::core::scheduler::{LaneId, LaneKind, SessionId};
 use crate::core::split::Pieces;
+use crate::core::topology::node_id_from_identity;
 use crate::io::egress::{run_lane, Body, Item};
 use crate::io::error::{report, SessionError, Side};
 use crate::io::split::Outgoing;
@@ -70,6 +71,8 @@ pub(crate) async fn run_origin(
     let mut lanes: Vec<LaneId> = Vec::new();
     // Class connections only send; their read halves live as long as the session.
     let mut idle_reads: Vec<OwnedReadHalf> = Vec::new();
+    // A local server's session carries its answers (ps-lite: servers have even ids).
+    let answers = node_id_from_identity(&info.identity).is_some_and(|id| id >= 8 && id % 2 == 0);
     let mut outputs = vec![far_wr];
     for conn in up.classes {
         let (rd, wr) = conn.into_split();
@@ -77,7 +80,7 @@ pub(crate) async fn run_origin(
         outputs.push(wr);
     }
     for wr in outputs {
-        let (id, wake) = egress.add_lane(session, kind);
+        let (id, wake) = egress.add_lane(session, kind, answers);
         lanes.push(id);
         writers.spawn(run_lane(egress.clone(), id, wake, wr));
     }

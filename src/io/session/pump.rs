@@ -161,10 +161,11 @@ pub(crate) fn classify(
     observe: Option<(&Shared, &SessionInfo)>,
     first_on_connection: bool,
 ) -> Result<PsMessage, ZmtpMessage> {
+    let bytes = msg.encoded_len() as u64;
     match PsMessage::from_zmtp(msg) {
         Ok(ps) => {
             if let Some((shared, info)) = observe {
-                observe_sent(shared, info, first_on_connection, &ps);
+                observe_sent(shared, info, first_on_connection, &ps, bytes);
             }
             Ok(ps)
         }
@@ -184,6 +185,7 @@ fn passes_by_head(
     shared: &Shared,
     info: &SessionInfo,
     frames: &[Bytes],
+    body_bytes: u64,
     first_on_connection: bool,
 ) -> bool {
     let [meta_frame, keys] = frames else {
@@ -206,18 +208,26 @@ fn passes_by_head(
     if shared.splitter_acts_on(info, request) {
         return false;
     }
-    observe_sent(shared, info, first_on_connection, &head);
+    // Its size without the lens frame after the body (a few bytes).
+    let bytes = meta_frame.len() as u64 + keys.len() as u64 + body_bytes;
+    observe_sent(shared, info, first_on_connection, &head, bytes);
     true
 }
 
 /// Lets the proxy learn from a message a session's DEALER sent.
-fn observe_sent(shared: &Shared, info: &SessionInfo, first_on_connection: bool, ps: &PsMessage) {
+fn observe_sent(
+    shared: &Shared,
+    info: &SessionInfo,
+    first_on_connection: bool,
+    ps: &PsMessage,
+    bytes: u64,
+) {
     let ctx = MessageContext {
         sender_identity: &info.identity,
         dst: info.dst,
         first_on_connection,
     };
-    shared.observe(&ctx, ps);
+    shared.observe(&ctx, ps, bytes);
 }
 
 /// Routes `ps` through the splitter; while it must wait for order
@@ -325,7 +335,7 @@ pub(crate) async fn pump(
                 Some((shared, info)) => {
                     dec.in_tail()
                         || dec.pass_head(PASS_MIN).is_some_and(|(frames, body)| {
-                            body.more && passes_by_head(shared, info, &frames, seen == 0)
+                            body.more && passes_by_head(shared, info, &frames, body.size, seen == 0)
                         })
                 }
             };

@@ -331,7 +331,12 @@ async fn deliver(
                 dst: info.dst,
                 first_on_connection: *first,
             };
-            shared.observe(&ctx, &PsMessage::new(meta.clone(), Vec::new()));
+            // A merged response's size is the merge's, not its last part's.
+            let bytes = match &replaced {
+                Some(r) if msg.part.is_some() => r.iter().map(|b| b.len() as u64).sum(),
+                _ => msg.len,
+            };
+            shared.observe(&ctx, &PsMessage::new(meta.clone(), Vec::new()), bytes);
         }
         *first = false;
         metrics::forwarded(direction, msg.len as usize);
