@@ -43,6 +43,7 @@ SYSTEM_ENV = {
     "p3proxy-relay": {},
     "p3proxy-key": {},
     "p3proxy-layer": {},
+    "p3proxy-paced": {},
     "p3proxy-map": {},
     "p3proxy-nosplit": {},
     "p3proxy-baseline": {},
@@ -51,9 +52,10 @@ SYSTEM_ENV = {
 # proxy with scheduling off (plain relay), to show what the relay costs and what
 # scheduling adds; p3proxy-key and p3proxy-map use MXNet key order and a map from the
 # model (scripts/priority-map, written into the output folder); p3proxy-layer learns the
-# strict layer order (the default defers the last layers: --learned-defer).
+# strict layer order (the default defers the last layers: --learned-defer); p3proxy-paced
+# paces each peer host's tunnels at the testbed's rate / workers (--pace).
 PROXY_ARGS = {"p3proxy": [], "p3proxy-relay": ["--no-schedule"], "p3proxy-key": ["--priority", "key"], "p3proxy-map": None,
-              "p3proxy-layer": ["--learned-defer", "0"],
+              "p3proxy-layer": ["--learned-defer", "0"], "p3proxy-paced": ["--pace"],
               "p3proxy-nosplit": ["--no-split"], "p3proxy-baseline": []}
 EXTRA_PROXY_ARGS = []  # --proxy-args: added to every p3proxy system's
 BINARY = {}  # system -> p3proxy binary other than the tree's (--baseline-bin)

@@ -139,6 +139,9 @@ pub struct Config {
     /// iteration could save against the ideal bound needs it
     /// (`p3proxy_estimated_saving_seconds`). Unset: no estimate.
     pub link_rate_bps: Option<u64>,
+    /// Pace every peer host's tunnel traffic at `link_rate_bps` / workers (issue 27):
+    /// the workers' byte streams toward a server stay in step. Needs `link_rate_bps`.
+    pub pace: bool,
     /// Static upstream (tests only): every captured connection goes here.
     pub upstream: Option<SocketAddr>,
     /// Priority scheduling (DESIGN.md §5-6): per-class tunnel connections carrying
@@ -226,6 +229,7 @@ impl Default for Config {
             no_proxy_ttl_s: 60,
             opaque_ports: Vec::new(),
             link_rate_bps: None,
+            pace: false,
             upstream: None,
             schedule: true,
             splice: true,
@@ -340,6 +344,12 @@ impl Config {
             return invalid(
                 "link_rate_bps",
                 "must be between 1 Mbit/s and 10 Tbit/s (1000000 to 10000000000000)",
+            );
+        }
+        if self.pace && self.link_rate_bps.is_none() {
+            return invalid(
+                "pace",
+                "needs link_rate_bps (the rate to share among the workers)",
             );
         }
         if self.opaque_ports.contains(&0) {

@@ -227,6 +227,9 @@ struct RunArgs {
     /// estimate and the answer idle share [default: none].
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     link_rate: Option<f64>,
+    /// Pace each peer host's tunnel traffic at the link rate / workers (needs a link rate).
+    #[arg(long)]
+    pace: bool,
     /// Threads that move bytes [default: 1].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -347,6 +350,9 @@ fn build_config(args: &RunArgs) -> Result<Config, p3proxy::config::ConfigError> 
     }
     if let Some(r) = args.link_rate {
         config.link_rate_bps = Some(r.round() as u64);
+    }
+    if args.pace {
+        config.pace = true;
     }
     if let Some(n) = args.threads {
         config.threads = n;

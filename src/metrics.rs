@@ -162,6 +162,9 @@ metrics_table! {
     /// Slices sent to peer proxies.
     SLICES_SENT = "p3proxy_slices_sent_total", Counter, None, None, Zero::Plain,
         "Slices sent to peer proxies.";
+    /// Times a tunnel lane waited for its peer host's pace (`pace`).
+    PACED_WAITS = "p3proxy_paced_waits_total", Counter, None, None, Zero::Plain,
+        "Times a tunnel connection waited for its peer host's pace (pace = true: link_rate_bps / workers per peer host).";
     /// Slices received from peer proxies and reassembled.
     SLICES_REASSEMBLED = "p3proxy_slices_reassembled_total", Counter, None, None, Zero::Plain,
         "Slices received from peer proxies and reassembled.";
@@ -424,6 +427,7 @@ pub struct EgressMetrics {
     queue_delay: [Histogram; 4],
     slices_sent: Counter,
     preemptions: Counter,
+    paced_waits: Counter,
     queued: Gauge,
 }
 
@@ -436,6 +440,7 @@ impl EgressMetrics {
             queue_delay: CLASS_LABELS.map(|c| histogram!(QUEUE_DELAY, "class" => c)),
             slices_sent: counter!(SLICES_SENT),
             preemptions: counter!(PREEMPTIONS),
+            paced_waits: counter!(PACED_WAITS),
             queued: gauge!(SCHEDULER_QUEUED_BYTES),
         }
     }
@@ -463,6 +468,11 @@ impl EgressMetrics {
         if preempted {
             self.preemptions.increment(1);
         }
+    }
+
+    /// Counts a lane that waited for its peer host's pace.
+    pub fn paced_wait(&self) {
+        self.paced_waits.increment(1);
     }
 
     /// Sets the bytes queued in the egress scheduler.

@@ -10,6 +10,7 @@ pub mod learner;
 pub mod live;
 pub mod optimizer;
 pub mod order;
+pub mod pacing;
 pub mod pairing;
 pub mod policy;
 pub mod preamble;

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::IoSlice;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,11 +18,16 @@ use tokio::sync::Notify;
 
 use super::memory::MemoryReturn;
 use crate::core::answer_idle::{AnswerIdle, AnswerTotals};
+use crate::core::pacing::Pacer;
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
 use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_ANNOUNCED_KEYS};
 use crate::core::split::Pieces;
 use crate::metrics;
+
+/// How far ahead of its rate a paced peer host's lanes may hand out bytes: two slices,
+/// so that a lane always has the next slice ready while the socket sends one.
+const PACE_BURST: u64 = 2 * 160_000;
 
 /// What a whole lane writes per wake-up at most, after its first message: small
 /// messages go out in one write, a big one alone.
@@ -95,6 +101,8 @@ struct Lane {
     finishing: bool,
     /// It carries a local server's answers.
     answers: bool,
+    /// The peer proxy's host it goes to (a tunnel lane; paced toward it).
+    peer: Option<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -105,6 +113,10 @@ struct State {
     next_lane: LaneId,
     /// The answers' idle time while requests wait (with the link rate).
     answer_link: Option<AnswerIdle>,
+    /// Pacing: the rate toward each peer host, once known (`--pace`).
+    pace_bps: Option<f64>,
+    /// One pacer per peer host, over every lane to it.
+    pacers: HashMap<IpAddr, Pacer>,
 }
 
 /// The egress of one proxy.
@@ -125,6 +137,8 @@ pub(crate) enum Next {
     Write(Vec<Bytes>),
     /// Nothing to write: wait for the lane's wake-up.
     Idle,
+    /// Paced: wait until then (or the wake-up) and ask again.
+    Wait(Instant),
     /// The session finished and everything is written: shut the connection down.
     Finished,
 }
@@ -140,6 +154,8 @@ impl Egress {
                 lanes: HashMap::new(),
                 next_lane: 0,
                 answer_link: link_rate_bps.map(AnswerIdle::new),
+                pace_bps: None,
+                pacers: HashMap::new(),
             }),
             space: Notify::new(),
             slice_bytes,
@@ -159,13 +175,14 @@ impl Egress {
         self.memory.due(used)
     }
 
-    /// Declares an output connection of `session` (`answers`: a local server's);
-    /// returns its id and wake-up.
+    /// Declares an output connection of `session` (`answers`: a local server's; `peer`:
+    /// the peer proxy's host of a tunnel lane); returns its id and wake-up.
     pub(crate) fn add_lane(
         &self,
         session: SessionId,
         kind: LaneKind,
         answers: bool,
+        peer: Option<IpAddr>,
     ) -> (LaneId, Arc<Notify>) {
         let mut st = self.lock();
         let id = st.next_lane;
@@ -181,9 +198,19 @@ impl Egress {
                 control: Vec::new(),
                 finishing: false,
                 answers,
+                peer,
             },
         );
         (id, wake)
+    }
+
+    /// Paces every peer host's lanes at `rate_bps` from now on (`None`: no pacing).
+    pub(crate) fn set_pacing(&self, rate_bps: Option<f64>) {
+        let mut st = self.lock();
+        if st.pace_bps != rate_bps {
+            st.pace_bps = rate_bps;
+            st.pacers.clear();
+        }
     }
 
     /// From `now` on, requests this proxy relayed wait for answers or not.
@@ -268,6 +295,21 @@ impl Egress {
         let finishing = lane.finishing;
         let session = lane.session;
         let answers = lane.answers;
+        let paced = lane.peer.zip(st.pace_bps);
+        if let Some((peer, rate)) = paced {
+            let pacer = st
+                .pacers
+                .entry(peer)
+                .or_insert_with(|| Pacer::new(rate, PACE_BURST));
+            if let Some(at) = pacer.wait_until(Instant::now()) {
+                // Put back what was taken; the announcements go with the next slice.
+                if let Some(lane) = st.lanes.get_mut(&id) {
+                    lane.control = header;
+                }
+                self.metrics.paced_wait();
+                return Next::Wait(at);
+            }
+        }
         let mut pieces = Vec::new();
         let mut total = 0u64;
         let mut released = false;
@@ -309,6 +351,11 @@ impl Egress {
         if let (true, Some(a)) = (answers && total > 0, &mut st.answer_link) {
             // Handed out as the socket takes them: on the link from now.
             a.sent(now, total);
+        }
+        if let Some((peer, _)) = paced.filter(|_| total > 0) {
+            if let Some(p) = st.pacers.get_mut(&peer) {
+                p.sent(now, total);
+            }
         }
         if released {
             self.metrics.queued(st.sched.used());
@@ -411,6 +458,12 @@ pub(crate) async fn run_lane(
         match egress.next(id) {
             Next::Write(pieces) => write_pieces(&mut wr, pieces).await?,
             Next::Idle => wake.notified().await,
+            Next::Wait(at) => {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
             Next::Finished => {
                 let _ = wr.shutdown().await;
                 return Ok(());

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
-use p3proxy_parsers::pslite::PsMessage;
+use p3proxy_parsers::pslite::{PsMessage, Role};
 use p3proxy_parsers::zmtp::Limits;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -314,6 +314,18 @@ impl Shared {
                 let (table, effects) = {
                     let mut core = self.core();
                     core.node_table_learned();
+                    if let (true, Some(rate)) = (self.config.pace, self.config.link_rate_bps) {
+                        let workers = core
+                            .topology
+                            .nodes()
+                            .iter()
+                            .filter(|n| n.role == Role::Worker)
+                            .count()
+                            .max(1);
+                        let pace = rate as f64 / workers as f64;
+                        self.egress.set_pacing(Some(pace));
+                        tracing::info!(workers, pace_bps = pace, "pacing each peer host's tunnels");
+                    }
                     let table: Vec<String> = core
                         .topology
                         .nodes()

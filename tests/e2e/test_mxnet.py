@@ -126,6 +126,14 @@ def test_raw_two_servers():
     assert {l["slice"] for l in journaled_layouts("raw2", TWO_SERVERS)} == {160_000}
 
 
+def test_paced_tunnels_keep_results_bitwise_equal():
+    """`--pace`: each peer host's tunnels at the link rate / workers (issue 27); the
+    workers' proxies really waited for it."""
+    _, metrics = compare(TWO_SERVERS, "kv_raw.py", "paced", split=3, proxy_args=["--link-rate", "1gbit", "--pace"])
+    assert all(metric(metrics[w], "p3proxy_paced_waits_total") > 0 for w in TWO_SERVERS.workers), \
+        {w: metric(metrics[w], "p3proxy_paced_waits_total") for w in TWO_SERVERS.workers}
+
+
 def test_colocated_servers_and_workers():
     _, metrics = compare(COLOCATED, "kv_raw.py", "coloc", split=3)
     for h in ("h2", "h3"):

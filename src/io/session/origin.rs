@@ -80,7 +80,8 @@ pub(crate) async fn run_origin(
         outputs.push(wr);
     }
     for wr in outputs {
-        let (id, wake) = egress.add_lane(session, kind, answers);
+        let peer = up.sliced.then(|| info.dst.ip());
+        let (id, wake) = egress.add_lane(session, kind, answers, peer);
         lanes.push(id);
         writers.spawn(run_lane(egress.clone(), id, wake, wr));
     }
