@@ -45,6 +45,9 @@ pub struct RequestSeen {
     pub local: bool,
     /// Bytes of the message.
     pub bytes: u64,
+    /// The responder runs on this host and the requester elsewhere: the answer leaves
+    /// through this host's link (the answers' idle time counts its wait).
+    pub answered_here: bool,
 }
 
 /// What the job did, for the metrics.
@@ -78,6 +81,8 @@ struct Pending {
     bytes: u64,
     /// (local worker, key, iteration) when the requester's iterations are followed.
     follow: Option<(u64, u32)>,
+    /// Counted in `waiting_here`.
+    answered_here: bool,
 }
 
 #[derive(Debug, Default)]
@@ -119,8 +124,8 @@ pub struct JobWatch {
     pending: HashMap<Correlation, Pending>,
     /// Requester-responder pairs whose responses this proxy has seen.
     answered_pairs: HashSet<(i32, i32)>,
-    /// Pending requests per requester-responder pair.
-    pending_pairs: HashMap<(i32, i32), usize>,
+    /// Pending requests answered through this host's link, per requester-responder pair.
+    waiting_here: HashMap<(i32, i32), usize>,
     /// What [`JobWatch::waiting_changed`] said last.
     reported_waiting: bool,
     workers: HashMap<i32, WorkerTrack>,
@@ -163,11 +168,15 @@ impl JobWatch {
                 at: now,
                 bytes: req.bytes,
                 follow,
+                answered_here: req.answered_here,
             },
         );
-        if earlier.is_none() {
+        if let Some(e) = earlier {
+            self.unpend(req.corr, &e);
+        }
+        if req.answered_here {
             *self
-                .pending_pairs
+                .waiting_here
                 .entry((req.corr.0, req.corr.1))
                 .or_insert(0) += 1;
         }
@@ -181,7 +190,7 @@ impl JobWatch {
         let Some(p) = self.pending.remove(&corr) else {
             return;
         };
-        self.unpend(corr);
+        self.unpend(corr, &p);
         self.events.push_back(LiveEvent::Answered {
             server: corr.1,
             latency: now.saturating_duration_since(p.at),
@@ -205,15 +214,13 @@ impl JobWatch {
     pub fn forget(&mut self, requester: i32, responder: i32) {
         self.pending
             .retain(|&(r, s, _, _), _| !(r == requester && s == responder));
-        self.pending_pairs.remove(&(requester, responder));
+        self.waiting_here.remove(&(requester, responder));
     }
 
-    /// Whether a request waits for its answer, between a pair whose answers this
-    /// proxy sees (`core::answer_idle` counts the egress's idle time then).
+    /// Whether a request from another host waits for its answer from a server on this
+    /// one (`core::answer_idle` counts the egress's idle time then).
     pub fn waiting(&self) -> bool {
-        self.answered_pairs
-            .iter()
-            .any(|p| self.pending_pairs.get(p).is_some_and(|n| *n > 0))
+        !self.waiting_here.is_empty()
     }
 
     /// [`JobWatch::waiting`], when it changed since the last call.
@@ -225,12 +232,16 @@ impl JobWatch {
         })
     }
 
-    fn unpend(&mut self, corr: Correlation) {
+    /// `p`, the request `corr`, no longer waits.
+    fn unpend(&mut self, corr: Correlation, p: &Pending) {
         let pair = (corr.0, corr.1);
-        if let Some(n) = self.pending_pairs.get_mut(&pair) {
+        if !p.answered_here {
+            return;
+        }
+        if let Some(n) = self.waiting_here.get_mut(&pair) {
             *n -= 1;
             if *n == 0 {
-                self.pending_pairs.remove(&pair);
+                self.waiting_here.remove(&pair);
             }
         }
     }
@@ -291,8 +302,9 @@ impl JobWatch {
             .min_by_key(|(_, p)| p.at)
             .map(|(c, _)| *c)
         {
-            self.pending.remove(&corr);
-            self.unpend(corr);
+            if let Some(p) = self.pending.remove(&corr) {
+                self.unpend(corr, &p);
+            }
             self.dropped += 1;
         }
     }
@@ -455,6 +467,7 @@ mod tests {
                 pull: false,
                 local: true,
                 bytes: 100,
+                answered_here: false,
             };
             watch.request(req, t0);
             watch.response(corr, 10, t0);
@@ -481,6 +494,7 @@ mod tests {
                     pull: true,
                     local: true,
                     bytes: 1000,
+                    answered_here: false,
                 };
                 watch.request(req, at);
             } else {
@@ -618,6 +632,7 @@ mod tests {
             pull: true,
             local,
             bytes: 50,
+            answered_here: !local,
         }
     }
 
@@ -671,6 +686,7 @@ mod tests {
                 pull: true,
                 local: false,
                 bytes: 10,
+                answered_here: true,
             };
             watch.request(req, t0 + ms(100 * i));
             watch.response(corr, 10, t0 + ms(100 * i + 5));
@@ -709,6 +725,7 @@ mod tests {
                         pull: true,
                         local: false,
                         bytes: 1000,
+                        answered_here: true,
                     };
                     timeline.push((at, Some(req), corr));
                     timeline.push((start + ms(5 * k + lag_ms), None, corr));
@@ -741,19 +758,33 @@ mod tests {
     }
 
     #[test]
-    fn requests_wait_only_between_pairs_whose_answers_this_proxy_sees() {
+    fn only_requests_answered_through_this_hosts_link_wait() {
         let mut watch = JobWatch::default();
         let t0 = Instant::now();
-        watch.request(pull((9, 8, 0, 1), false), t0);
-        assert!(!watch.waiting(), "no answer of 9 -> 8 seen yet");
-        watch.response((9, 8, 0, 1), 50, t0);
+        // A local worker's pull from another host's server: answered elsewhere.
+        watch.request(pull((9, 8, 0, 1), true), t0);
         assert!(!watch.waiting());
-        watch.request(pull((9, 8, 0, 2), false), t0);
+        assert_eq!(watch.waiting_changed(), None);
+        // A remote worker's pull from a server here waits until it is answered.
+        watch.request(pull((11, 10, 0, 1), false), t0);
         assert!(watch.waiting());
         assert_eq!(watch.waiting_changed(), Some(true));
         assert_eq!(watch.waiting_changed(), None);
-        watch.forget(9, 8);
-        assert!(!watch.waiting());
+        watch.response((11, 10, 0, 1), 50, t0);
         assert_eq!(watch.waiting_changed(), Some(false));
+        // The same correlation twice (a resent request) counts once.
+        watch.request(pull((11, 10, 0, 2), false), t0);
+        watch.request(pull((11, 10, 0, 2), false), t0);
+        watch.response((11, 10, 0, 2), 50, t0);
+        assert!(!watch.waiting());
+        // A dead connection's requests are forgotten.
+        watch.request(pull((11, 10, 0, 3), false), t0);
+        watch.forget(11, 10);
+        assert!(!watch.waiting());
+        assert_eq!(
+            watch.pending(),
+            1,
+            "the local worker's pull is still tracked"
+        );
     }
 }

@@ -122,6 +122,7 @@ impl ProxyState {
                 pull,
                 local,
                 bytes,
+                answered_here: !local && is_local(ctx.dst.ip()),
             };
             self.job.request(req, now);
         } else {

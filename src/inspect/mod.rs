@@ -213,8 +213,8 @@ struct CaptureSocket {
 }
 
 impl CaptureSocket {
-    /// Largest frame read whole (a GSO/GRO frame is up to 64 KiB).
-    const FRAME: usize = 256 * 1024;
+    /// Largest frame read whole (a GSO/GRO frame is up to 64 KiB; BIG TCP's larger).
+    const FRAME: usize = 1 << 20;
 
     fn open(ifindex: u32) -> std::io::Result<CaptureSocket> {
         let socket = capture_socket()?;

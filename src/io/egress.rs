@@ -301,10 +301,12 @@ impl Egress {
                 .pacers
                 .entry(peer)
                 .or_insert_with(|| Pacer::new(rate, PACE_BURST));
-            if let Some(at) = pacer.wait_until(Instant::now()) {
-                // Put back what was taken; the announcements go with the next slice.
-                if let Some(lane) = st.lanes.get_mut(&id) {
-                    lane.control = header;
+            let wait = pacer.wait_until(Instant::now());
+            if let Some(at) = wait.filter(|_| st.sched.has_queued(session)) {
+                if !header.is_empty() {
+                    // Announcements are not paced: the peer needs them for the slices
+                    // the session's other lanes send.
+                    return Next::Write(vec![Bytes::from(header)]);
                 }
                 self.metrics.paced_wait();
                 return Next::Wait(at);

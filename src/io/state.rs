@@ -272,13 +272,7 @@ impl Shared {
             let mut core = self.core();
             let learned = core.topology.observe(ctx, msg);
             core.watch(ctx, msg, bytes, now, &*self.env.is_local);
-            if self.config.link_rate_bps.is_some() {
-                if let Some(waiting) = core.job.waiting_changed() {
-                    // Under the core lock, so that the egress sees the changes in order
-                    // (the egress never takes the core lock).
-                    self.egress.requests_waiting(now, waiting);
-                }
-            }
+            self.sync_answer_wait(&mut core, now);
             (learned, self.live_events(&mut core))
         };
         if let Some(live) = live {
@@ -408,7 +402,9 @@ impl Shared {
             )
         };
         if let (Some(from), Some(to)) = (node_id_from_identity(&info.identity), responder) {
-            self.core().job.forget(from, to);
+            let mut core = self.core();
+            core.job.forget(from, to);
+            self.sync_answer_wait(&mut core, Instant::now());
         }
         if lost > 0 {
             metrics::count(metrics::REQUESTS_LOST, lost);
@@ -422,6 +418,17 @@ impl Shared {
             );
         } else {
             tracing::info!(dst = %info.dst, reason = ?end, "upstream closed; closing the app's connection");
+        }
+    }
+
+    /// Tells the egress when requests answered through this host's link start or stop
+    /// waiting (the answers' idle time). Under the core lock, so that the egress sees
+    /// the changes in order (the egress never takes the core lock).
+    fn sync_answer_wait(&self, core: &mut ProxyState, now: Instant) {
+        if self.config.link_rate_bps.is_some() {
+            if let Some(waiting) = core.job.waiting_changed() {
+                self.egress.requests_waiting(now, waiting);
+            }
         }
     }
 

@@ -168,6 +168,7 @@ class Proxies:
                 states[h] = json.loads(state)
             except Exception:  # noqa: BLE001 - a proxy that died has no state; the job says why
                 pass
+        self.states = states
         self.answer_idle_share = None
         try:
             texts = self.metrics()

@@ -107,8 +107,16 @@ def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     # over windows of at least a second of requests waiting, how long no answer was on
     # the link; the end-of-run state holds the totals (cluster.Proxies read them).
     assert "p3proxy_iteration_seconds " not in live["h2"]
+    assert "\np3proxy_answer_idle_ratio " in live["h2"], "the server's proxy reported a window"
     idle = metric(live["h2"], "p3proxy_answer_idle_ratio")
-    print(f"h2: answers idle {idle:.0%} of the last window's waiting; over the run {proxies.answer_idle_share:.0%}; "
-          f"inspect on h2's NIC: {report['summary']['answer_idle_share']:.0%}")
+    answers = {h: proxies.states[h]["job"]["answers"] for h in TOPO.hosts()}
+    print(f"h2: answers idle {idle:.0%} of the last window's waiting; over the run {proxies.answer_idle_share:.0%} "
+          f"of {answers['h2']['waiting_s']:.1f} s; inspect on h2's NIC: {report['summary']['answer_idle_share']:.0%}")
     assert 0 <= idle <= 1
-    assert 0 <= proxies.answer_idle_share <= 1
+    # Requests waited at the server for most of the job, and its answers were on the
+    # link for part of that time.
+    assert answers["h2"]["waiting_s"] > 0.5 * sum(times)
+    assert 0 < answers["h2"]["idle_s"] < answers["h2"]["waiting_s"]
+    # Only requests answered through a host's link wait: no server on the workers' hosts.
+    for h in TOPO.workers:
+        assert answers[h]["waiting_s"] == 0, (h, answers[h])
