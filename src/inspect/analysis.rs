@@ -685,7 +685,8 @@ impl Analysis {
                 .chain(self.folded_answers.iter().copied())
                 .collect(),
         );
-        let answer_idle = answer_wait - overlap(&waiting, &answers);
+        // Clamped: the subtraction of equal sums may round below zero.
+        let answer_idle = (answer_wait - overlap(&waiting, &answers)).max(0.0);
         self.folded_answers = it.answer_spans;
         if let Some(prev) = self.rows.last_mut() {
             if prev.index + 1 == index {

@@ -421,6 +421,17 @@ impl Shared {
         }
     }
 
+    /// A session ended: what its requester asked its responder through it will not be
+    /// answered through it (the hang detector and the answers' wait forget it).
+    pub(crate) fn session_ended(&self, info: &SessionInfo) {
+        let mut core = self.core();
+        let responder = core.topology.id_at(info.dst);
+        if let (Some(from), Some(to)) = (node_id_from_identity(&info.identity), responder) {
+            core.job.forget(from, to);
+            self.sync_answer_wait(&mut core, Instant::now());
+        }
+    }
+
     /// Tells the egress when requests answered through this host's link start or stop
     /// waiting (the answers' idle time). Under the core lock, so that the egress sees
     /// the changes in order (the egress never takes the core lock).

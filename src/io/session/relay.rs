@@ -54,4 +54,5 @@ pub(crate) async fn relay(
             }
         }
     }
+    shared.session_ended(&info);
 }

@@ -295,6 +295,7 @@ pub(crate) async fn run_receiver(
         Err(e) => report(&info, &e),
     }
     drop(idle_writes);
+    shared.session_ended(&info);
 }
 
 /// Observes complete messages and writes them to the destination app.
