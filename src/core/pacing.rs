@@ -44,11 +44,6 @@ impl Pacer {
         let start = self.free_at.map_or(now, |f| f.max(now));
         self.free_at = Some(start + Self::duration(self.rate_bps, bytes));
     }
-
-    /// Its rate, bits per second.
-    pub fn rate_bps(&self) -> f64 {
-        self.rate_bps
-    }
 }
 
 #[cfg(test)]

@@ -25,10 +25,6 @@ use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_AN
 use crate::core::split::Pieces;
 use crate::metrics;
 
-/// How far ahead of its rate a paced peer host's lanes may hand out bytes: two slices,
-/// so that a lane always has the next slice ready while the socket sends one.
-const PACE_BURST: u64 = 2 * 160_000;
-
 /// What a whole lane writes per wake-up at most, after its first message: small
 /// messages go out in one write, a big one alone.
 const WHOLE_BATCH: u64 = 256 * 1024;
@@ -300,7 +296,9 @@ impl Egress {
             let pacer = st
                 .pacers
                 .entry(peer)
-                .or_insert_with(|| Pacer::new(rate, PACE_BURST));
+                // Two slices ahead of the rate: a lane has the next slice ready while
+                // the socket sends one.
+                .or_insert_with(|| Pacer::new(rate, 2 * self.slice_bytes));
             let wait = pacer.wait_until(Instant::now());
             if let Some(at) = wait.filter(|_| st.sched.has_queued(session)) {
                 if !header.is_empty() {
