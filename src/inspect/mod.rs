@@ -218,20 +218,7 @@ impl CaptureSocket {
 
     fn open(ifindex: u32) -> std::io::Result<CaptureSocket> {
         let socket = capture_socket()?;
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket, a pointer to an int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&socket),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        set_socket_int(&socket, libc::SO_TIMESTAMPNS, 1)?;
         // SAFETY: sockaddr_ll is plain data; zero is a valid start.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
@@ -314,18 +301,31 @@ fn capture_socket() -> std::io::Result<socket2::Socket> {
         Some(socket2::Protocol::from(0)),
     )?;
     let size = CAPTURE_SOCKET_BUFFER;
-    // SAFETY: a valid socket, a pointer to an int and its size.
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
+    if set_socket_int(&socket, libc::SO_RCVBUFFORCE, size).is_err() {
         socket.set_recv_buffer_size(size as usize)?;
     }
     Ok(socket)
+}
+
+/// Sets an integer `SOL_SOCKET` option that socket2 does not offer.
+fn set_socket_int(
+    socket: &socket2::Socket,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: a valid socket, a pointer to an int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
