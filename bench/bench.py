@@ -240,7 +240,8 @@ def main():
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
-                            r = run_system(s, topo, job_args, f"bench-{s}", timeout, job, a.out, rate)
+                            # A tag per run: every run's proxy logs and /debug/state stay beside each other.
+                            r = run_system(s, topo, job_args, f"bench-{model}-{tname}-{s}-run{run + 1}", timeout, job, a.out, rate)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             progress(f"{label}: {s} run {run + 1}: median {per_system[s][-1]:.3f} s, iterations "

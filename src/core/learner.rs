@@ -133,6 +133,13 @@ impl Learner {
         v
     }
 
+    /// When `key`'s push appeared after its round's first, mean over the rounds that
+    /// made the order trusted (ms): the production timing the order came from.
+    pub fn offset_ms(&self, key: u64) -> Option<f64> {
+        self.trusted.as_ref()?;
+        self.trusted_offsets.get(&key).copied()
+    }
+
     /// A key's pushpull (after init) appeared at `now`. A key seen again closes the
     /// round in progress; the outcome of that round is returned.
     #[must_use]
@@ -222,7 +229,7 @@ impl Learner {
 
     /// Ranks of the groups (arrival order in backward): strict layer order (the last
     /// group to arrive = rank 1), or production order with the first-produced groups
-    /// holding `defer` of the bytes last, in forward order.
+    /// holding `defer` of the bytes last, key by key in forward order.
     #[allow(clippy::cast_possible_truncation)]
     fn ranks(&self, groups: &Grouping) -> HashMap<u64, u32> {
         let n = groups.len();
@@ -240,17 +247,30 @@ impl Learner {
             n
         };
         let mut out = HashMap::new();
-        for (i, g) in groups.iter().enumerate() {
-            let rank = if defer <= 0.0 {
-                n - i
-            } else if i >= deferred {
-                i - deferred + 1
-            } else {
-                n - i
-            };
-            for &k in g {
-                out.insert(k, rank as u32);
+        if defer <= 0.0 {
+            for (i, g) in groups.iter().enumerate() {
+                for &k in g {
+                    out.insert(k, (n - i) as u32);
+                }
             }
+            return out;
+        }
+        // Production order: a group's keys share a rank and go as backward hands them out.
+        for (i, g) in groups.iter().enumerate().skip(deferred) {
+            for &k in g {
+                out.insert(k, (i - deferred + 1) as u32);
+            }
+        }
+        // The deferred keys go after them, key by key in forward order (the last produced
+        // first). Not a rank per group: a group's keys would go in production order, and a
+        // burst backward hands out right after a big layer (VGG-19's conv layers after fc6)
+        // would wait behind it although the next forward needs it first.
+        let offset = |k: &u64| self.trusted_offsets.get(k).copied().unwrap_or(0.0);
+        let mut tail: Vec<u64> = groups[..deferred].iter().flatten().copied().collect();
+        tail.sort_by(|a, b| offset(b).total_cmp(&offset(a)).then(a.cmp(b)));
+        let after = n - deferred;
+        for (j, k) in tail.into_iter().enumerate() {
+            out.insert(k, (after + j + 1) as u32);
         }
         out
     }
@@ -295,21 +315,34 @@ impl Learner {
         };
         // Past the share, the longest pause up to twice it stands out on every worker's
         // proxy (pauses within a quarter of it count as equal): the cut is at the first
-        // of those, with the same keys before it everywhere. No boundary there: the plain
-        // cut.
-        let ahead: Vec<usize> = shares
-            .iter()
-            .filter(|&&(_, share)| (target..=2.0 * target).contains(&share))
-            .map(|&(d, _)| d)
-            .collect();
-        let longest = ahead
-            .iter()
-            .map(|&d| pause_before(d))
-            .fold(f64::MIN, f64::max);
-        ahead
-            .into_iter()
-            .find(|&d| pause_before(d) >= 0.75 * longest)
-            .unwrap_or(target_cut)
+        // of those, with the same keys before it everywhere.
+        let first_longest = |window: &dyn Fn(f64) -> bool| {
+            let ahead: Vec<usize> = shares
+                .iter()
+                .filter(|&&(_, share)| window(share))
+                .map(|&(d, _)| d)
+                .collect();
+            let longest = ahead
+                .iter()
+                .map(|&d| pause_before(d))
+                .fold(f64::MIN, f64::max);
+            ahead
+                .into_iter()
+                .find(|&d| pause_before(d) >= 0.75 * longest)
+        };
+        if let Some(d) = first_longest(&|share| (target..=2.0 * target).contains(&share)) {
+            return d;
+        }
+        // No boundary there: one group jumps past twice the share (VGG-19's fc6, with the
+        // burst of small layers backward hands out right after it). Where that group ends
+        // is no pause every proxy sees (measured: the burst's members and the next layer
+        // fell on either side of the cut on the two workers), so the cut moves on to the
+        // longest pause within one more share's bytes.
+        let reached = target_cut
+            .checked_sub(1)
+            .and_then(|i| shares.get(i))
+            .map_or(0.0, |&(_, share)| share);
+        first_longest(&|share| (reached..=reached + target).contains(&share)).unwrap_or(target_cut)
     }
 }
 
@@ -510,6 +543,101 @@ mod tests {
         // The cut at the longest pause between deferring 20% and 40% of the bytes (5 ms
         // apart from the near-tie): the first, after 30%.
         assert_eq!(tie, vec![7, 8, 9]);
+    }
+
+    /// VGG-19's backward as two workers' proxies measured it (mean ms after the round's
+    /// first push; MXNet keys, Gluon's name order): fc8, fc7, then fc6 (key 33, 72% of
+    /// the bytes) with a burst of six small conv layers (keys 2-13) right after it, then
+    /// conv layers about 10-20 ms apart.
+    fn vgg_backward(burst_tail: f64, next_layer: f64) -> Vec<(u64, f64, u64)> {
+        let mut v = vec![
+            (37, 0.0, 1_638_400),
+            (36, 0.2, 4_000),
+            (35, 14.3, 6_710_888),
+            (34, 14.4, 16_384),
+            (33, 76.2, 41_104_180),
+            (32, 76.4, 16_384),
+        ];
+        // The burst: 2-13 within a millisecond of each other, its last layer (2, 3) at
+        // `burst_tail`.
+        for (i, k) in (4..14u64).rev().enumerate() {
+            let w = if k % 2 == 1 { 943_720 } else { 1_024 };
+            v.push((k, 77.0 + (i / 2) as f64, w));
+        }
+        v.push((3, burst_tail, 943_720));
+        v.push((2, burst_tail + 0.1, 1_024));
+        v.push((31, next_layer, 943_720));
+        v.push((30, next_layer + 0.1, 1_024));
+        // The rest as measured: (weight key, ms after the layer before).
+        let rest = [
+            (29, 8.6),
+            (27, 21.0),
+            (25, 21.0),
+            (23, 20.0),
+            (21, 10.0),
+            (19, 20.0),
+            (17, 10.0),
+            (15, 20.0),
+            (1, 1.5),
+        ];
+        let mut t = next_layer;
+        for (w, after) in rest {
+            t += after;
+            v.push((w, t, if w >= 23 { 235_928 } else { 58_982 }));
+            v.push((w - 1, t + 0.1, 512));
+        }
+        v
+    }
+
+    /// The keys `l` defers: less urgent than the first layer (keys 0, 1).
+    fn deferred_keys(l: &Learner, keys: &[u64]) -> Vec<u64> {
+        let first_layer = l.priority(0).unwrap();
+        let mut deferred: Vec<u64> = keys
+            .iter()
+            .copied()
+            .filter(|&k| l.priority(k).unwrap() > first_layer)
+            .collect();
+        deferred.sort_unstable();
+        deferred
+    }
+
+    #[test]
+    fn vgg_workers_defer_the_same_keys_however_the_burst_after_fc6_falls() {
+        let learned = |layout: Vec<Vec<(u64, f64, u64)>>| {
+            let t0 = Instant::now();
+            let mut l = Learner::default();
+            for (r, round) in layout.iter().enumerate() {
+                let mut round = round.clone();
+                round.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+                for (k, ms, bytes) in round {
+                    let at = t0 + Duration::from_micros(((r as f64 * 1000.0 + ms) * 1000.0) as u64);
+                    let _ = l.observe(k, bytes, at);
+                }
+            }
+            assert!(l.is_trusted());
+            // The deferred part in forward order, key by key: the burst's conv layers
+            // before fc6, which backward handed out just before them.
+            let p = |k: u64| l.priority(k).unwrap();
+            assert!(
+                p(31) < p(2) && p(2) < p(13) && p(13) < p(33) && p(33) < p(35) && p(35) < p(37)
+            );
+            let keys: Vec<u64> = layout[0].iter().map(|&(k, _, _)| k).collect();
+            deferred_keys(&l, &keys)
+        };
+        // One worker's proxy sees conv keys 2, 3 inside the burst and the next layer
+        // 12.7 ms later; the other sees 2, 3 5.8 ms after the burst and the next layer
+        // 9.3 ms after that; a third's last round has the next layer inside the burst.
+        let tied = learned(vec![vgg_backward(79.8, 92.5); 4]);
+        let apart = learned(vec![vgg_backward(86.8, 96.2); 4]);
+        let mut merged = vec![vgg_backward(86.8, 96.2); 3];
+        merged.push(vgg_backward(86.8, 87.5));
+        let merged = learned(merged);
+        assert_eq!(tied, apart);
+        assert_eq!(tied, merged);
+        // fc8, fc7, fc6, the burst and the two layers before the first 20 ms pause.
+        let mut want: Vec<u64> = (2..14).chain(28..38).collect();
+        want.sort_unstable();
+        assert_eq!(tied, want);
     }
 
     #[test]

@@ -113,6 +113,19 @@ fn layer_keys(msg: &PsMessage, ranges: Option<&ServerRanges>) -> Vec<(u64, u64)>
     .collect()
 }
 
+/// One key of the trusted learned order (`/debug/state`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnedKey {
+    /// The MXNet key.
+    pub key: u64,
+    /// The server rank holding this part of it.
+    pub server: u64,
+    /// 1 = most urgent.
+    pub priority: u32,
+    /// When backward produced it, after the round's first push (mean, ms).
+    pub offset_ms: Option<f64>,
+}
+
 impl PriorityTable {
     /// A table using `source` (`map` must be given for [`Source::Map`]).
     pub fn new(source: Source, map: Option<PriorityMap>) -> PriorityTable {
@@ -149,13 +162,18 @@ impl PriorityTable {
         }
     }
 
-    /// The learned order once trusted, most urgent first: (MXNet key, server rank,
-    /// priority); a big array has one entry per server.
-    pub fn learned_order(&self) -> Vec<(u64, u64, u32)> {
+    /// The learned order once trusted, most urgent first; a big array has one entry
+    /// per server.
+    pub fn learned_order(&self) -> Vec<LearnedKey> {
         self.learner
             .order()
             .into_iter()
-            .map(|(lk, p)| (lk >> 16, lk & 0xffff, p))
+            .map(|(lk, priority)| LearnedKey {
+                key: lk >> 16,
+                server: lk & 0xffff,
+                priority,
+                offset_ms: self.learner.offset_ms(lk),
+            })
             .collect()
     }
 

@@ -507,7 +507,7 @@ impl Shared {
             .priority
             .learned_order()
             .into_iter()
-            .map(|(key, server, priority)| json!({"key": key, "server": server, "priority": priority}))
+            .map(|k| json!({"key": k.key, "server": k.server, "priority": k.priority, "offset_ms": k.offset_ms}))
             .collect();
         let servers: Vec<_> = core
             .splitter
