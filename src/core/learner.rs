@@ -466,6 +466,7 @@ mod tests {
             "{outcomes:?}"
         );
         assert!(!l.is_trusted());
+        assert_eq!(l.offset_ms(0), None, "no offsets until trusted");
         assert_eq!(l.priority(0), None, "key order stays in use");
     }
 
@@ -672,6 +673,9 @@ mod tests {
             }
         }
         assert!(l.is_trusted());
+        // Each key's production offset, mean over the rounds that agreed.
+        assert_eq!(l.offset_ms(4), Some(0.0));
+        assert_eq!(l.offset_ms(0), Some(80.0));
         let ranks: Vec<u32> = (0..5).map(|k| l.priority(k).unwrap()).collect();
         assert_eq!(ranks, vec![4, 3, 2, 1, 5]);
         // 40%: layers 4 and 3 deferred, in forward order (3 before 4).
