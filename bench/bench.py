@@ -150,12 +150,34 @@ def run_system(system, topo, job_args, tag, timeout, job=JOB, out="/tmp", rate=N
         r["slice_requests"] = proxies.slices
         r["pair_lag_s"] = proxies.pair_lag
         r["answer_idle_share"] = proxies.answer_idle_share
+        r["orders_same"] = orders_same(proxies.states, topo.workers)
         lag = "-" if proxies.pair_lag is None else f"{proxies.pair_lag * 1000:.1f} ms"
         idle = "-" if proxies.answer_idle_share is None else f"{proxies.answer_idle_share:.0%}"
+        same = {None: "", True: ", the workers' proxies defer the same keys in the same order",
+                False: ", the workers' proxies defer DIFFERENT keys or orders"}[r["orders_same"]]
         progress(f"{tag}: proxies used {r['proxy_cpu_s']:.1f} CPU s, sent {r['slice_requests']} slice requests, "
-                 f"mean push pair lag {lag}, answers idle {idle} of the servers' waiting time")
+                 f"mean push pair lag {lag}, answers idle {idle} of the servers' waiting time{same}")
         return r
     return parse(run_job(topo, job, tag, env, timeout, job_args, EXIT_GRACE))
+
+
+def deferred_tail(state):
+    """A proxy's learned order as it sends it: the keys after the last one backward
+    produced (the first layer's), most urgent first. Before it, production order, however
+    the proxy grouped it (a group's keys go as they are produced)."""
+    order = state.get("priority", {}).get("learned_order") or []
+    if not order:
+        return None
+    first_layer = max(order, key=lambda e: e.get("offset_ms") or 0.0)["priority"]
+    return [(e["key"], e["server"]) for e in sorted(order, key=lambda e: (e["priority"], e["key"], e["server"]))
+            if e["priority"] > first_layer]
+
+
+def orders_same(states, workers):
+    """Whether every worker host's proxy defers the same keys in the same order; None
+    where fewer than two have a learned order in use."""
+    tails = [t for t in (deferred_tail(states[h]) for h in workers if h in states) if t is not None]
+    return None if len(tails) < 2 else all(t == tails[0] for t in tails)
 
 
 def _interrupt(signum, frame):
@@ -235,13 +257,14 @@ def main():
                     costs = {s: {"proxy_cpu": [], "server_cpu": [], "slices": []} for s in systems}
                     pair_lags = {s: [] for s in systems}
                     answer_idle = {s: [] for s in systems}
+                    orders = {s: [] for s in systems}
                     shas = {s: [] for s in systems}
                     hung = {s: 0 for s in systems}
                     for run in range(a.runs):
                         for s in systems:
                             progress(f"{label}: {s} run {run + 1}/{a.runs}")
                             # A tag per run: every run's proxy logs and /debug/state stay beside each other.
-                            r = run_system(s, topo, job_args, f"bench-{model}-{tname}-{s}-run{run + 1}", timeout, job, a.out, rate)
+                            r = run_system(s, topo, job_args, f"bench-{model}-{tname}-{rate}-{host_qdisc}-{s}-run{run + 1}", timeout, job, a.out, rate)
                             it_times = r["times"].get("worker0") or next(iter(r["times"].values()))
                             per_system[s].append(statistics.median(it_times))
                             progress(f"{label}: {s} run {run + 1}: median {per_system[s][-1]:.3f} s, iterations "
@@ -256,6 +279,8 @@ def main():
                                 pair_lags[s].append(r["pair_lag_s"])
                             if r.get("answer_idle_share") is not None:
                                 answer_idle[s].append(r["answer_idle_share"])
+                            if r.get("orders_same") is not None:
+                                orders[s].append(r["orders_same"])
                             if r["hung"]:
                                 hung[s] += 1
                                 progress(f"{label}: {s}: {', '.join(r['hung'])} hung at exit after the results; killed")
@@ -290,6 +315,8 @@ def main():
                             "run_medians_s": per_system[s], "max_over_median": max(per_system[s]) / med,
                             "pair_lag_ms": statistics.median(pair_lags[s]) * 1000 if pair_lags[s] else None,
                             "answer_idle_share": statistics.median(answer_idle[s]) if answer_idle[s] else None,
+                            # Runs whose workers' proxies deferred the same keys in the same order.
+                            "orders_same_runs": [sum(orders[s]), len(orders[s])] if orders[s] else None,
                             **{f"{k}_per_iter": (statistics.median(v) if v else None) for k, v in costs[s].items()},
                         })
                     progress(f"{label}: " + ", ".join(f"{r['system']} {r['median_s']:.3f}s" for r in rows[-len(systems):]))
@@ -339,6 +366,11 @@ def report(rows, timelines, a, failures):
         if r["runs_hung_at_exit"]:
             lines.append(f"{r['system']} ({r['model']}, topology {r['topology']}): {r['runs_hung_at_exit']} run(s) hung at exit "
                          "after printing their results (killed after 20 s; the timings are unaffected).")
+    for r in rows:
+        if r.get("orders_same_runs"):
+            same, of = r["orders_same_runs"]
+            lines.append(f"{r['system']} ({r['model']}, topology {r['topology']}, {r['rate']}): the workers' proxies "
+                         f"deferred the same keys in the same order in {same} of {of} runs.")
     for m, s, t, rate, ideal, mb, wire in ideals:
         lines.append(f"Ideal bound {m} x{s} topology {t} at {rate}: {ideal:.3f} s "
                      f"(max of compute and {mb:.1f} MB on the busiest link direction per iteration); "

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """When each worker's push of each key reached the server's proxy (issue 27): one job on
 the testbed (topology a: scheduler, one server host, two worker hosts) with the server
-proxy's `push arrived` trace on, then per round (the n-th push of every key) its span, the
+proxy's `push arrived` trace on, then per round from the second (the n-th push of every
+key; the first follows the initial pull) its span, the
 pause before it, and the workers' lag (the second worker's arrival minus the first's)
 per key; `--round N` lists round N key by key. The proxies' `/debug/state` (the learned
 order with each key's production offset) is printed side by side for the two workers,
@@ -19,7 +20,9 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cluster  # noqa: E402
+from bench import deferred_tail  # noqa: E402
 from cluster import Proxies, Topology, run_job  # noqa: E402
 
 TOPO = Topology("h1", ["h2"], ["h3", "h4"])
@@ -36,9 +39,12 @@ def arrivals(log_path):
         if "push arrived" not in line:
             continue
         t = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+        ago = re.search(r"ago_us=(\d+)", line)
+        t -= int(ago.group(1)) / 1e6 if ago else 0.0
         worker = int(re.search(r"worker=(\d+)", line).group(1))
         for k in re.search(r"keys=\[([^\]]*)\]", line).group(1).split(","):
-            out[int(k)][worker].append(t)
+            if k.strip():
+                out[int(k)][worker].append(t)
     return out
 
 
@@ -62,12 +68,6 @@ def rounds(ev, show):
         prev_end = end
 
 
-def deferred(state):
-    """The learned order's keys after the first layer's (keys 0, 1 on these models)."""
-    prio = {e["key"]: e["priority"] for e in state["priority"]["learned_order"]}
-    return sorted((k for k in prio if 0 in prio and prio[k] > prio[0]), key=lambda k: prio[k])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SCALE), default="vgg19")
@@ -87,7 +87,7 @@ def main():
                  for line in text.splitlines() if line.startswith("TIMES "))
     print(f"step {statistics.median(times):.3f} s (median), pair lag {(proxies.pair_lag or 0) * 1000:.0f} ms (mean)")
     rounds(arrivals(os.path.join(cluster.LOGS, "push-timeline-proxy-h2.log")), a.round)
-    orders = {h: deferred(proxies.states[h]) for h in ("h3", "h4") if h in proxies.states}
+    orders = {h: [k for k, _ in deferred_tail(proxies.states[h]) or []] for h in ("h3", "h4") if h in proxies.states}
     if len(orders) == 2 and all(orders.values()):
         same = orders["h3"] == orders["h4"]
         print(f"deferred, in sending order: h3 {orders['h3']}" + ("; h4 the same" if same else f"; h4 {orders['h4']} (DIFFERENT)"))

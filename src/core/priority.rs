@@ -271,8 +271,9 @@ impl PriorityTable {
             }
         }
         if event.is_some() {
-            // The scale changed (key order 1..keys, learned ranks 1..groups): the class
-            // bands are cut again over the new source's priorities.
+            // The scale changed (key order 1..keys; learned ranks: one per group, then
+            // one per deferred key): the class bands are cut again over the new source's
+            // priorities.
             self.max_priority = 1;
         }
         event

@@ -209,7 +209,8 @@ impl Shared {
     /// `worker`'s push of `keys` reached local server `server`'s proxy at `at`: how far
     /// behind the first worker's it came, once every worker's is in.
     pub(crate) fn push_arrived(&self, server: SocketAddr, keys: &[u64], worker: i32, at: Instant) {
-        tracing::trace!(%server, worker, ?keys, "push arrived");
+        // `ago_us`: the arrival was `at`, this long before the line is written.
+        tracing::trace!(%server, worker, ?keys, ago_us = at.elapsed().as_micros() as u64, "push arrived");
         let lags: Vec<Duration> = {
             let mut core = self.core();
             keys.iter()

@@ -43,9 +43,34 @@ def test_bench_smoke(tmp_path):
     # waited at them (a share of that time).
     assert proxied["answer_idle_share"] is not None and 0 <= proxied["answer_idle_share"] <= 1, proxied
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    # Every run's proxy logs and /debug/state under its own tag.
+    for h in ("h1", "h2", "h3"):
+        state = os.path.join(cluster.LOGS, f"bench-tiny-a-1gbit-fifo-p3proxy-run1-state-{h}.json")
+        assert json.load(open(state))["priority"]["configured"] == "learned", state
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["pgrep", "-f", cluster.PROXY + " run"], capture_output=True).returncode == 1
+
+
+def test_orders_same_compares_what_the_worker_hosts_proxies_defer():
+    import sys
+    sys.path.insert(0, os.path.dirname(BENCH))
+    from bench import orders_same
+
+    def state(*order):
+        """(key, priority, production offset ms) per key."""
+        return {"priority": {"learned_order": [{"key": k, "server": 0, "priority": p, "offset_ms": t} for k, p, t in order]}}
+
+    # Key 0 produced last (the first layer); 3 and 4 deferred after it.
+    a = state((1, 1, 10.0), (0, 2, 20.0), (4, 3, 0.0), (3, 4, 5.0))
+    regrouped = state((1, 1, 10.0), (0, 1, 20.0), (4, 2, 0.0), (3, 3, 5.0))  # same sending order
+    swapped = state((1, 1, 10.0), (0, 2, 20.0), (3, 3, 5.0), (4, 4, 0.0))
+    more = state((1, 1, 10.0), (0, 2, 20.0), (4, 3, 0.0), (3, 4, 5.0), (1, 5, 10.0))
+    assert orders_same({"h3": a, "h4": regrouped, "h2": swapped}, ["h3", "h4"]) is True  # a server host does not count
+    assert orders_same({"h3": a, "h4": swapped}, ["h3", "h4"]) is False
+    assert orders_same({"h3": a, "h4": more}, ["h3", "h4"]) is False
+    assert orders_same({"h3": a, "h4": state()}, ["h3", "h4"]) is None  # one still on key order
+    assert orders_same({"h3": a}, ["h3", "h4"]) is None  # a proxy without state
 
 
 def test_bench_real_model_smoke(tmp_path):
