@@ -538,14 +538,7 @@ mod tests {
             };
             feed(&mut l, t0, 5, &keys, at);
             assert!(l.is_trusted());
-            let first_layer = l.priority(0).unwrap();
-            let mut deferred: Vec<u64> = keys
-                .iter()
-                .copied()
-                .filter(|&k| l.priority(k).unwrap() > first_layer)
-                .collect();
-            deferred.sort_unstable();
-            deferred
+            deferred_keys(&l, &keys)
         };
         let tie = deferred_by(1.9);
         let apart = deferred_by(2.1);
