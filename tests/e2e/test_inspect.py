@@ -121,8 +121,7 @@ def test_inspect_sees_the_jobs_own_iteration_times(tmp_path, proxied):
     # their answers out; the median over its iterations), two measurements of one thing.
     # (Not "most of the job": that was the workers out of step, a push waiting for the
     # other worker's; since the two proxies learn the same order, 20-30% of it.)
-    waits = sorted(i["answer_wait_s"] for i in report["iterations"] if i["answer_wait_s"] is not None)
-    inspected = waits[len(waits) // 2]
+    inspected = statistics.median(i["answer_wait_s"] for i in report["iterations"] if i["answer_wait_s"] is not None)
     per_iteration = answers["h2"]["waiting_s"] / (len(times) + WARMUP + 1)
     print(f"h2: requests waited {per_iteration:.3f} s per iteration at the proxy, {inspected:.3f} s on the NIC (inspect)")
     assert 0.5 * inspected < per_iteration < 2 * inspected
