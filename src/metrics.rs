@@ -108,6 +108,8 @@ pub const INBOUND: &str = "inbound";
 const DIRECTIONS: [&str; 2] = [OUTBOUND, INBOUND];
 /// How a frame body passed: spliced, or copied through a buffer.
 pub const PASS_HOW: [&str; 2] = ["splice", "copy"];
+/// Directions of `ORDER_RECORDS`.
+pub const ORDER_DIRECTIONS: [&str; 2] = ["sent", "received"];
 const HOLD_REASONS: [&str; 3] = crate::core::order::HoldReason::LABELS;
 
 metrics_table! {
@@ -177,6 +179,12 @@ metrics_table! {
     /// 1 for the key-priority source in use, by `source`.
     PRIORITY_SOURCE = "p3proxy_priority_source", Gauge, None, Some("source"), Zero::No,
         "1 for the key-priority source in use (key, learned, map), by source.";
+    /// The worker whose learned order this proxy uses.
+    ORDER_ORIGIN = "p3proxy_order_origin", Gauge, None, None, Zero::No,
+        "Node id of the worker whose learned order this proxy uses: the job's lowest that proxies passed on (absent until one is known).";
+    /// Records of the job's order passed between proxies, by `direction`.
+    ORDER_RECORDS = "p3proxy_order_records_total", Counter, None, Some("direction"), Zero::Each(&ORDER_DIRECTIONS),
+        "Records of the job's learned order passed on to peer proxies (sent) or taken from them (received).";
     /// Keys split into slice keys in front of a local server.
     KEYS_SPLIT = "p3proxy_keys_split_total", Counter, None, None, Zero::Plain,
         "Keys split into slice keys in front of a local server.";
@@ -499,6 +507,17 @@ pub fn priority_source(source: &'static str) {
     for s in ["key", "learned", "map"] {
         gauge!(PRIORITY_SOURCE, "source" => s).set(if s == source { 1.0 } else { 0.0 });
     }
+}
+
+/// The job's order in use is worker `origin`'s.
+pub fn order_origin(origin: u32) {
+    gauge!(ORDER_ORIGIN).set(f64::from(origin));
+}
+
+/// Counts an order record passed on (`sent`) or taken from a peer (`received`).
+pub fn order_record(direction: &'static str) {
+    debug_assert!(ORDER_DIRECTIONS.contains(&direction), "{direction}");
+    counter!(ORDER_RECORDS, "direction" => direction).increment(1);
 }
 
 /// Counts a stream closed on a parse error (`kind`: one of `PARSE_ERROR_KINDS`).

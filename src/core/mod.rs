@@ -5,6 +5,7 @@ pub mod admin;
 pub mod answer_idle;
 pub mod delivery;
 pub mod dscp;
+pub mod job_order;
 pub mod journal;
 pub mod learner;
 pub mod live;

@@ -25,7 +25,7 @@ pub const PREAMBLE_MAGIC: &[u8; 4] = b"P3PX";
 /// Magic of an answer.
 pub const ANSWER_MAGIC: &[u8; 4] = b"P3PA";
 /// Tunnel protocol version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Longest possible preamble (IPv6, 255-byte socket type and identity).
 pub const MAX_PREAMBLE_LEN: usize = 4 + 2 + 8 + 1 + 16 + 2 + 256 + 256;
 

@@ -1,6 +1,7 @@
 //! The priority of every message (DESIGN.md §5), behind one small interface: MXNet key
 //! order, a map from the model (`scripts/priority-map`), or the order learned from the
-//! traffic ([`Learner`]), plus what peer proxies said in their slice announcements.
+//! traffic ([`Learner`]): the job's one order ([`JobOrder`]), the lowest worker's, which
+//! peer proxies pass on; plus what peer proxies said in their slice announcements.
 //!
 //! Priorities: 0 for fences (SimpleApp commands, control messages, anything not
 //! ps-lite), then data from 1 (needed first by the forward pass). Key order gives key
@@ -14,6 +15,7 @@ use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::{MessageKind, PsMessage};
 
 use crate::core::dscp::Dscp;
+use crate::core::job_order::{JobOrder, OrderRecord};
 use crate::core::learner::{Learner, RoundOutcome};
 
 /// Priority of fences.
@@ -88,6 +90,12 @@ pub struct PriorityTable {
     source: Source,
     map: Option<PriorityMap>,
     learner: Learner,
+    /// The job's order: this proxy's learned one and those peers passed on.
+    job: JobOrder,
+    /// The order in use changed since the shell last took it.
+    job_changed: bool,
+    /// The lowest node id of the local workers whose pushes taught the learner.
+    local_worker: Option<u32>,
     /// Priorities peer proxies announced, by learning key.
     hints: HashMap<u64, u32>,
     /// Largest data priority seen, to cut priorities into class bands.
@@ -133,6 +141,9 @@ impl PriorityTable {
             source,
             map: if source == Source::Map { map } else { None },
             learner: Learner::default(),
+            job: JobOrder::default(),
+            job_changed: false,
+            local_worker: None,
             hints: HashMap::new(),
             max_priority: 1,
         }
@@ -141,6 +152,50 @@ impl PriorityTable {
     /// The learned order's deferred share of the bytes ([`Learner::set_defer`]).
     pub fn set_defer(&mut self, share: f64) {
         self.learner.set_defer(share);
+        if self.learner.is_trusted() {
+            self.publish_local();
+        }
+    }
+
+    /// This proxy's own records of the job's order are versioned from `base` on (the
+    /// shell passes its start time): a restarted proxy's are newer than its last run's.
+    pub fn start_order_versions_at(&mut self, base: u64) {
+        self.job = JobOrder::new(base);
+    }
+
+    /// The local learner's order (empty until trusted) becomes this proxy's record.
+    fn publish_local(&mut self) {
+        let origin = self.local_worker.unwrap_or(u32::MAX);
+        if self.job.local(origin, self.learner.order()) {
+            self.order_changed();
+        }
+    }
+
+    fn order_changed(&mut self) {
+        self.job_changed = true;
+        // The scale changed (key order 1..keys; learned ranks: one per group, then one
+        // per deferred key): the class bands are cut again over the new priorities.
+        self.max_priority = 1;
+    }
+
+    /// A peer proxy passed on its order in use.
+    pub fn order_received(&mut self, record: OrderRecord) {
+        if self.job.received(record) {
+            self.order_changed();
+        }
+    }
+
+    /// The job's order in use, if it changed since the last call (to pass it on).
+    pub fn take_order_change(&mut self) -> Option<OrderRecord> {
+        if !std::mem::take(&mut self.job_changed) {
+            return None;
+        }
+        self.job.in_use().cloned()
+    }
+
+    /// (origin worker, version) of the job's order in use.
+    pub fn order_stamp(&self) -> Option<(u32, u64)> {
+        self.job.in_use().map(|r| (r.origin, r.version))
     }
 
     /// The learned order's deferred share in use.
@@ -157,18 +212,19 @@ impl PriorityTable {
     pub fn in_use(&self) -> Source {
         match self.source {
             Source::Map if self.map.is_some() => Source::Map,
-            Source::Learned if self.learner.is_trusted() => Source::Learned,
+            Source::Learned if self.job.ranks_keys() => Source::Learned,
             _ => Source::Key,
         }
     }
 
-    /// The learned order once trusted, most urgent first; a big array has one entry
-    /// per server.
+    /// The job's learned order in use, most urgent first; a big array has one entry per
+    /// server. Offsets are this proxy's own worker's, where it learned them.
     pub fn learned_order(&self) -> Vec<LearnedKey> {
-        self.learner
-            .order()
-            .into_iter()
-            .map(|(lk, priority)| LearnedKey {
+        self.job
+            .in_use()
+            .map_or(&[][..], |r| &r.keys[..])
+            .iter()
+            .map(|&(lk, priority)| LearnedKey {
                 key: lk >> 16,
                 server: lk & 0xffff,
                 priority,
@@ -186,7 +242,11 @@ impl PriorityTable {
         {
             return *p;
         }
-        if let Some(p) = self.learner.priority(lk) {
+        if let Some(p) = self
+            .job
+            .priority(lk)
+            .filter(|_| self.source == Source::Learned)
+        {
             return p;
         }
         if let Some(&p) = self.hints.get(&lk) {
@@ -230,11 +290,13 @@ impl PriorityTable {
         }
     }
 
-    /// Looks at a request an app of this host sent, at `now`: pushes teach the learner
-    /// (the round order of backward), and every key is checked against the map.
+    /// Looks at a request an app of this host (node `sender`, if its identity says) sent,
+    /// at `now`: pushes teach the learner (the round order of backward), and every key
+    /// is checked against the map.
     pub fn observe_request(
         &mut self,
         msg: &PsMessage,
+        sender: Option<u32>,
         ranges: Option<&ServerRanges>,
         now: Instant,
     ) -> Option<PriorityEvent> {
@@ -260,6 +322,9 @@ impl PriorityTable {
         if self.source != Source::Learned || !push {
             return None;
         }
+        if let Some(id) = sender {
+            self.local_worker = Some(self.local_worker.map_or(id, |w| w.min(id)));
+        }
         let mut event = None;
         // A push's values, shared evenly over its keys (one key for MXNet).
         let bytes = msg.data.get(1).map_or(0, |f| f.body.len() as u64) / keys.len().max(1) as u64;
@@ -271,10 +336,7 @@ impl PriorityTable {
             }
         }
         if event.is_some() {
-            // The scale changed (key order 1..keys; learned ranks: one per group, then
-            // one per deferred key): the class bands are cut again over the new source's
-            // priorities.
-            self.max_priority = 1;
+            self.publish_local();
         }
         event
     }
@@ -426,7 +488,7 @@ mod tests {
         at.iter()
             .filter_map(|&(k, ms)| {
                 let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
-                t.observe_request(&push(&[k]), Some(ranges), now)
+                t.observe_request(&push(&[k]), Some(9), Some(ranges), now)
             })
             .collect()
     }
@@ -473,6 +535,74 @@ mod tests {
         assert_eq!(t.source().label(), "learned");
     }
 
+    /// Every key's priority under `t`'s order in use.
+    fn priorities(t: &mut PriorityTable, ranges: &ServerRanges, keys: &[u64]) -> Vec<u32> {
+        keys.iter()
+            .map(|&k| t.urgency(&push(&[k]), Some(ranges)).priority)
+            .collect()
+    }
+
+    #[test]
+    fn every_proxy_uses_the_lowest_workers_order_once_passed_on() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let t0 = Instant::now();
+        // Worker 11's proxy sees the last two layers' pushes as one burst, worker 9's
+        // as two: they rank them differently.
+        let (mut w9, mut w11) = (
+            PriorityTable::new(Source::Learned, None),
+            PriorityTable::new(Source::Learned, None),
+        );
+        let keys = [0, 1, 2, 3];
+        for round in 0..4 {
+            let base = round as f64 * 1000.0;
+            for (t, sender, gap) in [(&mut w9, 9, 5.0), (&mut w11, 11, 1.0)] {
+                let at = [
+                    (3, base),
+                    (2, base + gap),
+                    (0, base + 30.0),
+                    (1, base + 60.0),
+                ];
+                for &(k, ms) in &at {
+                    let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
+                    let _ = t.observe_request(&push(&[k]), Some(sender), Some(&ranges), now);
+                }
+            }
+        }
+        let own9 = priorities(&mut w9, &ranges, &keys);
+        assert_ne!(
+            own9,
+            priorities(&mut w11, &ranges, &keys),
+            "two orders to agree on"
+        );
+        let from9 = w9.take_order_change().expect("worker 9's order to pass on");
+        assert_eq!(from9.origin, 9);
+        let from11 = w11
+            .take_order_change()
+            .expect("worker 11's order to pass on");
+        // A server's proxy gets both, worker 11's first, and passes on worker 9's.
+        let mut server = PriorityTable::new(Source::Learned, None);
+        server.order_received(from11);
+        assert_eq!(server.take_order_change().map(|r| r.origin), Some(11));
+        server.order_received(from9.clone());
+        let passed = server
+            .take_order_change()
+            .expect("the lowest worker's order");
+        assert_eq!(passed, from9);
+        w11.order_received(passed);
+        assert_eq!(priorities(&mut w11, &ranges, &keys), own9);
+        assert_eq!(w11.order_stamp(), w9.order_stamp());
+        let ranked = |t: &PriorityTable| {
+            t.learned_order()
+                .iter()
+                .map(|k| (k.key, k.priority))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ranked(&w11), ranked(&w9));
+        // Worker 9's proxy ignores its own order echoed back.
+        w9.order_received(from9);
+        assert_eq!(w9.take_order_change(), None);
+    }
+
     #[test]
     fn a_cpu_job_teaches_nothing() {
         let ranges = ServerRanges::new(2).unwrap();
@@ -504,7 +634,7 @@ mod tests {
         assert_eq!(t.urgency(&push(&[0]), Some(&ranges)).priority, 3);
         // The job has a key the map does not know: the map is for another model.
         assert_eq!(
-            t.observe_request(&push(&[7]), Some(&ranges), Instant::now()),
+            t.observe_request(&push(&[7]), Some(9), Some(&ranges), Instant::now()),
             Some(PriorityEvent::MapRefused { keys: 3, key: 7 })
         );
         assert_eq!(t.in_use(), Source::Key);

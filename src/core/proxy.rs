@@ -207,10 +207,13 @@ impl ProxyState {
     pub fn prioritize(
         &mut self,
         msg: &PsMessage,
+        sender: Option<u32>,
         now: Instant,
     ) -> (Urgency, Option<PriorityEvent>) {
         let ranges = self.server_ranges();
-        let event = self.priority.observe_request(msg, ranges.as_ref(), now);
+        let event = self
+            .priority
+            .observe_request(msg, sender, ranges.as_ref(), now);
         (self.priority.urgency(msg, ranges.as_ref()), event)
     }
 

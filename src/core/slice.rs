@@ -8,6 +8,9 @@
 //!   0x50 (as 0x41) key:u64 index:u32 count:u32 slice:u64 value_total:u64
 //! slice (the message's class connection, in offset order):
 //!   0x53 seq:u64 offset:u64 len:u32 payload
+//! the job's order in use (class 0 connection, before the announcement it precedes;
+//! `crate::core::job_order`):
+//!   0x4f origin:u32 version:u64 nkeys:u32 (key:u64 priority:u32)*nkeys
 //! ```
 //! `seq` numbers the messages of one session in the order the app sent them. Because a
 //! message travels on its class's connection and the announcements on the top one, a
@@ -24,6 +27,8 @@ use bytes::{Bytes, BytesMut};
 use nom::number::streaming::{be_u16, be_u32, be_u64, be_u8};
 use nom::{IResult, Parser};
 
+use crate::core::job_order::{OrderRecord, MAX_ORDER_KEYS};
+
 /// Most keys an announcement lists; a message with more travels as a fence.
 pub const MAX_ANNOUNCED_KEYS: usize = 4096;
 /// Largest slice payload accepted.
@@ -33,6 +38,7 @@ pub const MAX_EARLY_MESSAGES: u64 = 4096;
 const TAG_ANNOUNCE: u8 = 0x41;
 const TAG_ANNOUNCE_PART: u8 = 0x50;
 const TAG_SLICE: u8 = 0x53;
+const TAG_ORDER: u8 = 0x4f;
 
 /// What a message is, told before its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +87,8 @@ pub enum SliceFrame {
         /// The bytes.
         payload: Bytes,
     },
+    /// The order the peer proxy uses for the job (not a message).
+    Order(OrderRecord),
 }
 
 /// Why tunnel bytes or a peer's behaviour are refused; the session is closed.
@@ -175,6 +183,17 @@ impl SliceFrame {
                 offset,
                 payload,
             } => encode_slice_header(*seq, *offset, payload.len() as u32, out),
+            SliceFrame::Order(r) => {
+                let keys = &r.keys[..r.keys.len().min(MAX_ORDER_KEYS)];
+                out.push(TAG_ORDER);
+                out.extend_from_slice(&r.origin.to_be_bytes());
+                out.extend_from_slice(&r.version.to_be_bytes());
+                out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+                for (k, p) in keys {
+                    out.extend_from_slice(&k.to_be_bytes());
+                    out.extend_from_slice(&p.to_be_bytes());
+                }
+            }
         }
     }
 
@@ -204,6 +223,7 @@ pub const SLICE_HEADER_LEN: usize = 21;
 enum Head {
     Announce(Announce),
     Slice { seq: u64, offset: u64, len: u32 },
+    Order(OrderRecord),
 }
 
 fn parse_head(input: &[u8]) -> IResult<&[u8], Head, SliceError> {
@@ -257,6 +277,24 @@ fn parse_head(input: &[u8]) -> IResult<&[u8], Head, SliceError> {
             }
             Ok((rest, Head::Slice { seq, offset, len }))
         }
+        TAG_ORDER => {
+            let (rest, (origin, version, n)) = (be_u32, be_u64, be_u32).parse(rest)?;
+            if n as usize > MAX_ORDER_KEYS {
+                let e = SliceError::TooLarge {
+                    what: "order keys",
+                    len: n.into(),
+                    max: MAX_ORDER_KEYS as u64,
+                };
+                return Err(nom::Err::Failure(e));
+            }
+            let (rest, keys) = nom::multi::count((be_u64, be_u32), n as usize).parse(rest)?;
+            let r = OrderRecord {
+                origin,
+                version,
+                keys,
+            };
+            Ok((rest, Head::Order(r)))
+        }
         t => Err(nom::Err::Failure(SliceError::Tag(t))),
     }
 }
@@ -267,6 +305,7 @@ pub fn parse_frame(buf: &Bytes) -> IResult<&[u8], SliceFrame, SliceError> {
     let input: &[u8] = buf;
     match parse_head(input)? {
         (rest, Head::Announce(a)) => Ok((rest, SliceFrame::Announce(a))),
+        (rest, Head::Order(r)) => Ok((rest, SliceFrame::Order(r))),
         (rest, Head::Slice { seq, offset, len }) => {
             let (rest, payload) = nom::bytes::streaming::take(len).parse(rest)?;
             Ok((
@@ -293,6 +332,10 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<SliceFrame>, SliceError> 
         Head::Announce(a) => {
             let _ = buf.split_to(used);
             Ok(Some(SliceFrame::Announce(a)))
+        }
+        Head::Order(r) => {
+            let _ = buf.split_to(used);
+            Ok(Some(SliceFrame::Order(r)))
         }
         Head::Slice { seq, offset, len } => {
             let len = len as usize;
@@ -398,6 +441,8 @@ impl Reassembler {
     /// Takes one frame; returns the messages that may now go to the app, in order.
     pub fn on_frame(&mut self, frame: SliceFrame) -> Result<Vec<Reassembled>, SliceError> {
         match frame {
+            // Not part of any message: the shell hands it to the job order.
+            SliceFrame::Order(_) => return Ok(Vec::new()),
             SliceFrame::Announce(a) => {
                 if a.seq != self.next_announce {
                     return Err(SliceError::Sequence {
@@ -625,7 +670,48 @@ mod tests {
     }
 
     #[test]
+    fn an_order_record_round_trips_between_announcements_and_takes_no_sequence_number() {
+        let order = SliceFrame::Order(OrderRecord {
+            origin: 9,
+            version: 1_700_000_000_000_001,
+            keys: vec![(3 << 16, 1), (1 << 16 | 1, 2), (0, 3)],
+        });
+        let wire = order.encode();
+        assert_eq!(wire.len(), 1 + 4 + 8 + 4 + 3 * 12);
+        for n in 0..wire.len() {
+            assert!(matches!(
+                parse_frame(&Bytes::copy_from_slice(&wire[..n])),
+                Err(nom::Err::Incomplete(_))
+            ));
+        }
+        // On the main stream between two announcements, as the egress writes it.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&announce(0, 1, false, &[1]).encode());
+        buf.extend_from_slice(&wire);
+        buf.extend_from_slice(&announce(1, 1, false, &[2]).encode());
+        let mut r = Reassembler::new(1 << 20);
+        let mut got = Vec::new();
+        while let Some(f) = take_frame(&mut buf).unwrap() {
+            got.push(f.clone());
+            assert!(r.on_frame(f).unwrap().is_empty());
+        }
+        assert_eq!(got[1], order);
+        assert_eq!(got.len(), 3, "the second announcement is still seq 1");
+    }
+
+    #[test]
     fn hostile_frames() {
+        let mut many = vec![TAG_ORDER];
+        many.extend([0u8; 12]);
+        many.extend((MAX_ORDER_KEYS as u32 + 1).to_be_bytes());
+        assert_eq!(
+            parse_frame(&Bytes::from(many)),
+            Err(nom::Err::Failure(SliceError::TooLarge {
+                what: "order keys",
+                len: MAX_ORDER_KEYS as u64 + 1,
+                max: MAX_ORDER_KEYS as u64
+            }))
+        );
         let mut big = vec![TAG_SLICE];
         big.extend([0u8; 16]);
         big.extend(u32::MAX.to_be_bytes());

@@ -388,6 +388,8 @@ fn feed(
                             continue;
                         }
                         SliceFrame::Slice { seq, payload, .. } => (seq, payload),
+                        // The job's order: no message of the session.
+                        SliceFrame::Order(_) => continue,
                     };
                     if !s.messages.contains_key(&seq) && s.messages.len() >= MAX_SESSION_MESSAGES {
                         return fail(c, "too many unfinished tunnel messages".into());

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use super::memory::MemoryReturn;
 use crate::core::answer_idle::{AnswerIdle, AnswerTotals};
+use crate::core::job_order::OrderRecord;
 use crate::core::pacing::Pacer;
 use crate::core::priority::Urgency;
 use crate::core::scheduler::{LaneId, LaneKind, MessageSpec, MsgId, Scheduler, SessionId};
@@ -99,6 +100,8 @@ struct Lane {
     answers: bool,
     /// The peer proxy's host it goes to (a tunnel lane; paced toward it).
     peer: Option<IpAddr>,
+    /// (origin, version) of the job's order last passed on here (a session's main stream).
+    order_sent: Option<(u32, u64)>,
 }
 
 #[derive(Debug)]
@@ -113,6 +116,9 @@ struct State {
     pace_bps: Option<f64>,
     /// One pacer per peer host, over every lane to it.
     pacers: HashMap<IpAddr, Pacer>,
+    /// The job's order in use ((origin, version), its frame), which every tunnel
+    /// session passes on ahead of its next announcement.
+    order: Option<((u32, u64), Vec<u8>)>,
 }
 
 /// The egress of one proxy.
@@ -152,6 +158,7 @@ impl Egress {
                 answer_link: link_rate_bps.map(AnswerIdle::new),
                 pace_bps: None,
                 pacers: HashMap::new(),
+                order: None,
             }),
             space: Notify::new(),
             slice_bytes,
@@ -195,9 +202,18 @@ impl Egress {
                 finishing: false,
                 answers,
                 peer,
+                order_sent: None,
             },
         );
         (id, wake)
+    }
+
+    /// From now on every tunnel session passes `record` on to its peer proxy, once,
+    /// ahead of its next announcement (`crate::core::job_order`).
+    pub(crate) fn pass_on_order(&self, record: &OrderRecord) {
+        let mut frame = Vec::new();
+        SliceFrame::Order(record.clone()).encode_header(&mut frame);
+        self.lock().order = Some(((record.origin, record.version), frame));
     }
 
     /// Paces every peer host's lanes at `rate_bps` from now on (`None`: no pacing).
@@ -256,7 +272,15 @@ impl Egress {
                             keys: spec.keys,
                             part: item.part,
                         });
+                        let st = &mut *st;
                         if let Some(lane) = st.lanes.get_mut(&main) {
+                            if let Some((stamp, order)) = &st.order {
+                                if lane.order_sent != Some(*stamp) {
+                                    lane.control.extend_from_slice(order);
+                                    lane.order_sent = Some(*stamp);
+                                    metrics::order_record("sent");
+                                }
+                            }
                             frame.encode_header(&mut lane.control);
                             lane.wake.notify_one();
                         }

@@ -24,6 +24,7 @@ use super::journal::{JournalFile, JournalFileError};
 use super::net::{Bound, Env};
 use super::redirect_check::RedirectCheck;
 use crate::config::{Config, PrioritySource};
+use crate::core::job_order::OrderRecord;
 use crate::core::journal::Record;
 use crate::core::learner::DEFAULT_DEFER;
 use crate::core::live::{JobWatch, LiveEvent};
@@ -139,6 +140,11 @@ impl Shared {
         });
         let mut priority = PriorityTable::new(source, map);
         priority.set_defer(config.learned_defer.unwrap_or(DEFAULT_DEFER));
+        // This run's own order records are newer than a previous run's (a restart).
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        priority.start_order_versions_at(started);
         tracing::info!(
             configured = source.label(),
             in_use = priority.in_use().label(),
@@ -359,21 +365,26 @@ impl Shared {
         self.core().topology.id_at(addr)
     }
 
-    /// How urgent a message a local app sent is (its key's priority); a request also
-    /// teaches the learned order and is checked against the map.
-    pub(crate) fn prioritize(&self, msg: &PsMessage) -> Urgency {
-        let (urgency, event, in_use) = {
+    /// How urgent a message the local app of `info` sent is (its key's priority); a
+    /// request also teaches the learned order and is checked against the map.
+    pub(crate) fn prioritize(&self, msg: &PsMessage, info: &SessionInfo) -> Urgency {
+        let sender = node_id_from_identity(&info.identity).and_then(|id| u32::try_from(id).ok());
+        let (urgency, event, in_use, change) = {
             let mut core = self.core();
-            let (urgency, event) = core.prioritize(msg, Instant::now());
-            (urgency, event, core.priority.in_use().label())
+            let (urgency, event) = core.prioritize(msg, sender, Instant::now());
+            let change = core.priority.take_order_change();
+            (urgency, event, core.priority.in_use().label(), change)
         };
+        if let Some(record) = change {
+            self.order_in_use(record, in_use);
+        }
         if let Some(event) = event {
             match event {
-                PriorityEvent::Trusted => {
-                    tracing::info!("learned layer order trusted: it replaces MXNet key order")
-                }
+                PriorityEvent::Trusted => tracing::info!(
+                    "this host's learned layer order trusted: passed on to the peer proxies (the job uses the lowest worker's)"
+                ),
                 PriorityEvent::Distrusted => tracing::warn!(
-                    "learned layer order no longer holds: MXNet key order until relearned"
+                    "this host's learned layer order no longer holds: relearning (the job uses the lowest worker's)"
                 ),
                 PriorityEvent::MapRefused { keys, key } => tracing::error!(
                     keys,
@@ -384,6 +395,42 @@ impl Shared {
             metrics::priority_source(in_use);
         }
         urgency
+    }
+
+    /// A peer proxy passed on the job's order it uses.
+    pub(crate) fn order_received(&self, record: OrderRecord) {
+        metrics::order_record("received");
+        let (change, in_use) = {
+            let mut core = self.core();
+            core.priority.order_received(record);
+            let change = core.priority.take_order_change();
+            (change, core.priority.in_use().label())
+        };
+        if let Some(record) = change {
+            self.order_in_use(record, in_use);
+        }
+    }
+
+    /// The job's order in use changed: every tunnel session passes it on.
+    fn order_in_use(&self, record: OrderRecord, in_use: &'static str) {
+        if record.keys.is_empty() {
+            tracing::info!(
+                origin = record.origin,
+                "job order: worker {} has no trusted order; MXNet key order",
+                record.origin
+            );
+        } else {
+            tracing::info!(
+                origin = record.origin,
+                version = record.version,
+                keys = record.keys.len(),
+                "job order: worker {}'s learned order in use",
+                record.origin
+            );
+        }
+        metrics::order_origin(record.origin);
+        metrics::priority_source(in_use);
+        self.egress.pass_on_order(&record);
     }
 
     /// A peer proxy announced the priority it used for a message with these keys.
@@ -547,6 +594,8 @@ impl Shared {
                 "in_use": core.priority.in_use().label(),
                 "learned_defer": core.priority.defer(),
                 "learned_order": order,
+                "order_origin": core.priority.order_stamp().map(|(origin, _)| origin),
+                "order_version": core.priority.order_stamp().map(|(_, version)| version),
             },
             "split_servers": servers,
             "sessions_by_route": sessions,

@@ -44,9 +44,17 @@ def test_bench_smoke(tmp_path):
     assert proxied["answer_idle_share"] is not None and 0 <= proxied["answer_idle_share"] <= 1, proxied
     assert (tmp_path / "bench.png").stat().st_size > 1000
     # Every run's proxy logs and /debug/state under its own tag.
-    for h in ("h1", "h2", "h3"):
+    orders = {}
+    for h in ("h1", "h2", "h3", "h4"):
         state = os.path.join(cluster.LOGS, f"bench-tiny-a-1gbit-fifo-p3proxy-run1-state-{h}.json")
-        assert json.load(open(state))["priority"]["configured"] == "learned", state
+        priority = json.load(open(state))["priority"]
+        assert priority["configured"] == "learned", state
+        # One order for the job (h1 scheduler, h2 server, h3 and h4 workers): worker 9's,
+        # the lowest id, which its proxy passed on to the server's and the scheduler's, and
+        # they to the other worker's; only the worker hosts learn orders of their own.
+        assert priority["in_use"] == "learned" and priority["order_origin"] == 9, (h, priority)
+        orders[h] = [(k["key"], k["server"], k["priority"]) for k in priority["learned_order"]]
+    assert orders["h1"] and orders["h1"] == orders["h2"] == orders["h3"] == orders["h4"], orders
     # Cleaned up: no namespace, bridge or proxy left.
     assert cluster.PREFIX + "-h" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert subprocess.run(["pgrep", "-f", cluster.PROXY + " run"], capture_output=True).returncode == 1

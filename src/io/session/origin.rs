@@ -175,7 +175,7 @@ async fn read_to_egress(
                 StreamEvent::Message(msg) => match classify(msg, Some((shared, info)), seq == 0) {
                     Ok(ps) => match shared.split_route(info, &ps, sliced, Instant::now()).await {
                         Ok(Outgoing::Pass) => {
-                            let urgency = shared.prioritize(&ps);
+                            let urgency = shared.prioritize(&ps, info);
                             let keys: Vec<u64> = ps.keys().map(|k| k.collect()).unwrap_or_default();
                             (Body::Message(ps.to_zmtp()), urgency, keys)
                         }
@@ -188,7 +188,7 @@ async fn read_to_egress(
                             );
                             (
                                 Body::Message(ps.to_zmtp()),
-                                shared.prioritize(&view),
+                                shared.prioritize(&view, info),
                                 vec![p.key],
                             )
                         }
@@ -202,7 +202,7 @@ async fn read_to_egress(
                             let len = parts.iter().map(|p| p.len() as u64).sum();
                             (
                                 Body::Pieces(Pieces { parts, len }),
-                                shared.prioritize(&view),
+                                shared.prioritize(&view, info),
                                 vec![key],
                             )
                         }

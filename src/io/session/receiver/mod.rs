@@ -101,20 +101,24 @@ enum Wake {
     Back(PumpEnd),
 }
 
-/// Takes one frame into the reassembler: its message number, and the messages it
-/// completed, in order.
+/// Takes one frame into the reassembler: its message number (none for the job's order,
+/// which goes to the priorities), and the messages it completed, in order.
 fn reassemble(
     shared: &Shared,
     reasm: &mut Reassembler,
     held: &mut u64,
     frame: SliceFrame,
-) -> Result<(u64, Vec<Reassembled>), SessionError> {
-    let seq = match &frame {
+) -> Result<(Option<u64>, Vec<Reassembled>), SessionError> {
+    let seq = match frame {
+        SliceFrame::Order(record) => {
+            shared.order_received(record);
+            return Ok((None, Vec::new()));
+        }
         SliceFrame::Slice { seq, .. } => {
             metrics::count(metrics::SLICES_REASSEMBLED, 1);
-            *seq
+            seq
         }
-        SliceFrame::Announce(a) => {
+        SliceFrame::Announce(ref a) => {
             shared.priority_hint(&a.keys, a.priority);
             a.seq
         }
@@ -123,7 +127,7 @@ fn reassemble(
     let now_held = reasm.held();
     metrics::reassembly_held(*held, now_held);
     *held = now_held;
-    Ok((seq, ready))
+    Ok((Some(seq), ready))
 }
 
 /// The session's incoming frames while a delivery waits for a server's answer: they
@@ -252,7 +256,7 @@ pub(crate) async fn run_receiver(
                     Ok(x) => x,
                     Err(e) => break Err(e),
                 };
-                if delivery.in_front_of_server() {
+                if let (true, Some(seq)) = (delivery.in_front_of_server(), seq) {
                     if let Err(e) =
                         split::on_progress(&shared, &info, &mut delivery, &reasm, seq, &mut dst_wr)
                             .await
