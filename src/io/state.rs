@@ -66,7 +66,8 @@ pub struct Shared {
     pub(super) env: Env,
     pub(crate) limits: Limits,
     /// Everything that decides, behind one lock: never held across an await, and
-    /// never while the journal is written or iptables runs.
+    /// never while the journal is written or iptables runs. The egress's lock may be
+    /// taken under it (the job's order passed on), never the other way round.
     core: Mutex<ProxyState>,
     pub(crate) egress: Arc<Egress>,
     pub(crate) tunnels: TunnelTable,
@@ -372,7 +373,7 @@ impl Shared {
         let (urgency, event, in_use, change) = {
             let mut core = self.core();
             let (urgency, event) = core.prioritize(msg, sender, Instant::now());
-            let change = core.priority.take_order_change();
+            let change = self.pass_on_order(&mut core);
             (urgency, event, core.priority.in_use().label(), change)
         };
         if let Some(record) = change {
@@ -403,15 +404,26 @@ impl Shared {
         let (change, in_use) = {
             let mut core = self.core();
             core.priority.order_received(record);
-            let change = core.priority.take_order_change();
-            (change, core.priority.in_use().label())
+            (
+                self.pass_on_order(&mut core),
+                core.priority.in_use().label(),
+            )
         };
         if let Some(record) = change {
             self.order_in_use(record, in_use);
         }
     }
 
-    /// The job's order in use changed: every tunnel session passes it on.
+    /// If the job's order in use changed, every tunnel session passes it on from now.
+    /// Under the core's lock: two changes racing would otherwise leave the older one
+    /// with the egress.
+    fn pass_on_order(&self, core: &mut ProxyState) -> Option<OrderRecord> {
+        let record = core.priority.take_order_change()?;
+        self.egress.pass_on_order(&record);
+        Some(record)
+    }
+
+    /// The job's order in use changed (passed on already): the log and the metrics.
     fn order_in_use(&self, record: OrderRecord, in_use: &'static str) {
         if record.keys.is_empty() {
             tracing::info!(
@@ -430,7 +442,6 @@ impl Shared {
         }
         metrics::order_origin(record.origin);
         metrics::priority_source(in_use);
-        self.egress.pass_on_order(&record);
     }
 
     /// A peer proxy announced the priority it used for a message with these keys.
