@@ -1023,9 +1023,19 @@ async fn a_peer_that_resets_mid_message_forwards_nothing_of_it() {
 
 /// An admitted sliced tunnel session's main connection, straight to the tunnel port.
 async fn sliced_session(tunnel: SocketAddr, target: SocketAddr, session: u64) -> TcpStream {
+    sliced_connection(tunnel, target, session, 0).await
+}
+
+/// Connection `class` of a sliced tunnel session (0: its main stream), admitted.
+async fn sliced_connection(
+    tunnel: SocketAddr,
+    target: SocketAddr,
+    session: u64,
+    class: u8,
+) -> TcpStream {
     use p3proxy::core::preamble::{parse_answer, Outcome, Preamble};
     let preamble = Preamble {
-        class: 0,
+        class,
         sliced: true,
         session,
         target,
@@ -1111,6 +1121,68 @@ async fn hostile_tunnel_frames_close_their_session_only() {
         "memory given back"
     );
     good_session_untouched(good, &mut seen).await;
+}
+
+#[tokio::test]
+async fn an_order_record_passes_on_the_main_stream_and_closes_a_class_connection() {
+    use p3proxy::core::job_order::OrderRecord;
+    use p3proxy::core::slice::{Announce, SliceFrame};
+    let _serial = serial().await;
+    let (server, mut seen) = router(host(2), 0).await;
+    let (_, tunnel) = proxy(2, true, 1, server, |c| {
+        c.scheduler_port = Some(server.port());
+    })
+    .await;
+    let tunnel = tunnel.unwrap();
+    // Records taken since the last look (a snapshot drains the counters).
+    let received = || {
+        count(
+            &counters(),
+            "p3proxy_order_records_total{direction=received}",
+        )
+    };
+    let _ = received();
+    let order = SliceFrame::Order(OrderRecord {
+        origin: 9,
+        version: 1,
+        keys: vec![(3 << 16, 1), (4 << 16, 2)],
+    })
+    .encode();
+    let message = data_message(5, 300);
+    let mut main = SliceFrame::Announce(Announce {
+        seq: 0,
+        total: message.len() as u64,
+        priority: 1,
+        fence: false,
+        keys: vec![3],
+        part: None,
+    })
+    .encode();
+    // Between a message's announcement and its slice, as the egress may write it.
+    main.extend(&order);
+    main.extend(
+        SliceFrame::Slice {
+            seq: 0,
+            offset: 0,
+            payload: Bytes::from(message.clone()),
+        }
+        .encode(),
+    );
+    let mut s = sliced_session(tunnel, server, 201).await;
+    s.write_all(&main).await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = timeout(T, seen.recv()).await.expect("delivered").unwrap();
+    assert_eq!(got.bytes, message, "the message around the order record");
+    assert_eq!(received(), 1);
+
+    // On a class connection it is refused: the session closes, nothing is delivered.
+    let mut main = sliced_session(tunnel, server, 202).await;
+    let mut class = sliced_connection(tunnel, server, 202, 1).await;
+    class.write_all(&order).await.unwrap();
+    until_closed(&mut main).await;
+    let got = timeout(T, seen.recv()).await.expect("closed").unwrap();
+    assert!(got.bytes.is_empty());
+    assert_eq!(received(), 0, "not taken off the main stream");
 }
 
 #[tokio::test]

@@ -38,7 +38,8 @@ pub enum RoundOutcome {
     Unchanged,
     /// The round teaches nothing beyond the app's loop order (one burst).
     Uninformative,
-    /// A trusted order stopped holding: back to key order until relearned.
+    /// A trusted order stopped holding: none until relearned (the job's order, if this
+    /// proxy's is the job's, goes back to key order: `crate::core::job_order`).
     Distrusted,
 }
 
@@ -112,7 +113,8 @@ impl Learner {
         self.defer
     }
 
-    /// Whether the learned order is in use.
+    /// Whether the learned order is trusted (this proxy's; the job uses the lowest
+    /// worker's, `crate::core::job_order`).
     pub fn is_trusted(&self) -> bool {
         self.trusted.is_some()
     }

@@ -71,9 +71,10 @@ pub struct Urgency {
 /// Something the table learned that the operator should hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PriorityEvent {
-    /// The learned order became trusted (keys ranked, groups of ties).
+    /// This proxy's learned order became trusted (keys ranked, groups of ties).
     Trusted,
-    /// The learned order stopped holding; key order until relearned.
+    /// This proxy's learned order stopped holding (relearned; the job's order is the
+    /// lowest worker's, key order while that one is not trusted).
     Distrusted,
     /// The map does not fit the job: a key at or past its size appeared.
     MapRefused {
@@ -94,8 +95,12 @@ pub struct PriorityTable {
     job: JobOrder,
     /// The order in use changed since the shell last took it.
     job_changed: bool,
-    /// The lowest node id of the local workers whose pushes taught the learner.
+    /// The lowest node id of the local workers: the learner learns from its pushes.
     local_worker: Option<u32>,
+    /// Wall clock of the order's versions: microseconds since the epoch at an instant.
+    clock: Option<(u64, Instant)>,
+    /// The last instant seen (the versions of changes that come without one).
+    last_now: Option<Instant>,
     /// Priorities peer proxies announced, by learning key.
     hints: HashMap<u64, u32>,
     /// Largest data priority seen, to cut priorities into class bands.
@@ -121,7 +126,7 @@ fn layer_keys(msg: &PsMessage, ranges: Option<&ServerRanges>) -> Vec<(u64, u64)>
     .collect()
 }
 
-/// One key of the trusted learned order (`/debug/state`).
+/// One key of the job's learned order in use (`/debug/state`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LearnedKey {
     /// The MXNet key.
@@ -144,6 +149,8 @@ impl PriorityTable {
             job: JobOrder::default(),
             job_changed: false,
             local_worker: None,
+            clock: None,
+            last_now: None,
             hints: HashMap::new(),
             max_priority: 1,
         }
@@ -157,25 +164,38 @@ impl PriorityTable {
         }
     }
 
-    /// This proxy's own records of the job's order are versioned from `base` on (the
-    /// shell passes its start time): a restarted proxy's are newer than its last run's.
-    pub fn start_order_versions_at(&mut self, base: u64) {
-        self.job = JobOrder::new(base);
+    /// The wall clock for the versions of this proxy's own order records: `epoch_us`
+    /// microseconds since the epoch at `at` (the shell reads it once, at start).
+    pub fn set_order_clock(&mut self, epoch_us: u64, at: Instant) {
+        self.clock = Some((epoch_us, at));
     }
 
-    /// The local learner's order (empty until trusted) becomes this proxy's record.
+    /// The local learner's order (empty until trusted) becomes this proxy's record,
+    /// once a local worker's id is known (without one, nothing to name it by: this
+    /// proxy keeps its order to itself).
     fn publish_local(&mut self) {
-        let origin = self.local_worker.unwrap_or(u32::MAX);
-        if self.job.local(origin, self.learner.order()) {
+        let Some(origin) = self.local_worker else {
+            return;
+        };
+        let now_us = match (self.clock, self.last_now) {
+            (Some((epoch_us, at)), Some(now)) => {
+                epoch_us + now.saturating_duration_since(at).as_micros() as u64
+            }
+            (Some((epoch_us, _)), None) => epoch_us,
+            (None, _) => 0,
+        };
+        if self.job.local(origin, self.learner.order(), now_us) {
             self.order_changed();
         }
     }
 
     fn order_changed(&mut self) {
         self.job_changed = true;
-        // The scale changed (key order 1..keys; learned ranks: one per group, then one
-        // per deferred key): the class bands are cut again over the new priorities.
-        self.max_priority = 1;
+        if self.source == Source::Learned {
+            // The scale changed (key order 1..keys; learned ranks: one per group, then
+            // one per deferred key): the class bands are cut again over the new ones.
+            self.max_priority = 1;
+        }
     }
 
     /// A peer proxy passed on its order in use.
@@ -185,7 +205,22 @@ impl PriorityTable {
         }
     }
 
-    /// The job's order in use, if it changed since the last call (to pass it on).
+    /// A new job (node table): the orders of the one before are forgotten, and this
+    /// proxy's own is passed on again under its local worker's new id at its next push.
+    pub fn new_job(&mut self) {
+        self.job.new_job();
+        self.local_worker = None;
+        self.job_changed = false;
+    }
+
+    /// This proxy's own learned order (its local worker's), whichever the job uses.
+    pub fn own_order(&self) -> Vec<(u64, u32)> {
+        self.learner.order()
+    }
+
+    /// The job's order in use, if it changed since the last call (to pass it on; a
+    /// proxy configured with another source relays it all the same).
+    #[must_use]
     pub fn take_order_change(&mut self) -> Option<OrderRecord> {
         if !std::mem::take(&mut self.job_changed) {
             return None;
@@ -208,21 +243,30 @@ impl PriorityTable {
         self.source
     }
 
-    /// The source in use now: a learned order only once trusted, a map only while it fits.
+    /// The source in use now: a learned order only once the job's is trusted (the lowest
+    /// worker's), a map only while it fits.
     pub fn in_use(&self) -> Source {
         match self.source {
             Source::Map if self.map.is_some() => Source::Map,
             Source::Learned if self.job.ranks_keys() => Source::Learned,
+            // No order of any worker known (no local worker id): its own, once trusted.
+            Source::Learned if self.job.in_use().is_none() && self.learner.is_trusted() => {
+                Source::Learned
+            }
             _ => Source::Key,
         }
     }
 
-    /// The job's learned order in use, most urgent first; a big array has one entry per
-    /// server. Offsets are this proxy's own worker's, where it learned them.
+    /// The job's learned order in use (none with another source), most urgent first; a
+    /// big array has one entry per server. Offsets are this proxy's own worker's, where
+    /// it learned them.
     pub fn learned_order(&self) -> Vec<LearnedKey> {
-        self.job
-            .in_use()
-            .map_or(&[][..], |r| &r.keys[..])
+        let order = match (self.source, self.job.in_use()) {
+            (Source::Learned, Some(r)) => r.keys.clone(),
+            (Source::Learned, None) => self.learner.order(),
+            _ => Vec::new(),
+        };
+        order
             .iter()
             .map(|&(lk, priority)| LearnedKey {
                 key: lk >> 16,
@@ -242,12 +286,14 @@ impl PriorityTable {
         {
             return *p;
         }
-        if let Some(p) = self
-            .job
-            .priority(lk)
-            .filter(|_| self.source == Source::Learned)
-        {
-            return p;
+        if self.source == Source::Learned {
+            let learned = match self.job.in_use() {
+                Some(_) => self.job.priority(lk),
+                None => self.learner.priority(lk),
+            };
+            if let Some(p) = learned {
+                return p;
+            }
         }
         if let Some(&p) = self.hints.get(&lk) {
             return p;
@@ -322,8 +368,21 @@ impl PriorityTable {
         if self.source != Source::Learned || !push {
             return None;
         }
+        self.last_now = Some(now);
         if let Some(id) = sender {
-            self.local_worker = Some(self.local_worker.map_or(id, |w| w.min(id)));
+            let lowest = self.local_worker.map_or(id, |w| w.min(id));
+            if self.local_worker != Some(lowest) {
+                self.local_worker = Some(lowest);
+                // Named by its worker from now on (a new job, or a lower local worker).
+                if self.learner.is_trusted() {
+                    self.publish_local();
+                }
+            }
+            if id != lowest {
+                // Only one worker's rounds: another's pushes of the same keys would
+                // close every round half way.
+                return None;
+            }
         }
         let mut event = None;
         // A push's values, shared evenly over its keys (one key for MXNet).
@@ -601,6 +660,88 @@ mod tests {
         // Worker 9's proxy ignores its own order echoed back.
         w9.order_received(from9);
         assert_eq!(w9.take_order_change(), None);
+    }
+
+    /// Worker `sender`'s pushes of keys 0-3 over four rounds, the last two layers apart.
+    fn learn(t: &mut PriorityTable, ranges: &ServerRanges, sender: u32, t0: Instant) {
+        for round in 0..4 {
+            let base = round as f64 * 1000.0;
+            for (k, ms) in [
+                (3, base),
+                (2, base + 5.0),
+                (0, base + 30.0),
+                (1, base + 60.0),
+            ] {
+                let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
+                let _ = t.observe_request(&push(&[k]), Some(sender), Some(ranges), now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_job_passes_the_own_order_on_under_the_workers_new_id() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let t0 = Instant::now();
+        let mut t = PriorityTable::new(Source::Learned, None);
+        t.set_order_clock(1_000_000, t0);
+        learn(&mut t, &ranges, 9, t0);
+        let first = t.take_order_change().expect("worker 9's order");
+        assert_eq!(first.origin, 9);
+        assert!(first.version > 1_000_000, "a publication time");
+        let ranked = priorities(&mut t, &ranges, &[0, 1, 2, 3]);
+        // A new node table: this host's worker is 11 now.
+        t.new_job();
+        assert_eq!(t.order_stamp(), None);
+        assert_eq!(t.take_order_change(), None);
+        let later = t0 + std::time::Duration::from_secs(10);
+        let _ = t.observe_request(&push(&[3]), Some(11), Some(&ranges), later);
+        let again = t.take_order_change().expect("passed on again");
+        assert_eq!((again.origin, &again.keys), (11, &first.keys));
+        assert!(again.version > first.version);
+        assert_eq!(priorities(&mut t, &ranges, &[0, 1, 2, 3]), ranked);
+    }
+
+    #[test]
+    fn only_the_lowest_local_workers_pushes_teach_the_order() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let t0 = Instant::now();
+        let mut t = PriorityTable::new(Source::Learned, None);
+        let _ = t.observe_request(&push(&[3]), Some(9), Some(&ranges), t0);
+        // A second local worker's pushes of the same keys, every round, in between.
+        for round in 0..4 {
+            let base = round as f64 * 1000.0;
+            for (k, ms) in [
+                (3, base),
+                (2, base + 5.0),
+                (0, base + 30.0),
+                (1, base + 60.0),
+            ] {
+                for (sender, late) in [(9, 0.0), (11, 1.0)] {
+                    let now = t0 + std::time::Duration::from_micros(((ms + late) * 1000.0) as u64);
+                    let _ = t.observe_request(&push(&[k]), Some(sender), Some(&ranges), now);
+                }
+            }
+        }
+        assert_eq!(
+            t.in_use(),
+            Source::Learned,
+            "worker 11's pushes closed no round"
+        );
+        assert_eq!(t.order_stamp().map(|(origin, _)| origin), Some(9));
+    }
+
+    #[test]
+    fn a_proxy_on_key_order_relays_the_jobs_order_without_using_it() {
+        let ranges = ServerRanges::new(1).unwrap();
+        let mut w9 = PriorityTable::new(Source::Learned, None);
+        learn(&mut w9, &ranges, 9, Instant::now());
+        let record = w9.take_order_change().expect("worker 9's order");
+        let mut t = PriorityTable::new(Source::Key, None);
+        t.order_received(record.clone());
+        assert_eq!(t.take_order_change(), Some(record), "passed on");
+        assert_eq!(t.in_use(), Source::Key);
+        assert_eq!(priorities(&mut t, &ranges, &[0, 1, 2, 3]), vec![1, 2, 3, 4]);
+        assert!(t.learned_order().is_empty());
     }
 
     #[test]

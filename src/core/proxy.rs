@@ -12,6 +12,7 @@ use std::time::Instant;
 use p3proxy_parsers::mxnet::ServerRanges;
 use p3proxy_parsers::pslite::{MessageKind, PsMessage, Role};
 
+use super::job_order::OrderRecord;
 use super::journal::Record;
 use super::learner::DEFAULT_DEFER;
 use super::live::{JobWatch, RequestSeen};
@@ -61,6 +62,8 @@ pub struct ProxyState {
     /// The learned order's deferred share follows the topology (`learned_defer` unset):
     /// strict layer order where a worker shares a local server's host.
     pub auto_defer: bool,
+    /// (id, address) of every node of the last node table: a different one is a new job.
+    table_seen: Vec<(i32, Option<SocketAddr>)>,
     effects: VecDeque<Effect>,
 }
 
@@ -75,6 +78,7 @@ impl ProxyState {
             pair_lag: PairLag::default(),
             job: JobWatch::default(),
             auto_defer: false,
+            table_seen: Vec::new(),
             effects: VecDeque::new(),
         }
     }
@@ -164,6 +168,17 @@ impl ProxyState {
     /// The scheduler's node table was learned ([`Topology::observe`] said so).
     pub fn node_table_learned(&mut self) {
         self.splitter.node_table(self.topology.nodes());
+        let table: Vec<(i32, Option<SocketAddr>)> = self
+            .topology
+            .nodes()
+            .iter()
+            .map(|n| (n.id, n.addr))
+            .collect();
+        if table != self.table_seen {
+            // Node ids are handed out again: the job's order is learned and passed on anew.
+            self.priority.new_job();
+            self.table_seen = table;
+        }
         let workers = self
             .topology
             .nodes()
@@ -215,6 +230,17 @@ impl ProxyState {
             .priority
             .observe_request(msg, sender, ranges.as_ref(), now);
         (self.priority.urgency(msg, ranges.as_ref()), event)
+    }
+
+    /// A peer proxy passed on the job's order it uses: taken only from a worker of the
+    /// node table, once there is one (not from a job before, nor a made-up origin).
+    pub fn order_received(&mut self, record: OrderRecord) {
+        let nodes = self.topology.nodes();
+        let worker =
+            |n: &NodeInfo| n.role == Role::Worker && i64::from(n.id) == i64::from(record.origin);
+        if nodes.is_empty() || nodes.iter().any(worker) {
+            self.priority.order_received(record);
+        }
     }
 
     /// A peer proxy announced the priority it used for a message with these keys.

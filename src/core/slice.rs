@@ -131,6 +131,9 @@ pub enum SliceError {
         /// Received.
         got: u64,
     },
+    /// A frame only the main stream carries, on a class connection.
+    #[error("{0} frame on a class connection (only the main stream carries it)")]
+    OffMain(&'static str),
     /// The peer holds more unfinished bytes than the memory bound.
     #[error("reassembly would hold {wanted} bytes, over the bound of {bound}")]
     Memory {

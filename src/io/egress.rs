@@ -26,6 +26,10 @@ use crate::core::slice::{encode_slice_header, Announce, Part, SliceFrame, MAX_AN
 use crate::core::split::Pieces;
 use crate::metrics;
 
+/// A session passes the job's order on again after this many announcements: a peer
+/// that forgot it (a new node table) or never took it gets it back (a few KB, rarely).
+const ORDER_RESEND_ANNOUNCEMENTS: u32 = 1024;
+
 /// What a whole lane writes per wake-up at most, after its first message: small
 /// messages go out in one write, a big one alone.
 const WHOLE_BATCH: u64 = 256 * 1024;
@@ -100,8 +104,10 @@ struct Lane {
     answers: bool,
     /// The peer proxy's host it goes to (a tunnel lane; paced toward it).
     peer: Option<IpAddr>,
-    /// (origin, version) of the job's order last passed on here (a session's main stream).
+    /// (origin, version) of the job's order last passed on here (a session's main
+    /// stream), and the announcements since.
     order_sent: Option<(u32, u64)>,
+    since_order: u32,
 }
 
 #[derive(Debug)]
@@ -203,6 +209,7 @@ impl Egress {
                 answers,
                 peer,
                 order_sent: None,
+                since_order: 0,
             },
         );
         (id, wake)
@@ -214,6 +221,11 @@ impl Egress {
         let mut frame = Vec::new();
         SliceFrame::Order(record.clone()).encode_header(&mut frame);
         self.lock().order = Some(((record.origin, record.version), frame));
+    }
+
+    /// No order to pass on (a new job forgot the one before).
+    pub(crate) fn forget_order(&self) {
+        self.lock().order = None;
     }
 
     /// Paces every peer host's lanes at `rate_bps` from now on (`None`: no pacing).
@@ -275,9 +287,13 @@ impl Egress {
                         let st = &mut *st;
                         if let Some(lane) = st.lanes.get_mut(&main) {
                             if let Some((stamp, order)) = &st.order {
-                                if lane.order_sent != Some(*stamp) {
+                                lane.since_order += 1;
+                                if lane.order_sent != Some(*stamp)
+                                    || lane.since_order >= ORDER_RESEND_ANNOUNCEMENTS
+                                {
                                     lane.control.extend_from_slice(order);
                                     lane.order_sent = Some(*stamp);
+                                    lane.since_order = 0;
                                     metrics::order_record("sent");
                                 }
                             }

@@ -141,11 +141,12 @@ impl Shared {
         });
         let mut priority = PriorityTable::new(source, map);
         priority.set_defer(config.learned_defer.unwrap_or(DEFAULT_DEFER));
-        // This run's own order records are newer than a previous run's (a restart).
-        let started = std::time::SystemTime::now()
+        // The job order's versions are publication times: a newer record of a worker
+        // wins whichever proxy made it (after a job restart, worker 9 may be elsewhere).
+        let epoch_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
-        priority.start_order_versions_at(started);
+        priority.set_order_clock(epoch_us, Instant::now());
         tracing::info!(
             configured = source.label(),
             in_use = priority.in_use().label(),
@@ -312,9 +313,12 @@ impl Shared {
                 }
             }
             Some(Learned::NodeTable) => {
-                let (table, effects) = {
+                let (table, effects, change, in_use) = {
                     let mut core = self.core();
                     core.node_table_learned();
+                    // A new job forgot the orders; a new deferred share changed this one's.
+                    let change = self.pass_on_order(&mut core);
+                    let in_use = core.priority.in_use().label();
                     if let (true, Some(rate)) = (self.config.pace, self.config.link_rate_bps) {
                         let workers = core
                             .topology
@@ -340,8 +344,11 @@ impl Shared {
                             )
                         })
                         .collect();
-                    (table, self.effects(&mut core))
+                    (table, self.effects(&mut core), change, in_use)
                 };
+                if let Some(record) = change {
+                    self.order_in_use(record, in_use);
+                }
                 metrics::set(metrics::NODES, table.len() as f64);
                 self.apply(effects);
                 tracing::info!(nodes = %table.join(" "), "node table from ADD_NODE");
@@ -382,7 +389,7 @@ impl Shared {
         if let Some(event) = event {
             match event {
                 PriorityEvent::Trusted => tracing::info!(
-                    "this host's learned layer order trusted: passed on to the peer proxies (the job uses the lowest worker's)"
+                    "this host's learned layer order trusted (the job uses the lowest worker's)"
                 ),
                 PriorityEvent::Distrusted => tracing::warn!(
                     "this host's learned layer order no longer holds: relearning (the job uses the lowest worker's)"
@@ -403,7 +410,7 @@ impl Shared {
         metrics::order_record("received");
         let (change, in_use) = {
             let mut core = self.core();
-            core.priority.order_received(record);
+            core.order_received(record);
             (
                 self.pass_on_order(&mut core),
                 core.priority.in_use().label(),
@@ -414,13 +421,17 @@ impl Shared {
         }
     }
 
-    /// If the job's order in use changed, every tunnel session passes it on from now.
-    /// Under the core's lock: two changes racing would otherwise leave the older one
-    /// with the egress.
+    /// If the job's order in use changed, every tunnel session passes it on from now
+    /// (one of a job before: none). Under the core's lock: two changes racing would
+    /// otherwise leave the older one with the egress. The record to report, if this
+    /// proxy uses the learned source (others only relay it).
     fn pass_on_order(&self, core: &mut ProxyState) -> Option<OrderRecord> {
+        if core.priority.order_stamp().is_none() {
+            self.egress.forget_order();
+        }
         let record = core.priority.take_order_change()?;
         self.egress.pass_on_order(&record);
-        Some(record)
+        (core.priority.source() == Source::Learned).then_some(record)
     }
 
     /// The job's order in use changed (passed on already): the log and the metrics.
@@ -605,6 +616,7 @@ impl Shared {
                 "in_use": core.priority.in_use().label(),
                 "learned_defer": core.priority.defer(),
                 "learned_order": order,
+                "own_order": core.priority.own_order().iter().map(|&(lk, p)| json!([lk >> 16, lk & 0xffff, p])).collect::<Vec<_>>(),
                 "order_origin": core.priority.order_stamp().map(|(origin, _)| origin),
                 "order_version": core.priority.order_stamp().map(|(_, version)| version),
             },

@@ -64,6 +64,12 @@ async fn read_frames(
     loop {
         loop {
             match take_frame(&mut buf) {
+                Ok(Some(SliceFrame::Order(_))) if id != 0 => {
+                    let _ = tx
+                        .send((id, FrameEvent::Bad(SliceError::OffMain("order"))))
+                        .await;
+                    return;
+                }
                 Ok(Some(f)) => {
                     if tx.send((id, FrameEvent::Frame(f))).await.is_err() {
                         return;
