@@ -54,11 +54,28 @@ def server_total(metrics, topo, name, **labels):
     return sum(metric(metrics[h], name, **labels) for h in dict.fromkeys(topo.servers) if h in metrics)
 
 
-def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True, proxy_args=(), split=None, refused=()):
+def weights(result):
+    """The weights' digest of a worker's RESULT line."""
+    return re.search(r"sha=(\w+)", result).group(1)
+
+
+def compare(topo, workload, tag, proxied_hosts=None, env=None, expect_tunnels=True, proxy_args=(), split=None, refused=(),
+            workers_agree=False):
     """Runs `workload` without and with proxies; `split`: the number of keys the
-    servers' proxies must have split; `refused`: reasons they must have refused for."""
+    servers' proxies must have split; `refused`: reasons they must have refused for;
+    `workers_agree`: every worker ends with the same weights (worker-side updates)."""
     direct = run_job(topo, workload, f"{tag}-direct", env)
     assert len(direct.results) == len(topo.workers), direct.logs
+    for attempt in range(2 if workers_agree else 0):
+        # Workers that must agree and do not: MXNet's server served a worker's requests
+        # out of order (README, "Request order at the server"; seen once in CI with two
+        # servers), so this direct run is no reference. At most two more.
+        if len({weights(r) for r in direct.results.values()}) == 1:
+            break
+        print(f"{tag}: the direct run's workers disagree ({direct.results}); running it again", flush=True)
+        direct = run_job(topo, workload, f"{tag}-direct{attempt + 2}", env)
+    if workers_agree:
+        assert len({weights(r) for r in direct.results.values()}) == 1, f"no direct run whose workers agree: {direct.results}"
     hosts = topo.hosts() if proxied_hosts is None else proxied_hosts
     bands = ("1:10", "1:20", "1:30", "1:40")  # the switch's bands: precedence 6, 4, 2, 0
     bands_before = {h: [cluster.band_bytes(h, b) for b in bands] for h in topo.servers}
@@ -206,7 +223,7 @@ def test_gluon_model_with_adam_on_the_servers():
 
 def test_gluon_model_with_worker_side_updates():
     env = {"MXNET_UPDATE_ON_KVSTORE": "0"}
-    direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon-noupd", env=env, split=1)
+    direct, _ = compare(TWO_SERVERS, "gluon_train.py", "gluon-noupd", env=env, split=1, workers_agree=True)
     assert all("update_on_kvstore=False" in r for r in direct.results.values())
 
 
