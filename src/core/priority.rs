@@ -546,8 +546,7 @@ mod tests {
     ) -> Vec<PriorityEvent> {
         at.iter()
             .filter_map(|&(k, ms)| {
-                let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
-                t.observe_request(&push(&[k]), Some(9), Some(ranges), now)
+                t.observe_request(&push(&[k]), Some(9), Some(ranges), after(t0, ms))
             })
             .collect()
     }
@@ -612,21 +611,8 @@ mod tests {
             PriorityTable::new(Source::Learned, None),
         );
         let keys = [0, 1, 2, 3];
-        for round in 0..4 {
-            let base = round as f64 * 1000.0;
-            for (t, sender, gap) in [(&mut w9, 9, 5.0), (&mut w11, 11, 1.0)] {
-                let at = [
-                    (3, base),
-                    (2, base + gap),
-                    (0, base + 30.0),
-                    (1, base + 60.0),
-                ];
-                for &(k, ms) in &at {
-                    let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
-                    let _ = t.observe_request(&push(&[k]), Some(sender), Some(&ranges), now);
-                }
-            }
-        }
+        learn(&mut w9, &ranges, 9, t0, 5.0);
+        learn(&mut w11, &ranges, 11, t0, 1.0);
         let own9 = priorities(&mut w9, &ranges, &keys);
         assert_ne!(
             own9,
@@ -662,19 +648,31 @@ mod tests {
         assert_eq!(w9.take_order_change(), None);
     }
 
-    /// Worker `sender`'s pushes of keys 0-3 over four rounds, the last two layers apart.
-    fn learn(t: &mut PriorityTable, ranges: &ServerRanges, sender: u32, t0: Instant) {
-        for round in 0..4 {
-            let base = round as f64 * 1000.0;
-            for (k, ms) in [
-                (3, base),
-                (2, base + 5.0),
-                (0, base + 30.0),
-                (1, base + 60.0),
-            ] {
-                let now = t0 + std::time::Duration::from_micros((ms * 1000.0) as u64);
-                let _ = t.observe_request(&push(&[k]), Some(sender), Some(ranges), now);
-            }
+    /// Four rounds of pushes of keys 0-3 (key, ms after the start), the last two layers
+    /// (keys 3 and 2) `gap` ms apart.
+    fn four_rounds(gap: f64) -> Vec<(u64, f64)> {
+        (0..4)
+            .flat_map(|round| {
+                let base = f64::from(round) * 1000.0;
+                [
+                    (3, base),
+                    (2, base + gap),
+                    (0, base + 30.0),
+                    (1, base + 60.0),
+                ]
+            })
+            .collect()
+    }
+
+    /// `ms` after `t0`.
+    fn after(t0: Instant, ms: f64) -> Instant {
+        t0 + std::time::Duration::from_micros((ms * 1000.0) as u64)
+    }
+
+    /// Worker `sender`'s pushes of [`four_rounds`] from `t0`.
+    fn learn(t: &mut PriorityTable, ranges: &ServerRanges, sender: u32, t0: Instant, gap: f64) {
+        for (k, ms) in four_rounds(gap) {
+            let _ = t.observe_request(&push(&[k]), Some(sender), Some(ranges), after(t0, ms));
         }
     }
 
@@ -684,7 +682,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = PriorityTable::new(Source::Learned, None);
         t.set_order_clock(1_000_000, t0);
-        learn(&mut t, &ranges, 9, t0);
+        learn(&mut t, &ranges, 9, t0, 5.0);
         let first = t.take_order_change().expect("worker 9's order");
         assert_eq!(first.origin, 9);
         assert!(first.version > 1_000_000, "a publication time");
@@ -708,18 +706,10 @@ mod tests {
         let mut t = PriorityTable::new(Source::Learned, None);
         let _ = t.observe_request(&push(&[3]), Some(9), Some(&ranges), t0);
         // A second local worker's pushes of the same keys, every round, in between.
-        for round in 0..4 {
-            let base = round as f64 * 1000.0;
-            for (k, ms) in [
-                (3, base),
-                (2, base + 5.0),
-                (0, base + 30.0),
-                (1, base + 60.0),
-            ] {
-                for (sender, late) in [(9, 0.0), (11, 1.0)] {
-                    let now = t0 + std::time::Duration::from_micros(((ms + late) * 1000.0) as u64);
-                    let _ = t.observe_request(&push(&[k]), Some(sender), Some(&ranges), now);
-                }
+        for (k, ms) in four_rounds(5.0) {
+            for (sender, late) in [(9, 0.0), (11, 1.0)] {
+                let now = after(t0, ms + late);
+                let _ = t.observe_request(&push(&[k]), Some(sender), Some(&ranges), now);
             }
         }
         assert_eq!(
@@ -734,7 +724,7 @@ mod tests {
     fn a_proxy_on_key_order_relays_the_jobs_order_without_using_it() {
         let ranges = ServerRanges::new(1).unwrap();
         let mut w9 = PriorityTable::new(Source::Learned, None);
-        learn(&mut w9, &ranges, 9, Instant::now());
+        learn(&mut w9, &ranges, 9, Instant::now(), 5.0);
         let record = w9.take_order_change().expect("worker 9's order");
         let mut t = PriorityTable::new(Source::Key, None);
         t.order_received(record.clone());

@@ -3,6 +3,7 @@ connections that depended on it are closed within a second, the requests that we
 flight are counted (the alert's series) and logged with the nodes; then the documented
 recovery - restart the job (and the proxies) - trains to the same bits as a direct job,
 and `scripts/redirect remove` restores direct operation."""
+import json
 import os
 import re
 import signal
@@ -64,6 +65,15 @@ def test_a_server_dying_mid_job_is_seen_counted_and_recovered_from():
             time.sleep(0.5)
         pids = our_pids("h2", "kv_raw.py")
         assert pids, "the server process"
+        # Stopped first: a kill between two rounds (each worker's pulls answered, its next
+        # pushes not yet sent) would lose no request (seen once in CI). Stopped, the server
+        # answers nothing more, so the workers' next requests stay in flight.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.time() + 10
+        while not any(json.loads(proxies.admin(h, "/debug/state"))["requests"]["unanswered"] > 0 for h in ("h3", "h4")):
+            assert time.time() < deadline, "requests in flight at the stopped server"
+            time.sleep(0.1)
         killed_at = time.time()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
