@@ -316,7 +316,11 @@ impl Shared {
                 let (table, effects, change, in_use) = {
                     let mut core = self.core();
                     core.node_table_learned();
-                    // A new job forgot the orders; a new deferred share changed this one's.
+                    if core.priority.order_stamp().is_none() {
+                        // A new job forgot the orders: none to pass on until one is known.
+                        self.egress.forget_order();
+                    }
+                    // A new deferred share may have changed this proxy's own.
                     let change = self.pass_on_order(&mut core);
                     let in_use = core.priority.in_use().label();
                     if let (true, Some(rate)) = (self.config.pace, self.config.link_rate_bps) {
@@ -421,14 +425,11 @@ impl Shared {
         }
     }
 
-    /// If the job's order in use changed, every tunnel session passes it on from now
-    /// (one of a job before: none). Under the core's lock: two changes racing would
-    /// otherwise leave the older one with the egress. The record to report, if this
-    /// proxy uses the learned source (others only relay it).
+    /// If the job's order in use changed, every tunnel session passes it on from now.
+    /// Under the core's lock: two changes racing would otherwise leave the older one
+    /// with the egress. The record to report, if this proxy uses the learned source
+    /// (others only relay it).
     fn pass_on_order(&self, core: &mut ProxyState) -> Option<OrderRecord> {
-        if core.priority.order_stamp().is_none() {
-            self.egress.forget_order();
-        }
         let record = core.priority.take_order_change()?;
         self.egress.pass_on_order(&record);
         (core.priority.source() == Source::Learned).then_some(record)
